@@ -1,0 +1,578 @@
+//! The broker side of one session, as a state machine without I/O.
+//!
+//! The broker feeds it every received frame ([`ServerSession::handle_frame`]) and wakes it at
+//! [`ServerSession::poll_timeout`] ([`ServerSession::handle_timeout`]); it answers with an
+//! [`Action`] for the broker to carry out. It owns the handshake, version negotiation, frame
+//! size and name and payload validation, the session's set of subscribed rooms and the
+//! keepalive deadlines. It does not own delivery, queues or sockets.
+
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+
+use crate::{
+    PROTOCOL_VERSION,
+    code::Code,
+    frame::{ClientFrame, DecodeError, ServerFrame, Welcome},
+    name::{EventName, RoomName},
+    payload::{Payload, PayloadLimits},
+};
+
+/// Session limits and timers, chosen by the broker.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Largest frame accepted from the client, bytes. Default 64 KiB.
+    pub max_frame_size: usize,
+    /// Interval at which clients should ping when otherwise silent. Default 25 s.
+    pub ping_interval: Duration,
+    /// Silence after which the session is closed with `timeout`. Default 60 s.
+    pub idle_timeout: Duration,
+    /// Time allowed between connect and `Hello`. Default 10 s.
+    pub hello_timeout: Duration,
+    /// Largest number of rooms one session may be subscribed to. Default 1024.
+    pub max_subscriptions: usize,
+    /// Payload validation bounds.
+    pub payload: PayloadLimits,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            max_frame_size: 64 * 1024,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            hello_timeout: Duration::from_secs(10),
+            max_subscriptions: 1024,
+            payload: PayloadLimits::default(),
+        }
+    }
+}
+
+/// What the broker must do after an input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing.
+    None,
+    /// Send this frame to the client.
+    Send(ServerFrame),
+    /// Add the session to `room`, then confirm with `Subscribed { id, room, seq }`.
+    Subscribe {
+        /// Request id.
+        id: u64,
+        /// The room.
+        room: RoomName,
+    },
+    /// Remove the session from `room`, then confirm with `Unsubscribed { id, room }`.
+    Unsubscribe {
+        /// Request id.
+        id: u64,
+        /// The room.
+        room: RoomName,
+    },
+    /// Fan the event out to `room`; when `ack`, answer `Ack { id }`.
+    Publish {
+        /// Request id.
+        id: u64,
+        /// Target room.
+        room: RoomName,
+        /// Event name.
+        event: EventName,
+        /// Validated payload.
+        data: Payload,
+        /// Whether to send `Ack`.
+        ack: bool,
+    },
+    /// Send `Close` with this code and reason, then close the transport. The session is over:
+    /// leave every room in [`ServerSession::subscriptions`].
+    Close {
+        /// Why.
+        code: Code,
+        /// Human-readable detail.
+        reason: String,
+    },
+}
+
+impl Action {
+    fn close(code: Code, reason: impl Into<String>) -> Action {
+        Action::Close {
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    fn error(id: Option<u64>, code: Code, message: impl ToString) -> Action {
+        Action::Send(ServerFrame::Error {
+            id,
+            code,
+            message: message.to_string(),
+        })
+    }
+}
+
+/// Builds the `Close` frame for a close action's code: the code table decides `reconnect`.
+pub fn close_frame(code: Code, reason: &str) -> ServerFrame {
+    ServerFrame::Close {
+        code,
+        reason: reason.to_owned(),
+        reconnect: code.should_retry(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    AwaitingHello,
+    Open,
+    Closed,
+}
+
+/// Broker-side state of one session.
+#[derive(Debug)]
+pub struct ServerSession {
+    config: SessionConfig,
+    session_id: String,
+    state: State,
+    connected_at: Instant,
+    last_received: Instant,
+    subscriptions: HashSet<RoomName>,
+    token: Option<String>,
+}
+
+impl ServerSession {
+    /// A new session that has connected at `now` and awaits `Hello`.
+    pub fn new(session_id: impl Into<String>, config: SessionConfig, now: Instant) -> Self {
+        ServerSession {
+            config,
+            session_id: session_id.into(),
+            state: State::AwaitingHello,
+            connected_at: now,
+            last_received: now,
+            subscriptions: HashSet::new(),
+            token: None,
+        }
+    }
+
+    /// The session id given in `Welcome`.
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// The token the client sent in `Hello`, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Rooms the session is subscribed to.
+    pub fn subscriptions(&self) -> impl Iterator<Item = &RoomName> {
+        self.subscriptions.iter()
+    }
+
+    /// True once a `Close` action has been returned.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Marks the session closed from outside (transport gone, shutdown, slow consumer).
+    pub fn mark_closed(&mut self) {
+        self.state = State::Closed;
+    }
+
+    /// When [`Self::handle_timeout`] must be called next: the hello deadline before `Hello`,
+    /// the idle deadline after it.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.state {
+            State::AwaitingHello => self.connected_at + self.config.hello_timeout,
+            _ => self.last_received + self.config.idle_timeout,
+        }
+    }
+
+    /// Call at or after [`Self::poll_timeout`]. Returns `Close { timeout }` when the deadline
+    /// has really passed (frames may have arrived since it was computed), else `None`.
+    pub fn handle_timeout(&mut self, now: Instant) -> Action {
+        if self.state == State::Closed || now < self.poll_timeout() {
+            return Action::None;
+        }
+        let reason = match self.state {
+            State::AwaitingHello => "no Hello within the hello timeout",
+            _ => "nothing received within the idle timeout",
+        };
+        self.finish(Action::close(Code::Timeout, reason))
+    }
+
+    /// Handles one frame received at `now`. `wall_clock_ms` (ms since the Unix epoch) is only
+    /// used to stamp `Welcome`.
+    pub fn handle_frame(&mut self, bytes: &[u8], now: Instant, wall_clock_ms: u64) -> Action {
+        if self.state == State::Closed {
+            return Action::None;
+        }
+        self.last_received = now;
+        if bytes.len() > self.config.max_frame_size {
+            return self.finish(Action::close(
+                Code::FrameTooLarge,
+                format!(
+                    "frame of {} bytes exceeds {}",
+                    bytes.len(),
+                    self.config.max_frame_size
+                ),
+            ));
+        }
+        let frame = match ClientFrame::decode(bytes) {
+            Ok(frame) => frame,
+            Err(DecodeError::UnknownType { kind, id }) if self.state == State::Open => {
+                return Action::error(id, Code::UnknownFrame, format!("unknown frame type {kind}"));
+            }
+            Err(e) => return self.finish(Action::close(Code::ProtocolError, e.to_string())),
+        };
+        match (self.state, frame) {
+            (State::AwaitingHello, ClientFrame::Hello { version, token }) => {
+                self.hello(version, token, wall_clock_ms)
+            }
+            (State::AwaitingHello, _) => self.finish(Action::close(
+                Code::HelloRequired,
+                "the first frame must be Hello",
+            )),
+            (State::Open, ClientFrame::Hello { .. }) => {
+                self.finish(Action::close(Code::HelloRequired, "Hello sent twice"))
+            }
+            (State::Open, frame) => self.request(frame),
+            (State::Closed, _) => Action::None,
+        }
+    }
+
+    fn hello(&mut self, version: u64, token: Option<String>, wall_clock_ms: u64) -> Action {
+        if version < 1 {
+            return self.finish(Action::close(
+                Code::UnsupportedVersion,
+                format!("version {version} unsupported; this broker speaks 1..={PROTOCOL_VERSION}"),
+            ));
+        }
+        self.state = State::Open;
+        self.token = token;
+        Action::Send(ServerFrame::Welcome(Welcome {
+            version: version.min(PROTOCOL_VERSION),
+            session_id: self.session_id.clone(),
+            server_time_ms: wall_clock_ms,
+            max_frame_size: self.config.max_frame_size as u64,
+            ping_interval_ms: self.config.ping_interval.as_millis() as u64,
+            idle_timeout_ms: self.config.idle_timeout.as_millis() as u64,
+        }))
+    }
+
+    fn request(&mut self, frame: ClientFrame) -> Action {
+        match frame {
+            ClientFrame::Subscribe { id, room } => {
+                let room = match RoomName::new(&room) {
+                    Ok(room) => room,
+                    Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
+                };
+                if !self.subscriptions.contains(&room)
+                    && self.subscriptions.len() >= self.config.max_subscriptions
+                {
+                    return Action::error(
+                        Some(id),
+                        Code::TooManySubscriptions,
+                        format!("at most {} subscriptions", self.config.max_subscriptions),
+                    );
+                }
+                self.subscriptions.insert(room.clone());
+                Action::Subscribe { id, room }
+            }
+            ClientFrame::Unsubscribe { id, room } => {
+                let room = match RoomName::new(&room) {
+                    Ok(room) => room,
+                    Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
+                };
+                if !self.subscriptions.remove(&room) {
+                    return Action::error(Some(id), Code::NotSubscribed, "not subscribed");
+                }
+                Action::Unsubscribe { id, room }
+            }
+            ClientFrame::Publish {
+                id,
+                room,
+                event,
+                data,
+                ack,
+            } => self.publish(id, &room, &event, data, ack),
+            ClientFrame::Ping { id } => Action::Send(ServerFrame::Pong { id }),
+            ClientFrame::Hello { .. } => {
+                self.finish(Action::close(Code::HelloRequired, "Hello sent twice"))
+            }
+        }
+    }
+
+    fn publish(&mut self, id: u64, room: &str, event: &str, data: Bytes, ack: bool) -> Action {
+        let room = match RoomName::new(room) {
+            Ok(room) => room,
+            Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
+        };
+        let event = match EventName::new(event) {
+            Ok(event) => event,
+            Err(e) => return Action::error(Some(id), Code::InvalidEvent, e),
+        };
+        let data = match Payload::new(data, self.config.payload) {
+            Ok(data) => data,
+            Err(e) => return Action::error(Some(id), Code::InvalidPayload, e),
+        };
+        Action::Publish {
+            id,
+            room,
+            event,
+            data,
+            ack,
+        }
+    }
+
+    fn finish(&mut self, action: Action) -> Action {
+        self.state = State::Closed;
+        action
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open() -> (ServerSession, Instant) {
+        let now = Instant::now();
+        let mut s = ServerSession::new("s1", SessionConfig::default(), now);
+        let hello = ClientFrame::Hello {
+            version: 1,
+            token: Some("tok".into()),
+        };
+        match s.handle_frame(&hello.encode(), now, 5) {
+            Action::Send(ServerFrame::Welcome(w)) => {
+                assert_eq!(w.version, 1);
+                assert_eq!(w.session_id, "s1");
+                assert_eq!(w.server_time_ms, 5);
+                assert_eq!(w.max_frame_size, 64 * 1024);
+            }
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        assert_eq!(s.token(), Some("tok"));
+        (s, now)
+    }
+
+    fn close_code(action: Action) -> Code {
+        match action {
+            Action::Close { code, .. } => code,
+            other => panic!("expected Close, got {other:?}"),
+        }
+    }
+
+    fn error_code(action: Action) -> (Option<u64>, Code) {
+        match action {
+            Action::Send(ServerFrame::Error { id, code, .. }) => (id, code),
+            other => panic!("expected Error, got {other:?}"),
+        }
+    }
+
+    fn subscribe(id: u64, room: &str) -> Bytes {
+        ClientFrame::Subscribe {
+            id,
+            room: room.into(),
+        }
+        .encode()
+    }
+
+    #[test]
+    fn newer_client_version_is_negotiated_down() {
+        let now = Instant::now();
+        let mut s = ServerSession::new("s", SessionConfig::default(), now);
+        let hello = ClientFrame::Hello {
+            version: 7,
+            token: None,
+        };
+        match s.handle_frame(&hello.encode(), now, 0) {
+            Action::Send(ServerFrame::Welcome(w)) => assert_eq!(w.version, PROTOCOL_VERSION),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn version_zero_is_refused() {
+        let now = Instant::now();
+        let mut s = ServerSession::new("s", SessionConfig::default(), now);
+        let hello = ClientFrame::Hello {
+            version: 0,
+            token: None,
+        };
+        assert_eq!(
+            close_code(s.handle_frame(&hello.encode(), now, 0)),
+            Code::UnsupportedVersion
+        );
+        assert!(s.is_closed());
+    }
+
+    #[test]
+    fn frames_before_hello_close_with_hello_required() {
+        let now = Instant::now();
+        let mut s = ServerSession::new("s", SessionConfig::default(), now);
+        assert_eq!(
+            close_code(s.handle_frame(&subscribe(1, "a:b"), now, 0)),
+            Code::HelloRequired
+        );
+        // Once closed, further input is ignored.
+        assert_eq!(s.handle_frame(&subscribe(1, "a:b"), now, 0), Action::None);
+    }
+
+    #[test]
+    fn unknown_frame_before_hello_is_a_protocol_error() {
+        let now = Instant::now();
+        let mut s = ServerSession::new("s", SessionConfig::default(), now);
+        assert_eq!(
+            close_code(s.handle_frame(&[0xa1, 0x00, 0x0f], now, 0)),
+            Code::ProtocolError
+        );
+    }
+
+    #[test]
+    fn second_hello_closes() {
+        let (mut s, now) = open();
+        let hello = ClientFrame::Hello {
+            version: 1,
+            token: None,
+        };
+        assert_eq!(
+            close_code(s.handle_frame(&hello.encode(), now, 0)),
+            Code::HelloRequired
+        );
+    }
+
+    #[test]
+    fn subscribe_unsubscribe_and_set_tracking() {
+        let (mut s, now) = open();
+        assert_eq!(
+            s.handle_frame(&subscribe(1, "orders:1"), now, 0),
+            Action::Subscribe {
+                id: 1,
+                room: RoomName::new("orders:1").unwrap()
+            }
+        );
+        assert_eq!(s.subscriptions().count(), 1);
+        let unsub = ClientFrame::Unsubscribe {
+            id: 2,
+            room: "orders:1".into(),
+        };
+        assert!(matches!(
+            s.handle_frame(&unsub.encode(), now, 0),
+            Action::Unsubscribe { id: 2, .. }
+        ));
+        assert_eq!(
+            error_code(s.handle_frame(&unsub.encode(), now, 0)),
+            (Some(2), Code::NotSubscribed)
+        );
+        assert_eq!(s.subscriptions().count(), 0);
+    }
+
+    #[test]
+    fn bad_names_and_payloads_are_request_errors() {
+        let (mut s, now) = open();
+        assert_eq!(
+            error_code(s.handle_frame(&subscribe(3, "no namespace"), now, 0)),
+            (Some(3), Code::InvalidRoom)
+        );
+        let publish = |event: &str, data: &'static [u8]| {
+            ClientFrame::Publish {
+                id: 4,
+                room: "a:b".into(),
+                event: event.into(),
+                data: Bytes::from_static(data),
+                ack: true,
+            }
+            .encode()
+        };
+        assert_eq!(
+            error_code(s.handle_frame(&publish("bad event", &[0x01]), now, 0)),
+            (Some(4), Code::InvalidEvent)
+        );
+        assert_eq!(
+            error_code(s.handle_frame(&publish("e", &[0x82, 0x01]), now, 0)),
+            (Some(4), Code::InvalidPayload)
+        );
+        let deep: &'static [u8] = Box::leak(vec![0x81u8; 100].into_boxed_slice());
+        assert_eq!(
+            error_code(s.handle_frame(&publish("e", deep), now, 0)),
+            (Some(4), Code::InvalidPayload)
+        );
+        assert!(matches!(
+            s.handle_frame(&publish("e", &[0x01]), now, 0),
+            Action::Publish { id: 4, ack: true, .. }
+        ));
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn unknown_frame_after_hello_is_an_error_not_a_close() {
+        let (mut s, now) = open();
+        assert_eq!(
+            error_code(s.handle_frame(&[0xa2, 0x00, 0x0f, 0x01, 0x09], now, 0)),
+            (Some(9), Code::UnknownFrame)
+        );
+        assert!(!s.is_closed());
+    }
+
+    #[test]
+    fn malformed_and_oversized_frames_close() {
+        let (mut s, now) = open();
+        assert_eq!(
+            close_code(s.handle_frame(&[0xff, 0x00], now, 0)),
+            Code::ProtocolError
+        );
+        let (mut s, now) = open();
+        let big = vec![0u8; 64 * 1024 + 1];
+        assert_eq!(close_code(s.handle_frame(&big, now, 0)), Code::FrameTooLarge);
+    }
+
+    #[test]
+    fn subscription_cap() {
+        let now = Instant::now();
+        let config = SessionConfig {
+            max_subscriptions: 2,
+            ..SessionConfig::default()
+        };
+        let mut s = ServerSession::new("s", config, now);
+        let hello = ClientFrame::Hello {
+            version: 1,
+            token: None,
+        };
+        s.handle_frame(&hello.encode(), now, 0);
+        assert!(matches!(s.handle_frame(&subscribe(1, "a:1"), now, 0), Action::Subscribe { .. }));
+        assert!(matches!(s.handle_frame(&subscribe(2, "a:2"), now, 0), Action::Subscribe { .. }));
+        // Re-subscribing to a held room is allowed at the cap.
+        assert!(matches!(s.handle_frame(&subscribe(3, "a:2"), now, 0), Action::Subscribe { .. }));
+        assert_eq!(
+            error_code(s.handle_frame(&subscribe(4, "a:3"), now, 0)),
+            (Some(4), Code::TooManySubscriptions)
+        );
+    }
+
+    #[test]
+    fn ping_pong() {
+        let (mut s, now) = open();
+        assert_eq!(
+            s.handle_frame(&ClientFrame::Ping { id: Some(5) }.encode(), now, 0),
+            Action::Send(ServerFrame::Pong { id: Some(5) })
+        );
+    }
+
+    #[test]
+    fn hello_timeout_and_idle_timeout() {
+        let now = Instant::now();
+        let config = SessionConfig::default();
+        let mut s = ServerSession::new("s", config.clone(), now);
+        assert_eq!(s.poll_timeout(), now + config.hello_timeout);
+        assert_eq!(s.handle_timeout(now + Duration::from_secs(1)), Action::None);
+        assert_eq!(close_code(s.handle_timeout(now + config.hello_timeout)), Code::Timeout);
+
+        let (mut s, now) = open();
+        let later = now + Duration::from_secs(30);
+        s.handle_frame(&ClientFrame::Ping { id: None }.encode(), later, 0);
+        // The deadline moved with the ping.
+        assert_eq!(s.handle_timeout(now + config.idle_timeout), Action::None);
+        assert_eq!(s.poll_timeout(), later + config.idle_timeout);
+        assert_eq!(close_code(s.handle_timeout(later + config.idle_timeout)), Code::Timeout);
+    }
+}
