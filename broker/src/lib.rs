@@ -1,1 +1,19 @@
-//! placeholder
+//! roomcast-broker: the edge broker.
+//!
+//! Modules, each owning one thing: [`transport`] (session I/O over WebSocket), [`session`]
+//! (drives the protocol state machine, owns the outbound queue), [`outbox`] (the bounded
+//! per-session queue), [`hub`] (rooms and fan-out), [`config`], [`metrics`], [`api`] (HTTP
+//! routes) and [`server`] (listeners, tasks, drain). The embedded single-node mode needs no
+//! external service. See docs/ARCHITECTURE.md.
+
+pub mod api;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod outbox;
+pub mod server;
+mod session;
+pub mod transport;
+
+pub use config::Config;
+pub use server::{Server, serve};

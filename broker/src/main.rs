@@ -1,1 +1,61 @@
-fn main(){}
+//! The `roomcast` binary: command-line parsing, logging, signals. Everything else is in the
+//! library.
+
+use clap::{Parser, Subcommand};
+use roomcast_broker::{Config, serve};
+use tokio::net::TcpListener;
+use tracing::info;
+use tracing_subscriber::EnvFilter;
+
+/// roomcast: an edge real-time broker (rooms over WebSocket, CBOR events).
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (embedded single-node mode).
+    Serve(Config),
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    info!("shutdown signal received: draining");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("ROOMCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(config) => {
+            let listener = TcpListener::bind(config.listen).await?;
+            let addr = listener.local_addr()?;
+            info!(%addr, "listening: WebSocket ws://{addr}/ws, health http://{addr}/healthz, metrics http://{addr}/metrics");
+            serve(listener, config, shutdown_signal()).await
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! The local room registry and fan-out.
+//!
+//! Rooms are sharded by name; each room has its own lock holding its sequence counter and its
+//! subscribers' outboxes. A publish assigns the room's next `seq`, encodes the `Event` frame
+//! once and pushes the same `Bytes` into every subscriber's outbox with a non-blocking push:
+//! a full outbox makes that subscriber a slow consumer and drops it from the room, a closed
+//! one is dropped; fan-out never waits on a subscriber. Confirmations (`Subscribed`,
+//! `Unsubscribed`) are queued under the room lock so they are ordered with the room's events.
+//!
+//! The hub does not touch sockets, sessions' protocol state or the cluster.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use roomcast_protocol::{
+    EventName, Payload, RoomName, ServerFrame,
+    frame::encode_event,
+};
+
+use crate::outbox::{Outbox, PushError};
+
+/// Identifies a session inside this process.
+pub type SessionKey = u64;
+
+const SHARDS: usize = 64;
+
+/// What a publish did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Delivery {
+    /// Sequence number given to the event, if the room had local subscribers.
+    pub seq: Option<u64>,
+    /// Outboxes the event was queued into.
+    pub delivered: usize,
+    /// Subscribers dropped because their outbox overflowed.
+    pub slow: usize,
+}
+
+struct Subscriber {
+    session: SessionKey,
+    outbox: Arc<Outbox>,
+}
+
+struct RoomState {
+    seq: u64,
+    subscribers: Vec<Subscriber>,
+}
+
+type Shard = RwLock<HashMap<RoomName, Arc<Mutex<RoomState>>>>;
+
+/// Sharded registry room → local subscribers.
+pub struct Hub {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    rooms: AtomicUsize,
+    subscriptions: AtomicUsize,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+fn lock_room(room: &Mutex<RoomState>) -> std::sync::MutexGuard<'_, RoomState> {
+    room.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Self {
+        Hub {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+            rooms: AtomicUsize::new(0),
+            subscriptions: AtomicUsize::new(0),
+        }
+    }
+
+    fn shard(&self, room: &RoomName) -> &Shard {
+        let index = self.hasher.hash_one(room) as usize % SHARDS;
+        &self.shards[index]
+    }
+
+    /// Adds `session` to `room` (idempotent) and queues `Subscribed { id, room, seq }` into its
+    /// outbox, ordered before any later event of the room. Returns the room's seq.
+    pub fn subscribe(
+        &self,
+        room: &RoomName,
+        session: SessionKey,
+        outbox: &Arc<Outbox>,
+        id: u64,
+    ) -> Result<u64, PushError> {
+        let mut shard = self.shard(room).write().unwrap_or_else(|e| e.into_inner());
+        let state = shard.entry(room.clone()).or_insert_with(|| {
+            self.rooms.fetch_add(1, Ordering::Relaxed);
+            Arc::new(Mutex::new(RoomState {
+                seq: 0,
+                subscribers: Vec::new(),
+            }))
+        });
+        let mut state = lock_room(state);
+        if !state.subscribers.iter().any(|s| s.session == session) {
+            self.subscriptions.fetch_add(1, Ordering::Relaxed);
+            state.subscribers.push(Subscriber {
+                session,
+                outbox: outbox.clone(),
+            });
+        }
+        let seq = state.seq;
+        let reply = ServerFrame::Subscribed {
+            id,
+            room: room.clone(),
+            seq,
+        };
+        outbox.push(reply.encode())?;
+        Ok(seq)
+    }
+
+    /// Removes `session` from `room`; when `reply_id` is given, queues `Unsubscribed` under the
+    /// room lock so no event of the room follows it. Drops the room once it is empty.
+    pub fn unsubscribe(
+        &self,
+        room: &RoomName,
+        session: SessionKey,
+        outbox: &Outbox,
+        reply_id: Option<u64>,
+    ) -> Result<(), PushError> {
+        let mut shard = self.shard(room).write().unwrap_or_else(|e| e.into_inner());
+        let mut empty = false;
+        if let Some(state) = shard.get(room) {
+            let mut state = lock_room(state);
+            let before = state.subscribers.len();
+            state.subscribers.retain(|s| s.session != session);
+            self.subscriptions
+                .fetch_sub(before - state.subscribers.len(), Ordering::Relaxed);
+            empty = state.subscribers.is_empty();
+        }
+        if empty && shard.remove(room).is_some() {
+            self.rooms.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(shard);
+        match reply_id {
+            Some(id) => outbox.push(
+                ServerFrame::Unsubscribed {
+                    id,
+                    room: room.clone(),
+                }
+                .encode(),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes an event to the room's local subscribers: one encode, one shared `Bytes`.
+    pub fn publish(&self, room: &RoomName, event: &EventName, data: &Payload) -> Delivery {
+        let state = {
+            let shard = self.shard(room).read().unwrap_or_else(|e| e.into_inner());
+            match shard.get(room) {
+                Some(state) => state.clone(),
+                None => return Delivery::default(),
+            }
+        };
+        let mut state = lock_room(&state);
+        state.seq += 1;
+        let seq = state.seq;
+        let frame: Bytes = encode_event(room, event, data, seq);
+        let before = state.subscribers.len();
+        let mut delivery = Delivery {
+            seq: Some(seq),
+            ..Delivery::default()
+        };
+        state.subscribers.retain(|s| match s.outbox.push(frame.clone()) {
+            Ok(()) => {
+                delivery.delivered += 1;
+                true
+            }
+            Err(PushError::Full) => {
+                delivery.slow += 1;
+                false
+            }
+            Err(PushError::Closed) => false,
+        });
+        let removed = delivery.slow + (before - delivery.delivered - delivery.slow);
+        if removed > 0 {
+            self.subscriptions.fetch_sub(removed, Ordering::Relaxed);
+        }
+        delivery
+    }
+
+    /// Rooms in the registry: rooms with a local subscriber, plus rooms whose last subscriber
+    /// was dropped as slow until its session has cleaned up.
+    pub fn room_count(&self) -> usize {
+        self.rooms.load(Ordering::Relaxed)
+    }
+
+    /// Session × room subscriptions in the registry.
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roomcast_protocol::PayloadLimits;
+
+    fn room(name: &str) -> RoomName {
+        RoomName::new(name).unwrap()
+    }
+
+    fn decode(frame: &Bytes) -> ServerFrame {
+        ServerFrame::decode(frame, PayloadLimits::default()).unwrap()
+    }
+
+    fn drain(outbox: &Outbox) -> Vec<ServerFrame> {
+        let mut batch = Vec::new();
+        outbox.drain_into(&mut batch);
+        batch.iter().map(decode).collect()
+    }
+
+    #[test]
+    fn fan_out_shares_one_encoding_in_seq_order() {
+        let hub = Hub::new();
+        let r = room("orders:1");
+        let outboxes: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(1 << 20))).collect();
+        for (i, o) in outboxes.iter().enumerate() {
+            assert_eq!(hub.subscribe(&r, i as u64, o, 1), Ok(0));
+        }
+        let event = EventName::new("e").unwrap();
+        for n in 0..5u32 {
+            let d = hub.publish(&r, &event, &Payload::encode(&n).unwrap());
+            assert_eq!(d.seq, Some(u64::from(n) + 1));
+            assert_eq!(d.delivered, 3);
+        }
+        let mut batches = Vec::new();
+        for o in &outboxes {
+            let mut b = Vec::new();
+            o.drain_into(&mut b);
+            batches.push(b);
+        }
+        // Every subscriber got Subscribed then events 1..=5, and the event frames are the very
+        // same allocation.
+        for b in &batches {
+            assert_eq!(b.len(), 6);
+            assert!(matches!(decode(&b[0]), ServerFrame::Subscribed { seq: 0, .. }));
+            for (i, f) in b[1..].iter().enumerate() {
+                match decode(f) {
+                    ServerFrame::Event(e) => assert_eq!(e.seq, i as u64 + 1),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(batches[0][1].as_ptr(), batches[2][1].as_ptr());
+    }
+
+    #[test]
+    fn unsubscribe_stops_delivery_and_drops_empty_rooms() {
+        let hub = Hub::new();
+        let r = room("a:b");
+        let o = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe(&r, 1, &o, 1).unwrap();
+        hub.subscribe(&r, 1, &o, 2).unwrap(); // idempotent
+        assert_eq!(hub.room_count(), 1);
+        let event = EventName::new("e").unwrap();
+        assert_eq!(hub.publish(&r, &event, &Payload::encode(&1).unwrap()).delivered, 1);
+        assert_eq!(hub.subscription_count(), 1);
+        hub.unsubscribe(&r, 1, &o, Some(3)).unwrap();
+        assert_eq!(hub.room_count(), 0);
+        assert_eq!(hub.subscription_count(), 0);
+        let d = hub.publish(&r, &event, &Payload::encode(&2).unwrap());
+        assert_eq!(d, Delivery::default());
+        let frames = drain(&o);
+        assert_eq!(frames.len(), 4);
+        assert!(matches!(frames[3], ServerFrame::Unsubscribed { id: 3, .. }));
+    }
+
+    #[test]
+    fn slow_subscriber_is_dropped_others_keep_receiving() {
+        let hub = Hub::new();
+        let r = room("a:b");
+        let slow = Arc::new(Outbox::new(200));
+        let fast = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe(&r, 1, &slow, 1).unwrap();
+        hub.subscribe(&r, 2, &fast, 1).unwrap();
+        let event = EventName::new("e").unwrap();
+        let data = Payload::encode(&vec![7u8; 64]).unwrap();
+        let mut slow_seen = 0;
+        for _ in 0..10 {
+            slow_seen += hub.publish(&r, &event, &data).slow;
+        }
+        assert_eq!(slow_seen, 1, "the slow subscriber is dropped once");
+        assert_eq!(hub.subscription_count(), 1);
+        assert!(slow.is_overflowed());
+        assert_eq!(drain(&fast).len(), 11);
+    }
+}

@@ -1,0 +1,191 @@
+//! The bounded outbound queue of one session.
+//!
+//! The hub pushes shared, already-encoded frames into it from any thread without waiting; the
+//! session's writer drains everything queued in one go and writes it as one batch. The queue is
+//! capped in bytes: a push that would exceed the cap marks the session as a slow consumer,
+//! drops what is queued and wakes the session so it can close with `slow_consumer`. Nothing
+//! here knows about sockets or frames' contents.
+
+use std::{collections::VecDeque, sync::Mutex};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// Why a push was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushError {
+    /// The byte cap was exceeded just now or earlier: the session is a slow consumer.
+    Full,
+    /// The session has ended.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Open,
+    Overflowed,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Queue {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    status: Status,
+}
+
+/// A byte-capped queue of encoded frames with wake-ups only on empty → non-empty.
+#[derive(Debug)]
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    cap_bytes: usize,
+    /// Woken when the queue becomes non-empty.
+    ready: Notify,
+    /// Woken once when the queue overflows.
+    overflow: Notify,
+}
+
+impl Outbox {
+    /// An empty queue holding at most `cap_bytes` of frames.
+    pub fn new(cap_bytes: usize) -> Self {
+        Outbox {
+            queue: Mutex::new(Queue {
+                frames: VecDeque::new(),
+                bytes: 0,
+                status: Status::Open,
+            }),
+            cap_bytes,
+            ready: Notify::new(),
+            overflow: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A poisoned lock only means another thread panicked mid-push; the queue is still
+        // structurally valid.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `frame`. Never waits.
+    pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        let was_empty;
+        {
+            let mut q = self.lock();
+            match q.status {
+                Status::Open => {}
+                Status::Overflowed => return Err(PushError::Full),
+                Status::Closed => return Err(PushError::Closed),
+            }
+            if q.bytes + frame.len() > self.cap_bytes {
+                q.status = Status::Overflowed;
+                q.frames = VecDeque::new();
+                q.bytes = 0;
+                drop(q);
+                self.overflow.notify_one();
+                return Err(PushError::Full);
+            }
+            was_empty = q.frames.is_empty();
+            q.bytes += frame.len();
+            q.frames.push_back(frame);
+        }
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Moves every queued frame into `batch` (appending). Returns false if the queue
+    /// overflowed (then nothing is moved).
+    pub fn drain_into(&self, batch: &mut Vec<Bytes>) -> bool {
+        let mut q = self.lock();
+        if q.status == Status::Overflowed {
+            return false;
+        }
+        batch.extend(q.frames.drain(..));
+        q.bytes = 0;
+        if q.frames.capacity() > 64 {
+            // Give back memory a burst left behind.
+            q.frames.shrink_to(16);
+        }
+        true
+    }
+
+    /// Resolves when frames may be waiting (spurious wake-ups are possible).
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Resolves once the queue has overflowed.
+    pub async fn overflowed(&self) {
+        self.overflow.notified().await
+    }
+
+    /// True if the queue has overflowed.
+    pub fn is_overflowed(&self) -> bool {
+        self.lock().status == Status::Overflowed
+    }
+
+    /// Ends the queue: later pushes fail with `Closed`. Frames still queued stay drainable.
+    pub fn close(&self) {
+        let mut q = self.lock();
+        if q.status == Status::Open {
+            q.status = Status::Closed;
+        }
+    }
+
+    /// Bytes currently queued.
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_drain_and_overflow() {
+        let outbox = Outbox::new(10);
+        outbox.push(Bytes::from_static(b"12345")).unwrap();
+        outbox.push(Bytes::from_static(b"12345")).unwrap();
+        assert_eq!(outbox.queued_bytes(), 10);
+        let mut batch = Vec::new();
+        assert!(outbox.drain_into(&mut batch));
+        assert_eq!(batch.len(), 2);
+        assert_eq!(outbox.queued_bytes(), 0);
+        outbox.push(Bytes::from_static(b"1234567890")).unwrap();
+        assert_eq!(outbox.push(Bytes::from_static(b"1")), Err(PushError::Full));
+        assert!(outbox.is_overflowed());
+        assert_eq!(outbox.queued_bytes(), 0, "overflow releases queued frames");
+        assert_eq!(outbox.push(Bytes::from_static(b"1")), Err(PushError::Full));
+        batch.clear();
+        assert!(!outbox.drain_into(&mut batch));
+    }
+
+    #[test]
+    fn closed_refuses_pushes_but_keeps_frames() {
+        let outbox = Outbox::new(100);
+        outbox.push(Bytes::from_static(b"a")).unwrap();
+        outbox.close();
+        assert_eq!(outbox.push(Bytes::from_static(b"b")), Err(PushError::Closed));
+        let mut batch = Vec::new();
+        assert!(outbox.drain_into(&mut batch));
+        assert_eq!(batch, vec![Bytes::from_static(b"a")]);
+    }
+
+    #[tokio::test]
+    async fn wakes_on_first_push_and_on_overflow() {
+        let outbox = std::sync::Arc::new(Outbox::new(4));
+        let waiter = {
+            let outbox = outbox.clone();
+            tokio::spawn(async move { outbox.ready().await })
+        };
+        tokio::task::yield_now().await;
+        outbox.push(Bytes::from_static(b"ab")).unwrap();
+        waiter.await.unwrap();
+        let _ = outbox.push(Bytes::from_static(b"abc"));
+        tokio::time::timeout(std::time::Duration::from_secs(5), outbox.overflowed())
+            .await
+            .expect("overflow wakes the session");
+    }
+}

@@ -1,0 +1,157 @@
+//! Listeners, tracked session tasks and graceful drain.
+//!
+//! [`serve`] takes an already-bound listener and a shutdown future (so tests bind port 0).
+//! On shutdown it stops accepting, tells every session to send `Close { shutting_down }`
+//! (reconnect: true) and waits for them up to the drain timeout.
+
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{api, config::Config, hub::Hub, hub::SessionKey, metrics::Metrics};
+
+/// State shared by the HTTP handlers and every session of one broker.
+pub struct Shared {
+    /// The configuration the broker started with.
+    pub config: Config,
+    /// The local room registry.
+    pub hub: Hub,
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Cancelled when the broker starts shutting down.
+    pub shutdown: CancellationToken,
+    /// Tracks every session task, for the drain.
+    pub tracker: TaskTracker,
+    /// Distinguishes this process's session ids from another run's.
+    pub boot_id: u64,
+    next_session: AtomicU64,
+}
+
+impl Shared {
+    /// Fresh state for a broker with `config`.
+    pub fn new(config: Config) -> Self {
+        let boot_id = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Shared {
+            config,
+            hub: Hub::new(),
+            metrics: Metrics::new(),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            boot_id,
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// A process-unique key for a new session.
+    pub fn next_session_key(&self) -> SessionKey {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Metrics text, with the registry gauges brought up to date.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.rooms.set(self.hub.room_count() as i64);
+        self.metrics
+            .subscriptions
+            .set(self.hub.subscription_count() as i64);
+        self.metrics.render()
+    }
+}
+
+/// Serves HTTP and WebSocket on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    serve_shared(listener, Arc::new(Shared::new(config)), shutdown).await
+}
+
+async fn serve_shared(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let token = shared.shutdown.clone();
+    let signal = {
+        let token = token.clone();
+        async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = token.cancelled() => {}
+            }
+            token.cancel();
+        }
+    };
+    axum::serve(listener, api::router(shared.clone()))
+        .with_graceful_shutdown(signal)
+        .await?;
+    shared.tracker.close();
+    let drain = shared.config.drain_timeout;
+    if tokio::time::timeout(drain, shared.tracker.wait()).await.is_err() {
+        warn!(
+            sessions = shared.tracker.len(),
+            "drain timeout: dropping remaining sessions"
+        );
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// A broker running on a background task: what tests and embedders hold.
+pub struct Server {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    /// Binds `config.listen` (port 0 allowed) and starts serving.
+    pub async fn start(config: Config) -> std::io::Result<Server> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(config));
+        let task = tokio::spawn(serve_shared(
+            listener,
+            shared.clone(),
+            std::future::pending(),
+        ));
+        Ok(Server {
+            local_addr,
+            shared,
+            task,
+        })
+    }
+
+    /// The bound TCP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `ws://ADDR/ws`.
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.local_addr)
+    }
+
+    /// The broker's shared state (hub, metrics).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Starts the graceful shutdown and waits for it to finish.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.shared.shutdown.cancel();
+        self.task.await?
+    }
+}

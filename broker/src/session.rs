@@ -1,0 +1,226 @@
+//! The I/O glue of one session: drives the protocol's [`ServerSession`] with a transport,
+//! owns the session's [`Outbox`] and writes what it queues, carries out the state machine's
+//! actions against the hub, and leaves every room on every exit path.
+//!
+//! One task per session: it waits on the client's next frame, the outbox, the keepalive
+//! deadline and shutdown. It never blocks fan-out: other sessions only ever push into its
+//! outbox.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use roomcast_protocol::{Action, Code, ServerFrame, ServerSession, session::close_frame};
+use tracing::{debug, info_span, Instrument};
+
+use crate::{
+    hub::SessionKey,
+    metrics::TransportLabel,
+    outbox::Outbox,
+    server::Shared,
+    transport::{FrameReader, FrameWriter, TransportError},
+};
+
+/// Time allowed to flush the final frames and the Close frame of an ending session.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why the session loop ended.
+enum End {
+    /// Send a Close frame with this code, then close the transport.
+    Close(Code, String),
+    /// The peer went away; nothing more can be sent.
+    Gone,
+}
+
+/// Runs one session until it ends. `transport` names it in metrics and logs.
+pub(crate) async fn run<R: FrameReader, W: FrameWriter>(
+    shared: Arc<Shared>,
+    key: SessionKey,
+    transport: &'static str,
+    reader: R,
+    writer: W,
+) {
+    let span = info_span!("session", id = key, transport);
+    async move {
+        let label = TransportLabel { transport };
+        shared.metrics.sessions.get_or_create(&label).inc();
+        shared.metrics.sessions_opened.get_or_create(&label).inc();
+        debug!("opened");
+        let mut session = Session {
+            outbox: Arc::new(Outbox::new(shared.config.outbound_queue_bytes)),
+            state: ServerSession::new(
+                format!("{:x}-{key:x}", shared.boot_id),
+                shared.config.session(),
+                Instant::now(),
+            ),
+            shared: shared.clone(),
+            key,
+        };
+        session.drive(reader, writer).await;
+        shared.metrics.sessions.get_or_create(&label).dec();
+        debug!("closed");
+    }
+    .instrument(span)
+    .await
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    key: SessionKey,
+    outbox: Arc<Outbox>,
+    state: ServerSession,
+}
+
+impl Session {
+    async fn drive<R: FrameReader, W: FrameWriter>(&mut self, mut reader: R, mut writer: W) {
+        let end = self.main_loop(&mut reader, &mut writer).await;
+        self.state.mark_closed();
+        self.outbox.close();
+        self.leave_all_rooms();
+        if let End::Close(code, reason) = end {
+            debug!(%code, %reason, "closing");
+            self.shared.metrics.count_code(code);
+            if code == Code::SlowConsumer {
+                self.shared.metrics.slow_consumers.inc();
+            }
+            // Frames already queued (e.g. an Error explaining the close) go first, unless the
+            // queue overflowed: a slow consumer gets only the Close frame.
+            let mut batch = Vec::new();
+            self.outbox.drain_into(&mut batch);
+            batch.push(close_frame(code, &reason).encode());
+            let flush = async {
+                writer.send_batch(&mut batch).await?;
+                writer.close(code).await
+            };
+            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
+        }
+    }
+
+    async fn main_loop<R: FrameReader, W: FrameWriter>(
+        &mut self,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> End {
+        let outbox = self.outbox.clone();
+        let shutdown = self.shared.shutdown.clone();
+        let deadline = tokio::time::sleep_until(self.state.poll_timeout().into());
+        tokio::pin!(deadline);
+        let mut batch: Vec<Bytes> = Vec::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    return End::Close(Code::ShuttingDown, "broker shutting down".into());
+                }
+                () = outbox.overflowed() => return slow_consumer(),
+                () = outbox.ready() => {
+                    if !outbox.drain_into(&mut batch) {
+                        return slow_consumer();
+                    }
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    tokio::select! {
+                        result = writer.send_batch(&mut batch) => {
+                            if result.is_err() {
+                                return End::Gone;
+                            }
+                        }
+                        () = outbox.overflowed() => return slow_consumer(),
+                        () = shutdown.cancelled() => return End::Gone,
+                    }
+                    batch.clear();
+                }
+                received = reader.recv() => match received {
+                    Ok(Some(bytes)) => {
+                        let action = self.state.handle_frame(&bytes, Instant::now(), wall_clock_ms());
+                        if let Some(end) = self.apply(action) {
+                            return end;
+                        }
+                    }
+                    Ok(None) => return End::Gone,
+                    Err(TransportError::TooLarge) => {
+                        return End::Close(Code::FrameTooLarge, format!(
+                            "message exceeds {} bytes", self.shared.config.max_frame_size));
+                    }
+                    Err(TransportError::Protocol(why)) => return End::Close(Code::ProtocolError, why),
+                    Err(TransportError::Io(_)) => return End::Gone,
+                },
+                () = &mut deadline => {
+                    let action = self.state.handle_timeout(Instant::now());
+                    if let Some(end) = self.apply(action) {
+                        return end;
+                    }
+                    deadline.as_mut().reset(self.state.poll_timeout().into());
+                }
+            }
+        }
+    }
+
+    /// Carries out one action; returns how the session ends if it does.
+    fn apply(&mut self, action: Action) -> Option<End> {
+        let metrics = &self.shared.metrics;
+        let pushed = match action {
+            Action::None => Ok(()),
+            Action::Send(frame) => {
+                if let ServerFrame::Error { code, .. } = &frame {
+                    metrics.count_code(*code);
+                }
+                self.outbox.push(frame.encode())
+            }
+            Action::Subscribe { id, room } => self
+                .shared
+                .hub
+                .subscribe(&room, self.key, &self.outbox, id)
+                .map(|_| ()),
+            Action::Unsubscribe { id, room } => {
+                self.shared
+                    .hub
+                    .unsubscribe(&room, self.key, &self.outbox, Some(id))
+            }
+            Action::Publish {
+                id,
+                room,
+                event,
+                data,
+                ack,
+            } => {
+                let delivery = self.shared.hub.publish(&room, &event, &data);
+                metrics.events_in.inc();
+                metrics.events_out.inc_by(delivery.delivered as u64);
+                if ack {
+                    self.outbox.push(ServerFrame::Ack { id, seq: delivery.seq }.encode())
+                } else {
+                    Ok(())
+                }
+            }
+            Action::Close { code, reason } => return Some(End::Close(code, reason)),
+        };
+        match pushed {
+            Ok(()) => None,
+            // The outbox refused our own reply: this session is not reading.
+            Err(_) => Some(slow_consumer()),
+        }
+    }
+
+    fn leave_all_rooms(&mut self) {
+        for room in self.state.subscriptions() {
+            let _ = self.shared.hub.unsubscribe(room, self.key, &self.outbox, None);
+        }
+    }
+}
+
+fn slow_consumer() -> End {
+    End::Close(
+        Code::SlowConsumer,
+        "outbound queue exceeded its byte cap".into(),
+    )
+}

@@ -1,0 +1,42 @@
+//! The one session I/O abstraction: receive frame bytes, send a batch of frame bytes, close
+//! with a code. Adapters (`ws`) map a concrete transport onto it; they hold no protocol logic.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use roomcast_protocol::Code;
+
+pub mod ws;
+
+/// Transport-level failures, as the session needs to tell them apart.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The peer sent a message larger than the frame limit.
+    #[error("message exceeds the frame size limit")]
+    TooLarge,
+    /// The peer broke the transport's own rules (e.g. a WebSocket text message).
+    #[error("transport protocol violation: {0}")]
+    Protocol(String),
+    /// The connection failed or was reset.
+    #[error("transport I/O: {0}")]
+    Io(String),
+}
+
+/// Receiving half of a session transport.
+pub trait FrameReader: Send {
+    /// The next frame, or `None` when the peer closed. Must be cancel-safe: dropping the future
+    /// loses no frame.
+    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, TransportError>> + Send;
+}
+
+/// Sending half of a session transport.
+pub trait FrameWriter: Send {
+    /// Writes every frame in `batch` (emptying it) and flushes, ideally in one system call.
+    fn send_batch(
+        &mut self,
+        batch: &mut Vec<Bytes>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Closes the transport with the code's transport-level mapping.
+    fn close(&mut self, code: Code) -> impl Future<Output = Result<(), TransportError>> + Send;
+}
