@@ -63,7 +63,8 @@ pub mod key {
     pub const IDLE_TIMEOUT: u64 = 16;
 }
 
-/// Frame type values (key 0). Client frames are 1–15, broker frames 16–31: all one byte.
+/// Frame type values (key 0). Client frames take 1–15, broker frames 16–31; the values in
+/// use (1–5, 16–23) each encode in one byte.
 pub mod kind {
     /// Client: open the session.
     pub const HELLO: u64 = 1;

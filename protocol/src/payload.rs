@@ -85,27 +85,84 @@ impl std::fmt::Debug for Payload {
 
 /// What the container on top of the validation stack still expects.
 #[derive(Clone, Copy)]
-enum Open {
+enum Remaining {
     /// A definite-length array or map with this many items (keys and values) left.
     Definite(u64),
     /// An indefinite-length array (`is_map == false`) or map, with the items seen so far.
     Indefinite { is_map: bool, seen: u64 },
 }
 
+/// An open array or map and the nesting levels it added (itself plus the tags before it).
+#[derive(Clone, Copy)]
+struct Open {
+    remaining: Remaining,
+    levels: usize,
+}
+
+/// Reads one definite-length byte or text string of `len` bytes (text: valid UTF-8).
+fn skip_string(
+    decoder: &mut Decoder<&[u8]>,
+    text: bool,
+    len: usize,
+    at: usize,
+) -> Result<(), PayloadError> {
+    let malformed = |_| PayloadError::Malformed(at);
+    let mut scratch = [0u8; 256];
+    if text {
+        let mut segments = decoder.text(Some(len));
+        while let Some(mut segment) = segments.pull().map_err(malformed)? {
+            while segment.pull(&mut scratch).map_err(malformed)?.is_some() {}
+        }
+    } else {
+        let mut segments = decoder.bytes(Some(len));
+        while let Some(mut segment) = segments.pull().map_err(malformed)? {
+            while segment.pull(&mut scratch).map_err(malformed)?.is_some() {}
+        }
+    }
+    Ok(())
+}
+
+/// Reads a byte or text string; an indefinite-length one must consist of definite-length
+/// chunks of the same major type (RFC 8949 §3.2.3), each text chunk valid UTF-8 on its own.
+fn skip_any_string(
+    decoder: &mut Decoder<&[u8]>,
+    text: bool,
+    len: Option<usize>,
+    at: usize,
+) -> Result<(), PayloadError> {
+    if let Some(len) = len {
+        return skip_string(decoder, text, len, at);
+    }
+    loop {
+        let chunk_at = decoder.offset();
+        match decoder.pull().map_err(|_| PayloadError::Malformed(chunk_at))? {
+            Header::Break => return Ok(()),
+            Header::Bytes(Some(len)) if !text => skip_string(decoder, false, len, chunk_at)?,
+            Header::Text(Some(len)) if text => skip_string(decoder, true, len, chunk_at)?,
+            _ => return Err(PayloadError::Malformed(chunk_at)),
+        }
+    }
+}
+
 /// Checks that `bytes` hold exactly one well-formed CBOR item no deeper than the cap.
 ///
-/// Works in constant memory besides a stack bounded by `max_depth`, never allocates by a length
-/// read from the input, and never recurses.
+/// Depth: the top-level item is at depth 1; an item inside an array, a map or a tag is one
+/// level deeper than its container. Works in constant memory besides a stack bounded by
+/// `max_depth`, never allocates by a length read from the input, and never recurses.
 pub fn validate(bytes: &[u8], limits: PayloadLimits) -> Result<(), PayloadError> {
     let mut decoder = Decoder::from(bytes);
     let mut stack: Vec<Open> = Vec::new();
-    let mut scratch = [0u8; 256];
-    // Tags wrap the next item; they count towards depth until that item completes.
+    // Levels added by the open containers (and the tags in front of them).
+    let mut level: usize = 0;
+    // Tags read since the last item or container: they wrap the next item.
     let mut pending_tags: usize = 0;
     loop {
         let at = decoder.offset();
-        let malformed = |_| PayloadError::Malformed(at);
-        let header = decoder.pull().map_err(malformed)?;
+        let header = decoder
+            .pull()
+            .map_err(|_| PayloadError::Malformed(at))?;
+        // The depth of the item this header starts.
+        let depth = level + pending_tags + 1;
         // Does this header complete an item (true) or open one that needs more headers?
         let completes = match header {
             Header::Positive(_) | Header::Negative(_) | Header::Float(_) => true,
@@ -117,45 +174,41 @@ pub fn validate(bytes: &[u8], limits: PayloadLimits) -> Result<(), PayloadError>
                 true
             }
             Header::Bytes(len) => {
-                let mut segments = decoder.bytes(len);
-                while let Some(mut segment) = segments.pull().map_err(malformed)? {
-                    while segment.pull(&mut scratch).map_err(malformed)?.is_some() {}
-                }
+                skip_any_string(&mut decoder, false, len, at)?;
                 true
             }
             Header::Text(len) => {
-                let mut segments = decoder.text(len);
-                while let Some(mut segment) = segments.pull().map_err(malformed)? {
-                    while segment.pull(&mut scratch).map_err(malformed)?.is_some() {}
-                }
+                skip_any_string(&mut decoder, true, len, at)?;
                 true
             }
             Header::Tag(_) => {
-                pending_tags += 1;
-                if stack.len() + pending_tags >= limits.max_depth {
+                if depth + 1 > limits.max_depth {
                     return Err(PayloadError::TooDeep(limits.max_depth));
                 }
+                pending_tags += 1;
                 continue;
             }
             Header::Array(len) | Header::Map(len) => {
                 let is_map = matches!(header, Header::Map(_));
-                // This container sits at depth stack + tags + 1; its items one deeper.
-                if stack.len() + pending_tags + 1 >= limits.max_depth {
-                    return Err(PayloadError::TooDeep(limits.max_depth));
-                }
-                match len {
-                    Some(n) => {
-                        let items = if is_map { (n as u64).saturating_mul(2) } else { n as u64 };
-                        if items == 0 {
-                            true
-                        } else {
-                            stack.push(Open::Definite(items));
-                            pending_tags = 0;
-                            false
+                let remaining = match len {
+                    Some(0) => None,
+                    Some(n) => Some(Remaining::Definite(if is_map {
+                        (n as u64).saturating_mul(2)
+                    } else {
+                        n as u64
+                    })),
+                    None => Some(Remaining::Indefinite { is_map, seen: 0 }),
+                };
+                match remaining {
+                    // An empty container has no items one level deeper.
+                    None => true,
+                    Some(remaining) => {
+                        if depth + 1 > limits.max_depth {
+                            return Err(PayloadError::TooDeep(limits.max_depth));
                         }
-                    }
-                    None => {
-                        stack.push(Open::Indefinite { is_map, seen: 0 });
+                        let levels = pending_tags + 1;
+                        stack.push(Open { remaining, levels });
+                        level += levels;
                         pending_tags = 0;
                         false
                     }
@@ -163,9 +216,11 @@ pub fn validate(bytes: &[u8], limits: PayloadLimits) -> Result<(), PayloadError>
             }
             Header::Break => {
                 match stack.last() {
-                    Some(Open::Indefinite { is_map, seen })
-                        if pending_tags == 0 && (!is_map || seen % 2 == 0) =>
-                    {
+                    Some(Open {
+                        remaining: Remaining::Indefinite { is_map, seen },
+                        levels,
+                    }) if pending_tags == 0 && (!is_map || seen % 2 == 0) => {
+                        level -= levels;
                         stack.pop();
                     }
                     _ => return Err(PayloadError::Malformed(at)),
@@ -179,24 +234,25 @@ pub fn validate(bytes: &[u8], limits: PayloadLimits) -> Result<(), PayloadError>
         pending_tags = 0;
         // One item finished: count it against its parents, closing those it fills.
         loop {
-            match stack.last_mut() {
-                None => {
-                    let end = decoder.offset();
-                    return if end == bytes.len() {
-                        Ok(())
-                    } else {
-                        Err(PayloadError::TrailingBytes(end))
-                    };
-                }
-                Some(Open::Definite(left)) => {
+            let Some(top) = stack.last_mut() else {
+                let end = decoder.offset();
+                return if end == bytes.len() {
+                    Ok(())
+                } else {
+                    Err(PayloadError::TrailingBytes(end))
+                };
+            };
+            match &mut top.remaining {
+                Remaining::Definite(left) => {
                     *left -= 1;
                     if *left == 0 {
+                        level -= top.levels;
                         stack.pop();
                         continue;
                     }
                     break;
                 }
-                Some(Open::Indefinite { seen, .. }) => {
+                Remaining::Indefinite { seen, .. } => {
                     *seen += 1;
                     break;
                 }
@@ -259,6 +315,8 @@ mod tests {
             "ff",           // lone break
             "1c",           // reserved additional info
             "5f 61 61 ff",  // text chunk inside indefinite bytes
+            "5f 5f 41 00 ff ff", // indefinite chunk inside indefinite bytes
+            "7f 61 c3 61 a9 ff", // UTF-8 character split across text chunks
             "c1",           // tag with no item
             "9f c1 ff",     // tag followed by break
             "f8 10",        // two-byte simple value below 32
@@ -281,6 +339,16 @@ mod tests {
         assert_eq!(validate(&nested(4), limits), Err(PayloadError::TooDeep(4)));
         let tags = [0xc1u8, 0xc1, 0xc1, 0xc1, 0x00];
         assert_eq!(validate(&tags, limits), Err(PayloadError::TooDeep(4)));
+        assert_eq!(validate(&[0xc1, 0xc1, 0xc1, 0x00], limits), Ok(()));
+        // Tags in front of a container count for everything inside it.
+        assert_eq!(
+            validate(&[0xc1, 0xc1, 0x81, 0x81, 0x00], limits),
+            Err(PayloadError::TooDeep(4))
+        );
+        assert_eq!(validate(&[0xc1, 0x81, 0x81, 0x00], limits), Ok(()));
+        // An empty container at the deepest level is fine; a non-empty one is not.
+        assert_eq!(validate(&[0x81, 0x81, 0x81, 0x80], limits), Ok(()));
+        assert_eq!(validate(&[0x81, 0x81, 0x81, 0x81, 0x00], limits), Err(PayloadError::TooDeep(4)));
         // A deep attack: a million nested arrays is refused quickly, without recursion.
         let deep = vec![0x9fu8; 1_000_000];
         assert_eq!(
