@@ -1,0 +1,131 @@
+//! Errors the client returns and the description of how a session ended.
+//!
+//! Owns [`Error`], [`SubscriptionError`] and [`CloseInfo`]. It maps nothing from the network
+//! itself: the driver and the transports build these values.
+
+use std::fmt;
+
+use roomcast_protocol::Code;
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseInfo {
+    /// The broker's close code: from its `Close` frame, else from the WebSocket close code when
+    /// that is a known code. `None` when the transport just dropped or the client gave up on a
+    /// broken connection.
+    pub code: Option<Code>,
+    /// Human-readable detail.
+    pub reason: String,
+    /// Whether reconnecting (with backoff) makes sense: the broker's hint when it sent one,
+    /// true for a dropped transport, false for a client-initiated close or a protocol error.
+    pub reconnect: bool,
+}
+
+impl CloseInfo {
+    /// A session the client closed itself.
+    pub(crate) fn by_client() -> Self {
+        CloseInfo {
+            code: Some(Code::Normal),
+            reason: "closed by the client".into(),
+            reconnect: false,
+        }
+    }
+
+    /// A transport that dropped without a known close code.
+    pub(crate) fn lost(reason: impl Into<String>) -> Self {
+        CloseInfo {
+            code: None,
+            reason: reason.into(),
+            reconnect: true,
+        }
+    }
+
+    /// A session the client ended because the broker broke the protocol.
+    pub(crate) fn protocol(reason: impl fmt::Display) -> Self {
+        CloseInfo {
+            code: None,
+            reason: format!("protocol error: {reason}"),
+            reconnect: false,
+        }
+    }
+}
+
+impl fmt::Display for CloseInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.code {
+            Some(code) => write!(f, "{code}")?,
+            None => f.write_str("no close code")?,
+        }
+        if !self.reason.is_empty() {
+            write!(f, ": {}", self.reason)?;
+        }
+        if self.reconnect {
+            f.write_str(" (reconnect)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a client operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The broker answered the request with an `Error` frame; the session goes on.
+    #[error("broker error {code}: {message}")]
+    Server {
+        /// The broker's code.
+        code: Code,
+        /// The broker's detail.
+        message: String,
+    },
+    /// The session is over (or ended while the request was pending).
+    #[error("session closed: {0}")]
+    Closed(CloseInfo),
+    /// The connection could not be opened (DNS, TCP, TLS or WebSocket upgrade).
+    #[error("transport error: {0}")]
+    Transport(String),
+    /// The broker sent something this client does not understand during the handshake, or a
+    /// reply that does not fit its request.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The URL cannot be used: bad syntax or an unsupported scheme.
+    #[error("invalid URL: {0}")]
+    InvalidUrl(String),
+    /// [`crate::ConnectOptions::connect_timeout`] passed before the session was open.
+    #[error("timed out")]
+    Timeout,
+    /// A payload could not be converted to or from CBOR as the requested type.
+    #[error("payload encoding: {0}")]
+    Encode(String),
+    /// This connection already has a live subscription to the room (one subscription per
+    /// room and connection; drop or unsubscribe the first one, or clone events yourself).
+    #[error("already subscribed to {0} on this connection")]
+    AlreadySubscribed(String),
+}
+
+impl Error {
+    /// The broker's code behind this error: the request error code of [`Error::Server`] or the
+    /// close code of [`Error::Closed`].
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            Error::Server { code, .. } => Some(*code),
+            Error::Closed(info) => info.code,
+            _ => None,
+        }
+    }
+}
+
+/// Why a subscription yielded no event.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscriptionError {
+    /// The subscription's buffer was full and `missed` events were dropped at this point of
+    /// the stream. Events after it follow normally: consume faster or raise
+    /// [`crate::ConnectOptions::subscription_buffer`].
+    #[error("subscription lagged: {missed} events dropped")]
+    Lagged {
+        /// How many events were dropped.
+        missed: u64,
+    },
+    /// The session ended; the stream yields `None` after this.
+    #[error("session closed: {0}")]
+    Closed(CloseInfo),
+}
