@@ -27,7 +27,9 @@ async fn main() -> anyhow::Result<()> {
         client.publish("ticker:DEMO", "tick", &tick).await?;
     }
     for _ in 0..10 {
-        let Some(event) = ticks.next_event().await else { break };
+        let Some(event) = ticks.next_event().await else {
+            break;
+        };
         let event = event?;
         let tick: Tick = event.decode()?;
         println!("seq {:>3}  {} {:.2}", event.seq, tick.symbol, tick.price);

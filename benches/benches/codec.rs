@@ -46,7 +46,8 @@ fn bench(c: &mut Criterion) {
     g.bench_function("validate_payload_100b", |b| {
         b.iter(|| validate(black_box(data.as_bytes()), PayloadLimits::default()).unwrap())
     });
-    let big = Payload::encode(&vec![serde_json::json!({"k": [1, 2, 3], "s": "text"}); 200]).unwrap();
+    let big =
+        Payload::encode(&vec![serde_json::json!({"k": [1, 2, 3], "s": "text"}); 200]).unwrap();
     g.throughput(Throughput::Bytes(big.len() as u64));
     g.bench_function("validate_payload_big", |b| {
         b.iter(|| validate(black_box(big.as_bytes()), PayloadLimits::default()).unwrap())

@@ -25,16 +25,20 @@ fn bench(c: &mut Criterion) {
             .collect();
         let mut drained = Vec::new();
         g.throughput(Throughput::Elements(subscribers as u64));
-        g.bench_with_input(BenchmarkId::from_parameter(subscribers), &subscribers, |b, _| {
-            b.iter(|| {
-                hub.publish(&room, &event, &data);
-                // Keep queues short, as a writer would.
-                for o in &outboxes {
-                    o.drain_into(&mut drained);
-                    drained.clear();
-                }
-            })
-        });
+        g.bench_with_input(
+            BenchmarkId::from_parameter(subscribers),
+            &subscribers,
+            |b, _| {
+                b.iter(|| {
+                    hub.publish(&room, &event, &data);
+                    // Keep queues short, as a writer would.
+                    for o in &outboxes {
+                        o.drain_into(&mut drained);
+                        drained.clear();
+                    }
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -82,11 +82,15 @@ struct Progress {
 fn event_seq(frame: &[u8]) -> Option<u64> {
     use ciborium_ll::{Decoder, Header};
     let mut d = Decoder::from(frame);
-    let Ok(Header::Map(Some(n))) = d.pull() else { return None };
+    let Ok(Header::Map(Some(n))) = d.pull() else {
+        return None;
+    };
     let mut scratch = [0u8; 512];
     let mut is_event = false;
     for _ in 0..n {
-        let Ok(Header::Positive(key)) = d.pull() else { return None };
+        let Ok(Header::Positive(key)) = d.pull() else {
+            return None;
+        };
         match d.pull().ok()? {
             Header::Positive(v) if key == 0 => is_event = v == 19,
             Header::Positive(v) if key == 5 => return is_event.then_some(v),
@@ -108,9 +112,8 @@ fn event_seq(frame: &[u8]) -> Option<u64> {
     None
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<
-    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
->;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open_session(url: &str) -> anyhow::Result<Socket> {
     let (mut ws, _) = connect_async(url).await.context("connect")?;
@@ -145,8 +148,12 @@ async fn subscriber(url: String, room: String) -> anyhow::Result<Socket> {
 async fn read_events(mut ws: Socket, progress: Arc<Progress>) {
     let mut local = 0u64;
     while let Some(Ok(msg)) = ws.next().await {
-        let Message::Binary(frame) = msg else { continue };
-        let Some(seq) = event_seq(&frame) else { continue };
+        let Message::Binary(frame) = msg else {
+            continue;
+        };
+        let Some(seq) = event_seq(&frame) else {
+            continue;
+        };
         local += 1;
         if local % 64 == 0 {
             progress.delivered.fetch_add(64, Ordering::Relaxed);
@@ -240,7 +247,9 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         let done = progress.done.load(Ordering::Acquire);
         let room_left = args.window.saturating_sub(published - done);
         if room_left == 0 {
-            let _ = tokio::time::timeout(Duration::from_millis(100), progress.done_notify.notified()).await;
+            let _ =
+                tokio::time::timeout(Duration::from_millis(100), progress.done_notify.notified())
+                    .await;
             continue;
         }
         for _ in 0..room_left {
@@ -269,7 +278,9 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             ));
         }
     }
-    let Some((t0, delivered0, done0, cpu0)) = marks else { bail!("no measurement window") };
+    let Some((t0, delivered0, done0, cpu0)) = marks else {
+        bail!("no measurement window")
+    };
     let elapsed = t0.elapsed().as_secs_f64();
     let delivered = (progress.delivered.load(Ordering::Relaxed) - delivered0) as f64 / elapsed;
     let publishes = (progress.done.load(Ordering::Relaxed) - done0) as f64 / elapsed;
@@ -289,7 +300,10 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             })
         );
     } else {
-        println!("fanout ws: subs={} payload={}B window={}", args.subs, args.payload, args.window);
+        println!(
+            "fanout ws: subs={} payload={}B window={}",
+            args.subs, args.payload, args.window
+        );
         println!("  connect          {connect_s:.2} s");
         println!("  delivered/s      {delivered:.0}");
         println!("  publishes/s      {publishes:.0}");
@@ -297,7 +311,10 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             println!("  broker CPU       {cpu:.0} %");
         }
         if let Some(rss) = rss {
-            println!("  broker RSS       {:.1} MiB", rss as f64 / (1 << 20) as f64);
+            println!(
+                "  broker RSS       {:.1} MiB",
+                rss as f64 / (1 << 20) as f64
+            );
         }
     }
     std::process::exit(0);
@@ -322,9 +339,16 @@ mod tests {
         let data = Payload::new(payload(100), PayloadLimits::default()).unwrap();
         assert_eq!(data.len(), 100);
         for seq in [1, 23, 24, 70_000, u64::MAX] {
-            assert_eq!(event_seq(&encode_event(&room, &event, &data, seq)), Some(seq));
+            assert_eq!(
+                event_seq(&encode_event(&room, &event, &data, seq)),
+                Some(seq)
+            );
         }
-        let ack = ServerFrame::Ack { id: 1, seq: Some(5) }.encode();
+        let ack = ServerFrame::Ack {
+            id: 1,
+            seq: Some(5),
+        }
+        .encode();
         assert_eq!(event_seq(&ack), None);
     }
 

@@ -48,7 +48,7 @@ async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Respo
     }
     let (response, on_upgrade) = match ws::accept(request) {
         Ok(accepted) => accepted,
-        Err(refusal) => return refusal,
+        Err(refusal) => return refusal.into_response(),
     };
     let key = shared.next_session_key();
     let settings = shared.config.ws();

@@ -125,7 +125,14 @@ mod tests {
 
     #[test]
     fn durations_and_port_zero_parse() {
-        let parsed = Cli::parse_from(["roomcast", "--listen", "127.0.0.1:0", "--idle-timeout", "1m 30s"]).config;
+        let parsed = Cli::parse_from([
+            "roomcast",
+            "--listen",
+            "127.0.0.1:0",
+            "--idle-timeout",
+            "1m 30s",
+        ])
+        .config;
         assert_eq!(parsed.listen.port(), 0);
         assert_eq!(parsed.idle_timeout, Duration::from_secs(90));
     }

@@ -66,17 +66,37 @@ impl Metrics {
             errors: Family::default(),
         };
         registry.register("sessions", "Open sessions by transport", m.sessions.clone());
-        registry.register("sessions_opened", "Sessions accepted", m.sessions_opened.clone());
-        registry.register("subscriptions", "Active subscriptions", m.subscriptions.clone());
+        registry.register(
+            "sessions_opened",
+            "Sessions accepted",
+            m.sessions_opened.clone(),
+        );
+        registry.register(
+            "subscriptions",
+            "Active subscriptions",
+            m.subscriptions.clone(),
+        );
         registry.register("rooms", "Rooms with local subscribers", m.rooms.clone());
-        registry.register("events_in", "Events accepted from publishers", m.events_in.clone());
-        registry.register("events_out", "Event deliveries queued", m.events_out.clone());
+        registry.register(
+            "events_in",
+            "Events accepted from publishers",
+            m.events_in.clone(),
+        );
+        registry.register(
+            "events_out",
+            "Event deliveries queued",
+            m.events_out.clone(),
+        );
         registry.register(
             "slow_consumer_closes",
             "Sessions closed as slow consumers",
             m.slow_consumers.clone(),
         );
-        registry.register("errors", "Error and close codes sent, by code", m.errors.clone());
+        registry.register(
+            "errors",
+            "Error and close codes sent, by code",
+            m.errors.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -105,12 +125,20 @@ mod tests {
     #[test]
     fn renders_counters_and_labels() {
         let m = Metrics::new();
-        m.sessions.get_or_create(&TransportLabel { transport: "ws" }).inc();
+        m.sessions
+            .get_or_create(&TransportLabel { transport: "ws" })
+            .inc();
         m.events_in.inc_by(3);
         m.count_code(Code::InvalidRoom);
         let text = m.render();
-        assert!(text.contains("roomcast_sessions{transport=\"ws\"} 1"), "{text}");
+        assert!(
+            text.contains("roomcast_sessions{transport=\"ws\"} 1"),
+            "{text}"
+        );
         assert!(text.contains("roomcast_events_in_total 3"), "{text}");
-        assert!(text.contains("roomcast_errors_total{code=\"invalid_room\"} 1"), "{text}");
+        assert!(
+            text.contains("roomcast_errors_total{code=\"invalid_room\"} 1"),
+            "{text}"
+        );
     }
 }

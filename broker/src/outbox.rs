@@ -167,7 +167,10 @@ mod tests {
         let outbox = Outbox::new(100);
         outbox.push(Bytes::from_static(b"a")).unwrap();
         outbox.close();
-        assert_eq!(outbox.push(Bytes::from_static(b"b")), Err(PushError::Closed));
+        assert_eq!(
+            outbox.push(Bytes::from_static(b"b")),
+            Err(PushError::Closed)
+        );
         let mut batch = Vec::new();
         assert!(outbox.drain_into(&mut batch));
         assert_eq!(batch, vec![Bytes::from_static(b"a")]);

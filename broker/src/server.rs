@@ -99,7 +99,10 @@ async fn serve_shared(
         .await?;
     shared.tracker.close();
     let drain = shared.config.drain_timeout;
-    if tokio::time::timeout(drain, shared.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(drain, shared.tracker.wait())
+        .await
+        .is_err()
+    {
         warn!(
             sessions = shared.tracker.len(),
             "drain timeout: dropping remaining sessions"

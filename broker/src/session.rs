@@ -13,7 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use roomcast_protocol::{Action, Code, ServerFrame, ServerSession, session::close_frame};
-use tracing::{debug, info_span, Instrument};
+use tracing::{Instrument, debug, info_span};
 
 use crate::{
     hub::SessionKey,
@@ -197,7 +197,13 @@ impl Session {
                 metrics.events_in.inc();
                 metrics.events_out.inc_by(delivery.delivered as u64);
                 if ack {
-                    self.outbox.push(ServerFrame::Ack { id, seq: delivery.seq }.encode())
+                    self.outbox.push(
+                        ServerFrame::Ack {
+                            id,
+                            seq: delivery.seq,
+                        }
+                        .encode(),
+                    )
                 } else {
                     Ok(())
                 }
@@ -213,7 +219,10 @@ impl Session {
 
     fn leave_all_rooms(&mut self) {
         for room in self.state.subscriptions() {
-            let _ = self.shared.hub.unsubscribe(room, self.key, &self.outbox, None);
+            let _ = self
+                .shared
+                .hub
+                .unsubscribe(room, self.key, &self.outbox, None);
         }
     }
 }

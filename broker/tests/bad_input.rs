@@ -4,9 +4,9 @@ mod common;
 
 use bytes::Bytes;
 use common::*;
+use futures_util::SinkExt;
 use roomcast_protocol::{ClientFrame, Code, ServerFrame};
 use tokio_tungstenite::tungstenite::Message;
-use futures_util::SinkExt;
 
 /// A bystander subscribed to `watch:room`, plus a publisher: after each bad input we prove a
 /// publish still reaches the bystander.
@@ -34,11 +34,17 @@ impl Bystander {
                 id: self.next,
                 room: "watch:room".into(),
                 event: "tick".into(),
-                data: Bytes::from(roomcast_protocol::Payload::encode(&self.next).unwrap().as_bytes().clone()),
+                data: roomcast_protocol::Payload::encode(&self.next)
+                    .unwrap()
+                    .as_bytes()
+                    .clone(),
                 ack: true,
             })
             .await;
-        assert!(matches!(self.publisher.frame().await, ServerFrame::Ack { .. }));
+        assert!(matches!(
+            self.publisher.frame().await,
+            ServerFrame::Ack { .. }
+        ));
         match self.subscriber.frame().await {
             ServerFrame::Event(e) => {
                 assert_eq!(e.seq, self.next);
@@ -64,12 +70,14 @@ async fn invalid_cbor_closes_with_protocol_error() {
     let server = start(config()).await;
     let mut bystander = Bystander::new(&server).await;
     let mut bad = RawConn::open(&server).await;
-    bad.send_bytes(Bytes::from_static(&[0xff, 0x00, 0x13])).await;
+    bad.send_bytes(Bytes::from_static(&[0xff, 0x00, 0x13]))
+        .await;
     bad.expect_close(Code::ProtocolError).await;
     bystander.still_works().await;
     // A map with a text key is CBOR but not a frame.
     let mut bad = RawConn::open(&server).await;
-    bad.send_bytes(Bytes::from_static(&[0xa1, 0x61, 0x74, 0x01])).await;
+    bad.send_bytes(Bytes::from_static(&[0xa1, 0x61, 0x74, 0x01]))
+        .await;
     bad.expect_close(Code::ProtocolError).await;
     bystander.still_works().await;
 }
@@ -90,7 +98,8 @@ async fn unknown_frame_type_is_an_error_and_the_session_goes_on() {
     let mut bystander = Bystander::new(&server).await;
     let mut bad = RawConn::open(&server).await;
     // {0: 15, 1: 9}: type 15 is unassigned.
-    bad.send_bytes(Bytes::from_static(&[0xa2, 0x00, 0x0f, 0x01, 0x09])).await;
+    bad.send_bytes(Bytes::from_static(&[0xa2, 0x00, 0x0f, 0x01, 0x09]))
+        .await;
     bad.expect_error(Some(9), Code::UnknownFrame).await;
     bad.ping(1).await;
     bystander.still_works().await;
@@ -121,7 +130,8 @@ async fn deeply_nested_data_is_refused_with_invalid_payload() {
     // Truncated and trailing-byte payloads too.
     bad.send(publish("watch:room", "cut", &[0x82, 0x01])).await;
     bad.expect_error(Some(77), Code::InvalidPayload).await;
-    bad.send(publish("watch:room", "extra", &[0x01, 0x02])).await;
+    bad.send(publish("watch:room", "extra", &[0x01, 0x02]))
+        .await;
     bad.expect_error(Some(77), Code::InvalidPayload).await;
     bad.ping(2).await;
     // Nothing of it reached the room.
@@ -215,5 +225,8 @@ async fn error_codes_are_counted_in_metrics() {
     })
     .await;
     bad.expect_error(Some(1), Code::InvalidRoom).await;
-    assert_eq!(metric(&server, "roomcast_errors_total{code=\"invalid_room\"}").await, 1.0);
+    assert_eq!(
+        metric(&server, "roomcast_errors_total{code=\"invalid_room\"}").await,
+        1.0
+    );
 }

@@ -40,7 +40,10 @@ async fn every_subscriber_gets_every_event_in_order() {
             id,
             state: format!("state-{id}"),
         };
-        let seq = publisher.publish("orders:1042", "status", &order).await.unwrap();
+        let seq = publisher
+            .publish("orders:1042", "status", &order)
+            .await
+            .unwrap();
         assert_eq!(seq, Some(u64::from(id)));
     }
     for (_, sub) in &mut subs {
@@ -119,7 +122,10 @@ async fn no_delivery_after_unsubscribed() {
         .await;
     // The event published before arrives first, then the confirmation.
     assert!(matches!(watcher.frame().await, ServerFrame::Event(e) if e.event.as_str() == "before"));
-    assert!(matches!(watcher.frame().await, ServerFrame::Unsubscribed { id: 3, .. }));
+    assert!(matches!(
+        watcher.frame().await,
+        ServerFrame::Unsubscribed { id: 3, .. }
+    ));
     publisher.publish("room:a", "after", &2).await.unwrap();
     publisher.publish("room:b", "marker", &3).await.unwrap();
     // Frames reach one session in queue order: had "after" been queued, it would come first.
@@ -140,7 +146,11 @@ async fn publisher_receives_its_own_event_and_ack_errors_are_typed() {
     let c = client(&server).await;
     let mut sub = c.subscribe("echo:1").await.unwrap();
     assert_eq!(c.publish("echo:1", "hi", "there").await.unwrap(), Some(1));
-    let event = tokio::time::timeout(WAIT, sub.next_event()).await.unwrap().unwrap().unwrap();
+    let event = tokio::time::timeout(WAIT, sub.next_event())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(event.decode::<String>().unwrap(), "there");
     // A room nobody watches: accepted, no seq.
     assert_eq!(c.publish("empty:1", "hi", &0).await.unwrap(), None);
@@ -185,9 +195,15 @@ async fn never_reading_subscriber_is_closed_as_slow_while_others_keep_receiving(
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(server.local_addr()).await.unwrap();
     let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), stream).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), stream)
+        .await
+        .unwrap();
     let mut slow = RawConn { ws };
-    slow.send(ClientFrame::Hello { version: 1, token: None }).await;
+    slow.send(ClientFrame::Hello {
+        version: 1,
+        token: None,
+    })
+    .await;
     assert!(matches!(slow.frame().await, ServerFrame::Welcome(_)));
     slow.subscribe(1, "feed:1").await;
 
@@ -205,7 +221,11 @@ async fn never_reading_subscriber_is_closed_as_slow_while_others_keep_receiving(
         published += 1;
         // Keep the fast subscriber drained as we go.
         for _ in 0..1 {
-            let e = tokio::time::timeout(WAIT, fast_sub.next_event()).await.unwrap().unwrap().unwrap();
+            let e = tokio::time::timeout(WAIT, fast_sub.next_event())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
             assert_eq!(e.seq, published);
         }
         if published % 64 == 0
@@ -214,13 +234,26 @@ async fn never_reading_subscriber_is_closed_as_slow_while_others_keep_receiving(
             break;
         }
     }
-    assert_eq!(metric(&server, "roomcast_slow_consumer_closes_total").await, 1.0);
-    assert_eq!(metric(&server, "roomcast_errors_total{code=\"slow_consumer\"}").await, 1.0);
+    assert_eq!(
+        metric(&server, "roomcast_slow_consumer_closes_total").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&server, "roomcast_errors_total{code=\"slow_consumer\"}").await,
+        1.0
+    );
     // Others keep receiving after the slow one is gone.
     for _ in 0..10 {
-        publisher.publish("feed:1", "after", &published).await.unwrap();
+        publisher
+            .publish("feed:1", "after", &published)
+            .await
+            .unwrap();
         published += 1;
-        let e = tokio::time::timeout(WAIT, fast_sub.next_event()).await.unwrap().unwrap().unwrap();
+        let e = tokio::time::timeout(WAIT, fast_sub.next_event())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(e.seq, published);
     }
     assert_eq!(metric(&server, "roomcast_subscriptions").await, 1.0);
@@ -237,7 +270,10 @@ async fn never_reading_subscriber_is_closed_as_slow_while_others_keep_receiving(
             Seen::WsClose(_) | Seen::Eof => break,
         }
     }
-    assert!(frames < published, "the slow subscriber did not get everything");
+    assert!(
+        frames < published,
+        "the slow subscriber did not get everything"
+    );
 }
 
 #[tokio::test]
@@ -253,7 +289,10 @@ async fn hello_timeout_and_idle_timeout_close_silent_sessions() {
     idle.expect_close(Code::Timeout).await;
     // Its subscription was cleaned up.
     assert_eq!(metric(&server, "roomcast_subscriptions").await, 0.0);
-    assert_eq!(metric(&server, "roomcast_errors_total{code=\"timeout\"}").await, 2.0);
+    assert_eq!(
+        metric(&server, "roomcast_errors_total{code=\"timeout\"}").await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -302,8 +341,14 @@ async fn healthz_metrics_and_handshake_refusal() {
     let _b = client(&server).await;
     let (status, body) = http_get(&server, "/metrics").await;
     assert_eq!(status, 200);
-    assert!(body.contains("roomcast_sessions{transport=\"ws\"} 2"), "{body}");
-    assert!(body.contains("roomcast_sessions_opened_total{transport=\"ws\"} 2"), "{body}");
+    assert!(
+        body.contains("roomcast_sessions{transport=\"ws\"} 2"),
+        "{body}"
+    );
+    assert!(
+        body.contains("roomcast_sessions_opened_total{transport=\"ws\"} 2"),
+        "{body}"
+    );
     // A plain GET on /ws is not an upgrade.
     let (status, _) = http_get(&server, "/ws").await;
     assert_eq!(status, 426);
@@ -328,5 +373,8 @@ async fn closed_sessions_leave_their_rooms() {
     }
     assert_eq!(metric(&server, "roomcast_rooms").await, 0.0);
     assert_eq!(metric(&server, "roomcast_subscriptions").await, 0.0);
-    assert_eq!(metric(&server, "roomcast_sessions{transport=\"ws\"}").await, 0.0);
+    assert_eq!(
+        metric(&server, "roomcast_sessions{transport=\"ws\"}").await,
+        0.0
+    );
 }

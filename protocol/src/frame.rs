@@ -773,12 +773,14 @@ mod tests {
             ServerFrame::Event(Event {
                 room: room("a:b"),
                 event: EventName::new("e").unwrap(),
-                data: Payload::new(Bytes::from_static(&[0x80]), PayloadLimits::default())
-                    .unwrap(),
+                data: Payload::new(Bytes::from_static(&[0x80]), PayloadLimits::default()).unwrap(),
                 seq: 7,
             }),
             ServerFrame::Ack { id: 9, seq: None },
-            ServerFrame::Ack { id: 9, seq: Some(3) },
+            ServerFrame::Ack {
+                id: 9,
+                seq: Some(3),
+            },
             ServerFrame::Error {
                 id: Some(4),
                 code: Code::InvalidRoom,
@@ -879,7 +881,9 @@ mod tests {
     #[test]
     fn unknown_keys_are_ignored() {
         // {0: 5, 99: [1, {"x": 2}]} is a Ping.
-        let bytes = [0xa2, 0x00, 0x05, 0x18, 0x63, 0x82, 0x01, 0xa1, 0x61, 0x78, 0x02];
+        let bytes = [
+            0xa2, 0x00, 0x05, 0x18, 0x63, 0x82, 0x01, 0xa1, 0x61, 0x78, 0x02,
+        ];
         assert_eq!(
             ClientFrame::decode(&bytes),
             Ok(ClientFrame::Ping { id: None })

@@ -161,7 +161,13 @@ mod tests {
 
     #[test]
     fn accepts_documented_room_names() {
-        for ok in ["orders:1042", "user:alice", "a:b", "gps:fleet:7/truck.12", "x-y_z9:~!@#$%^&*()"] {
+        for ok in [
+            "orders:1042",
+            "user:alice",
+            "a:b",
+            "gps:fleet:7/truck.12",
+            "x-y_z9:~!@#$%^&*()",
+        ] {
             let room = RoomName::new(ok).unwrap();
             assert_eq!(room.as_str(), ok);
         }

@@ -135,7 +135,10 @@ fn skip_any_string(
     }
     loop {
         let chunk_at = decoder.offset();
-        match decoder.pull().map_err(|_| PayloadError::Malformed(chunk_at))? {
+        match decoder
+            .pull()
+            .map_err(|_| PayloadError::Malformed(chunk_at))?
+        {
             Header::Break => return Ok(()),
             Header::Bytes(Some(len)) if !text => skip_string(decoder, false, len, chunk_at)?,
             Header::Text(Some(len)) if text => skip_string(decoder, true, len, chunk_at)?,
@@ -158,9 +161,7 @@ pub fn validate(bytes: &[u8], limits: PayloadLimits) -> Result<(), PayloadError>
     let mut pending_tags: usize = 0;
     loop {
         let at = decoder.offset();
-        let header = decoder
-            .pull()
-            .map_err(|_| PayloadError::Malformed(at))?;
+        let header = decoder.pull().map_err(|_| PayloadError::Malformed(at))?;
         // The depth of the item this header starts.
         let depth = level + pending_tags + 1;
         // Does this header complete an item (true) or open one that needs more headers?
@@ -281,22 +282,22 @@ mod tests {
     #[test]
     fn accepts_well_formed_items() {
         for ok in [
-            "00",                                   // 0
-            "1bffffffffffffffff",                   // max u64
-            "3903e7",                               // -1000
-            "f93c00",                               // 1.0 half
-            "f4",                                   // false
-            "f6",                                   // null
-            "4401020304",                           // h'01020304'
-            "6449455446",                           // "IETF"
-            "a26161016162820203",                   // {"a":1,"b":[2,3]}
-            "9f018202039f0405ffff",                 // [_ 1, [2,3], [_ 4,5]]
-            "bf6346756ef563416d7421ff",             // {_ "Fun": true, "Amt": -2}
-            "7f657374726561646d696e67ff",           // (_ "strea", "ming")
-            "c11a514b67b0",                         // tag 1 (epoch time)
-            "d8184401020304",                       // tag 24 around bytes
-            "80",                                   // []
-            "a0",                                   // {}
+            "00",                         // 0
+            "1bffffffffffffffff",         // max u64
+            "3903e7",                     // -1000
+            "f93c00",                     // 1.0 half
+            "f4",                         // false
+            "f6",                         // null
+            "4401020304",                 // h'01020304'
+            "6449455446",                 // "IETF"
+            "a26161016162820203",         // {"a":1,"b":[2,3]}
+            "9f018202039f0405ffff",       // [_ 1, [2,3], [_ 4,5]]
+            "bf6346756ef563416d7421ff",   // {_ "Fun": true, "Amt": -2}
+            "7f657374726561646d696e67ff", // (_ "strea", "ming")
+            "c11a514b67b0",               // tag 1 (epoch time)
+            "d8184401020304",             // tag 24 around bytes
+            "80",                         // []
+            "a0",                         // {}
         ] {
             assert_eq!(check(ok), Ok(()), "{ok}");
         }
@@ -305,24 +306,27 @@ mod tests {
     #[test]
     fn refuses_malformed_items() {
         for bad in [
-            "",             // nothing
-            "18",           // truncated uint
-            "62 61",        // text shorter than declared
-            "62 c3 28",     // invalid UTF-8
-            "82 01",        // array missing an item
-            "a1 01",        // map missing a value
-            "bf 01 ff",     // indefinite map with odd items
-            "ff",           // lone break
-            "1c",           // reserved additional info
-            "5f 61 61 ff",  // text chunk inside indefinite bytes
-            "5f 5f 41 00 ff ff", // indefinite chunk inside indefinite bytes
-            "7f 61 c3 61 a9 ff", // UTF-8 character split across text chunks
-            "c1",           // tag with no item
-            "9f c1 ff",     // tag followed by break
-            "f8 10",        // two-byte simple value below 32
+            "",                       // nothing
+            "18",                     // truncated uint
+            "62 61",                  // text shorter than declared
+            "62 c3 28",               // invalid UTF-8
+            "82 01",                  // array missing an item
+            "a1 01",                  // map missing a value
+            "bf 01 ff",               // indefinite map with odd items
+            "ff",                     // lone break
+            "1c",                     // reserved additional info
+            "5f 61 61 ff",            // text chunk inside indefinite bytes
+            "5f 5f 41 00 ff ff",      // indefinite chunk inside indefinite bytes
+            "7f 61 c3 61 a9 ff",      // UTF-8 character split across text chunks
+            "c1",                     // tag with no item
+            "9f c1 ff",               // tag followed by break
+            "f8 10",                  // two-byte simple value below 32
             "5b ffffffffffffffff 00", // huge declared length, one byte present
         ] {
-            assert!(matches!(check(bad), Err(PayloadError::Malformed(_))), "{bad}");
+            assert!(
+                matches!(check(bad), Err(PayloadError::Malformed(_))),
+                "{bad}"
+            );
         }
         assert_eq!(check("01 02"), Err(PayloadError::TrailingBytes(1)));
     }
@@ -348,7 +352,10 @@ mod tests {
         assert_eq!(validate(&[0xc1, 0x81, 0x81, 0x00], limits), Ok(()));
         // An empty container at the deepest level is fine; a non-empty one is not.
         assert_eq!(validate(&[0x81, 0x81, 0x81, 0x80], limits), Ok(()));
-        assert_eq!(validate(&[0x81, 0x81, 0x81, 0x81, 0x00], limits), Err(PayloadError::TooDeep(4)));
+        assert_eq!(
+            validate(&[0x81, 0x81, 0x81, 0x81, 0x00], limits),
+            Err(PayloadError::TooDeep(4))
+        );
         // A deep attack: a million nested arrays is refused quickly, without recursion.
         let deep = vec![0x9fu8; 1_000_000];
         assert_eq!(

@@ -499,7 +499,11 @@ mod tests {
         );
         assert!(matches!(
             s.handle_frame(&publish("e", &[0x01]), now, 0),
-            Action::Publish { id: 4, ack: true, .. }
+            Action::Publish {
+                id: 4,
+                ack: true,
+                ..
+            }
         ));
         assert!(!s.is_closed());
     }
@@ -523,7 +527,10 @@ mod tests {
         );
         let (mut s, now) = open();
         let big = vec![0u8; 64 * 1024 + 1];
-        assert_eq!(close_code(s.handle_frame(&big, now, 0)), Code::FrameTooLarge);
+        assert_eq!(
+            close_code(s.handle_frame(&big, now, 0)),
+            Code::FrameTooLarge
+        );
     }
 
     #[test]
@@ -539,10 +546,19 @@ mod tests {
             token: None,
         };
         s.handle_frame(&hello.encode(), now, 0);
-        assert!(matches!(s.handle_frame(&subscribe(1, "a:1"), now, 0), Action::Subscribe { .. }));
-        assert!(matches!(s.handle_frame(&subscribe(2, "a:2"), now, 0), Action::Subscribe { .. }));
+        assert!(matches!(
+            s.handle_frame(&subscribe(1, "a:1"), now, 0),
+            Action::Subscribe { .. }
+        ));
+        assert!(matches!(
+            s.handle_frame(&subscribe(2, "a:2"), now, 0),
+            Action::Subscribe { .. }
+        ));
         // Re-subscribing to a held room is allowed at the cap.
-        assert!(matches!(s.handle_frame(&subscribe(3, "a:2"), now, 0), Action::Subscribe { .. }));
+        assert!(matches!(
+            s.handle_frame(&subscribe(3, "a:2"), now, 0),
+            Action::Subscribe { .. }
+        ));
         assert_eq!(
             error_code(s.handle_frame(&subscribe(4, "a:3"), now, 0)),
             (Some(4), Code::TooManySubscriptions)
@@ -565,7 +581,10 @@ mod tests {
         let mut s = ServerSession::new("s", config.clone(), now);
         assert_eq!(s.poll_timeout(), now + config.hello_timeout);
         assert_eq!(s.handle_timeout(now + Duration::from_secs(1)), Action::None);
-        assert_eq!(close_code(s.handle_timeout(now + config.hello_timeout)), Code::Timeout);
+        assert_eq!(
+            close_code(s.handle_timeout(now + config.hello_timeout)),
+            Code::Timeout
+        );
 
         let (mut s, now) = open();
         let later = now + Duration::from_secs(30);
@@ -573,6 +592,9 @@ mod tests {
         // The deadline moved with the ping.
         assert_eq!(s.handle_timeout(now + config.idle_timeout), Action::None);
         assert_eq!(s.poll_timeout(), later + config.idle_timeout);
-        assert_eq!(close_code(s.handle_timeout(later + config.idle_timeout)), Code::Timeout);
+        assert_eq!(
+            close_code(s.handle_timeout(later + config.idle_timeout)),
+            Code::Timeout
+        );
     }
 }

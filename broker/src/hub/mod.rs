@@ -19,10 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use roomcast_protocol::{
-    EventName, Payload, RoomName, ServerFrame,
-    frame::encode_event,
-};
+use roomcast_protocol::{EventName, Payload, RoomName, ServerFrame, frame::encode_event};
 
 use crate::outbox::{Outbox, PushError};
 
@@ -176,17 +173,19 @@ impl Hub {
             seq: Some(seq),
             ..Delivery::default()
         };
-        state.subscribers.retain(|s| match s.outbox.push(frame.clone()) {
-            Ok(()) => {
-                delivery.delivered += 1;
-                true
-            }
-            Err(PushError::Full) => {
-                delivery.slow += 1;
-                false
-            }
-            Err(PushError::Closed) => false,
-        });
+        state
+            .subscribers
+            .retain(|s| match s.outbox.push(frame.clone()) {
+                Ok(()) => {
+                    delivery.delivered += 1;
+                    true
+                }
+                Err(PushError::Full) => {
+                    delivery.slow += 1;
+                    false
+                }
+                Err(PushError::Closed) => false,
+            });
         let removed = delivery.slow + (before - delivery.delivered - delivery.slow);
         if removed > 0 {
             self.subscriptions.fetch_sub(removed, Ordering::Relaxed);
@@ -249,7 +248,10 @@ mod tests {
         // same allocation.
         for b in &batches {
             assert_eq!(b.len(), 6);
-            assert!(matches!(decode(&b[0]), ServerFrame::Subscribed { seq: 0, .. }));
+            assert!(matches!(
+                decode(&b[0]),
+                ServerFrame::Subscribed { seq: 0, .. }
+            ));
             for (i, f) in b[1..].iter().enumerate() {
                 match decode(f) {
                     ServerFrame::Event(e) => assert_eq!(e.seq, i as u64 + 1),
@@ -269,7 +271,11 @@ mod tests {
         hub.subscribe(&r, 1, &o, 2).unwrap(); // idempotent
         assert_eq!(hub.room_count(), 1);
         let event = EventName::new("e").unwrap();
-        assert_eq!(hub.publish(&r, &event, &Payload::encode(&1).unwrap()).delivered, 1);
+        assert_eq!(
+            hub.publish(&r, &event, &Payload::encode(&1).unwrap())
+                .delivered,
+            1
+        );
         assert_eq!(hub.subscription_count(), 1);
         hub.unsubscribe(&r, 1, &o, Some(3)).unwrap();
         assert_eq!(hub.room_count(), 0);

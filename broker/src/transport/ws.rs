@@ -59,47 +59,80 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
     })
 }
 
-fn refuse(status: StatusCode, why: &'static str) -> Response<Body> {
-    let mut response = Response::new(Body::from(why));
-    *response.status_mut() = status;
-    response
+/// Why an upgrade request was refused; becomes the HTTP response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status to answer with.
+    pub status: StatusCode,
+    /// Plain-text explanation.
+    pub why: &'static str,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, why: &'static str) -> Self {
+        Refusal { status, why }
+    }
+
+    /// The HTTP response (426 answers name the supported WebSocket version).
+    pub fn into_response(self) -> Response<Body> {
+        let mut response = Response::new(Body::from(self.why));
+        *response.status_mut() = self.status;
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            response.headers_mut().insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+        response
+    }
 }
 
 /// Checks an upgrade request (RFC 6455 §4.2.1). On success returns the `101 Switching
-/// Protocols` response to send and the pending upgrade; otherwise the refusal to send.
-pub fn accept(mut request: Request<Body>) -> Result<(Response<Body>, OnUpgrade), Response<Body>> {
+/// Protocols` response to send and the pending upgrade.
+pub fn accept(mut request: Request<Body>) -> Result<(Response<Body>, OnUpgrade), Refusal> {
     let headers = request.headers();
     if !header_has_token(headers, header::CONNECTION, "upgrade")
         || !header_has_token(headers, header::UPGRADE, "websocket")
     {
-        return Err(refuse(
+        return Err(Refusal::new(
             StatusCode::UPGRADE_REQUIRED,
             "WebSocket upgrade required (Connection: upgrade, Upgrade: websocket)\n",
         ));
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
-        let mut response = refuse(StatusCode::UPGRADE_REQUIRED, "Sec-WebSocket-Version must be 13\n");
-        response
-            .headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return Err(response);
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(Refusal::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "Sec-WebSocket-Version must be 13\n",
+        ));
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return Err(refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key missing\n"));
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key missing\n",
+        ));
     };
-    let accept_key = derive_accept_key(key.as_bytes());
+    let Ok(accept_key) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) else {
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "bad Sec-WebSocket-Key\n",
+        ));
+    };
     let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
-        return Err(refuse(StatusCode::BAD_REQUEST, "connection cannot be upgraded\n"));
+        return Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            "connection cannot be upgraded\n",
+        ));
     };
     let mut response = Response::new(Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    match HeaderValue::from_str(&accept_key) {
-        Ok(v) => h.insert(header::SEC_WEBSOCKET_ACCEPT, v),
-        Err(_) => return Err(refuse(StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key\n")),
-    };
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept_key);
     Ok((response, on_upgrade))
 }
 
@@ -109,9 +142,12 @@ pub async fn open(
     settings: WsSettings,
 ) -> Result<(WsReader, WsWriter), hyper::Error> {
     let upgraded = on_upgrade.await?;
-    let socket =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(settings.tungstenite()))
-            .await;
+    let socket = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(settings.tungstenite()),
+    )
+    .await;
     let (sink, stream) = socket.split();
     Ok((WsReader { stream }, WsWriter { sink }))
 }
@@ -128,7 +164,9 @@ pub struct WsWriter {
 
 fn map_error(e: tungstenite::Error) -> TransportError {
     match e {
-        tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => TransportError::TooLarge,
+        tungstenite::Error::Capacity(CapacityError::MessageTooLong { .. }) => {
+            TransportError::TooLarge
+        }
         tungstenite::Error::Protocol(p) => TransportError::Protocol(p.to_string()),
         other => TransportError::Io(other.to_string()),
     }
@@ -155,7 +193,10 @@ impl FrameReader for WsReader {
 impl FrameWriter for WsWriter {
     async fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> Result<(), TransportError> {
         for frame in batch.drain(..) {
-            self.sink.feed(Message::Binary(frame)).await.map_err(map_error)?;
+            self.sink
+                .feed(Message::Binary(frame))
+                .await
+                .map_err(map_error)?;
         }
         self.sink.flush().await.map_err(map_error)
     }
@@ -165,7 +206,10 @@ impl FrameWriter for WsWriter {
             code: CloseCode::from(code.ws_close_code()),
             reason: code.as_str().into(),
         };
-        self.sink.send(Message::Close(Some(frame))).await.map_err(map_error)?;
+        self.sink
+            .send(Message::Close(Some(frame)))
+            .await
+            .map_err(map_error)?;
         self.sink.close().await.map_err(map_error)
     }
 }

@@ -88,9 +88,7 @@ impl RawConn {
                 Some(Ok(Message::Binary(b))) => Seen::Frame(
                     ServerFrame::decode(&b, PayloadLimits::default()).expect("valid server frame"),
                 ),
-                Some(Ok(Message::Close(frame))) => {
-                    Seen::WsClose(frame.map(|f| u16::from(f.code)))
-                }
+                Some(Ok(Message::Close(frame))) => Seen::WsClose(frame.map(|f| u16::from(f.code))),
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
                 Some(Ok(other)) => panic!("unexpected message {other:?}"),
                 None | Some(Err(_)) => Seen::Eof,
@@ -139,7 +137,9 @@ impl RawConn {
     /// Expects an Error frame with `code` and `id`.
     pub async fn expect_error(&mut self, id: Option<u64>, code: Code) {
         match self.frame().await {
-            ServerFrame::Error { id: got, code: c, .. } => {
+            ServerFrame::Error {
+                id: got, code: c, ..
+            } => {
                 assert_eq!((got, c), (id, code));
             }
             other => panic!("expected Error {code}, got {other:?}"),
@@ -165,7 +165,10 @@ pub async fn http_get(server: &Server, path: &str) -> (u16, String) {
         .unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -173,7 +176,10 @@ pub async fn http_get(server: &Server, path: &str) -> (u16, String) {
 pub async fn metric(server: &Server, series: &str) -> f64 {
     let (_, body) = http_get(server, "/metrics").await;
     body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }
 
