@@ -241,7 +241,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     let warmup_end = Instant::now() + Duration::from_secs_f64(args.warmup);
     let end = Instant::now() + total;
     let mut published = 0u64;
-    let mut marks: Option<(Instant, u64, u64, Option<f64>)> = None;
+    let mut marks: Option<(Instant, u64, u64, Option<f64>, Option<f64>)> = None;
     let mut batch = Vec::new();
     while Instant::now() < end {
         let done = progress.done.load(Ordering::Acquire);
@@ -275,10 +275,11 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
                 progress.delivered.load(Ordering::Relaxed),
                 progress.done.load(Ordering::Relaxed),
                 args.broker_pid.and_then(cpu_seconds),
+                cpu_seconds(std::process::id()),
             ));
         }
     }
-    let Some((t0, delivered0, done0, cpu0)) = marks else {
+    let Some((t0, delivered0, done0, cpu0, self_cpu0)) = marks else {
         bail!("no measurement window")
     };
     let elapsed = t0.elapsed().as_secs_f64();
@@ -289,6 +290,10 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let rss = args.broker_pid.and_then(rss_bytes);
+    let self_cpu = match (cpu_seconds(std::process::id()), self_cpu0) {
+        (Some(c1), Some(c0)) => Some((c1 - c0) / elapsed * 100.0),
+        _ => None,
+    };
     if args.json {
         println!(
             "{}",
@@ -297,6 +302,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
                 "payload": args.payload, "window": args.window, "duration_s": elapsed,
                 "connect_s": connect_s, "delivered_per_s": delivered.round(),
                 "publish_per_s": publishes.round(), "broker_cpu_pct": cpu, "broker_rss": rss,
+                "loadgen_cpu_pct": self_cpu,
             })
         );
     } else {
@@ -309,6 +315,9 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         println!("  publishes/s      {publishes:.0}");
         if let Some(cpu) = cpu {
             println!("  broker CPU       {cpu:.0} %");
+        }
+        if let Some(cpu) = self_cpu {
+            println!("  loadgen CPU      {cpu:.0} %");
         }
         if let Some(rss) = rss {
             println!(

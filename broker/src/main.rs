@@ -1,6 +1,8 @@
 //! The `roomcast` binary: command-line parsing, logging, signals. Everything else is in the
 //! library.
 
+use std::io::IsTerminal;
+
 use clap::{Parser, Subcommand};
 use roomcast_broker::{Config, serve};
 use tokio::net::TcpListener;
@@ -46,6 +48,8 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_env("ROOMCAST_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
         )

@@ -9,7 +9,7 @@
 use std::{collections::VecDeque, sync::Mutex};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, futures::Notified};
 
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,14 +110,16 @@ impl Outbox {
         true
     }
 
-    /// Resolves when frames may be waiting (spurious wake-ups are possible).
-    pub async fn ready(&self) {
-        self.ready.notified().await
+    /// Resolves when frames may be waiting (spurious wake-ups are possible). Keep the future
+    /// across loop turns (and make a new one after it fires) rather than re-creating it each
+    /// turn: registering a waiter is not free.
+    pub fn ready(&self) -> Notified<'_> {
+        self.ready.notified()
     }
 
     /// Resolves once the queue has overflowed.
-    pub async fn overflowed(&self) {
-        self.overflow.notified().await
+    pub fn overflowed(&self) -> Notified<'_> {
+        self.overflow.notified()
     }
 
     /// True if the queue has overflowed.

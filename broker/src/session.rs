@@ -111,17 +111,23 @@ impl Session {
     ) -> End {
         let outbox = self.outbox.clone();
         let shutdown = self.shared.shutdown.clone();
+        // The wake-up futures live across loop turns: re-registering waiters every turn would
+        // cost more than the work of a small batch.
+        let cancelled = shutdown.cancelled();
+        let overflowed = outbox.overflowed();
+        let ready = outbox.ready();
         let deadline = tokio::time::sleep_until(self.state.poll_timeout().into());
-        tokio::pin!(deadline);
+        tokio::pin!(cancelled, overflowed, ready, deadline);
         let mut batch: Vec<Bytes> = Vec::new();
         loop {
             tokio::select! {
                 biased;
-                () = shutdown.cancelled() => {
+                () = &mut cancelled => {
                     return End::Close(Code::ShuttingDown, "broker shutting down".into());
                 }
-                () = outbox.overflowed() => return slow_consumer(),
-                () = outbox.ready() => {
+                () = &mut overflowed => return slow_consumer(),
+                () = &mut ready => {
+                    ready.set(outbox.ready());
                     if !outbox.drain_into(&mut batch) {
                         return slow_consumer();
                     }
@@ -134,8 +140,8 @@ impl Session {
                                 return End::Gone;
                             }
                         }
-                        () = outbox.overflowed() => return slow_consumer(),
-                        () = shutdown.cancelled() => return End::Gone,
+                        () = &mut overflowed => return slow_consumer(),
+                        () = &mut cancelled => return End::Gone,
                     }
                     batch.clear();
                 }
