@@ -65,6 +65,15 @@ struct FanoutArgs {
     json: bool,
 }
 
+/// Counters read when the measurement window opens.
+struct Mark {
+    at: Instant,
+    delivered: u64,
+    done: u64,
+    broker_cpu: Option<f64>,
+    own_cpu: Option<f64>,
+}
+
 /// Slots tracking how many subscribers got each in-flight seq.
 const RING: usize = 4096;
 
@@ -241,7 +250,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     let warmup_end = Instant::now() + Duration::from_secs_f64(args.warmup);
     let end = Instant::now() + total;
     let mut published = 0u64;
-    let mut marks: Option<(Instant, u64, u64, Option<f64>, Option<f64>)> = None;
+    let mut marks: Option<Mark> = None;
     let mut batch = Vec::new();
     while Instant::now() < end {
         let done = progress.done.load(Ordering::Acquire);
@@ -270,16 +279,23 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         }
         publisher.flush().await?;
         if marks.is_none() && Instant::now() >= warmup_end {
-            marks = Some((
-                Instant::now(),
-                progress.delivered.load(Ordering::Relaxed),
-                progress.done.load(Ordering::Relaxed),
-                args.broker_pid.and_then(cpu_seconds),
-                cpu_seconds(std::process::id()),
-            ));
+            marks = Some(Mark {
+                at: Instant::now(),
+                delivered: progress.delivered.load(Ordering::Relaxed),
+                done: progress.done.load(Ordering::Relaxed),
+                broker_cpu: args.broker_pid.and_then(cpu_seconds),
+                own_cpu: cpu_seconds(std::process::id()),
+            });
         }
     }
-    let Some((t0, delivered0, done0, cpu0, self_cpu0)) = marks else {
+    let Some(Mark {
+        at: t0,
+        delivered: delivered0,
+        done: done0,
+        broker_cpu: cpu0,
+        own_cpu: self_cpu0,
+    }) = marks
+    else {
         bail!("no measurement window")
     };
     let elapsed = t0.elapsed().as_secs_f64();
