@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
 use futures_util::{SinkExt, StreamExt};
 use roomcast_protocol::{ClientFrame, PROTOCOL_VERSION, PayloadLimits, ServerFrame};
 use tokio::sync::Notify;
-use tokio_tungstenite::{connect_async, tungstenite::Message};
+use tokio_tungstenite::{connect_async_with_config, tungstenite::Message};
 
 #[derive(Parser)]
 #[command(about = "Load generator for a running roomcast broker")]
@@ -69,6 +69,7 @@ struct FanoutArgs {
 struct Mark {
     at: Instant,
     delivered: u64,
+    reads: u64,
     done: u64,
     broker_cpu: Option<f64>,
     own_cpu: Option<f64>,
@@ -84,6 +85,8 @@ struct Progress {
     done: AtomicU64,
     /// Deliveries counted by all subscribers.
     delivered: AtomicU64,
+    /// Socket reads by all subscribers (frames per read shows the broker's write batching).
+    reads: AtomicU64,
     done_notify: Notify,
 }
 
@@ -125,7 +128,9 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn open_session(url: &str) -> anyhow::Result<Socket> {
-    let (mut ws, _) = connect_async(url).await.context("connect")?;
+    let (mut ws, _) = connect_async_with_config(url, None, true)
+        .await
+        .context("connect")?;
     let hello = ClientFrame::Hello {
         version: PROTOCOL_VERSION,
         token: None,
@@ -154,24 +159,59 @@ async fn subscriber(url: String, room: String) -> anyhow::Result<Socket> {
     Ok(ws)
 }
 
-async fn read_events(mut ws: Socket, progress: Arc<Progress>) {
+/// Reads events straight off the TCP socket (after the WebSocket handshake and the
+/// Subscribed reply went through tungstenite): many frames per read, headers parsed with
+/// tungstenite's `FrameHeader`, only `seq` looked at.
+async fn read_events(ws: Socket, progress: Arc<Progress>) {
+    use std::io::Cursor;
+    use tokio::io::AsyncReadExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        FrameHeader,
+        coding::{Data, OpCode},
+    };
+    let tokio_tungstenite::MaybeTlsStream::Plain(mut tcp) = ws.into_inner() else {
+        return;
+    };
+    let mut buf = bytes::BytesMut::with_capacity(64 * 1024);
     let mut local = 0u64;
-    while let Some(Ok(msg)) = ws.next().await {
-        let Message::Binary(frame) = msg else {
-            continue;
-        };
-        let Some(seq) = event_seq(&frame) else {
-            continue;
-        };
-        local += 1;
-        if local % 64 == 0 {
-            progress.delivered.fetch_add(64, Ordering::Relaxed);
+    let mut reads = 0u64;
+    loop {
+        match tcp.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
         }
-        let slot = &progress.counts[seq as usize % RING];
-        if slot.fetch_add(1, Ordering::AcqRel) + 1 == progress.subs {
-            slot.store(0, Ordering::Release);
-            progress.done.fetch_add(1, Ordering::AcqRel);
-            progress.done_notify.notify_one();
+        reads += 1;
+        if reads % 64 == 0 {
+            progress.reads.fetch_add(64, Ordering::Relaxed);
+        }
+        loop {
+            let mut cursor = Cursor::new(&buf[..]);
+            let Ok(Some((header, len))) = FrameHeader::parse(&mut cursor) else {
+                break;
+            };
+            let start = cursor.position() as usize;
+            let end = start + len as usize;
+            if buf.len() < end {
+                break;
+            }
+            if header.opcode == OpCode::Data(Data::Binary) {
+                if let Some(seq) = event_seq(&buf[start..end]) {
+                    local += 1;
+                    if local % 64 == 0 {
+                        progress.delivered.fetch_add(64, Ordering::Relaxed);
+                    }
+                    let slot = &progress.counts[seq as usize % RING];
+                    if slot.fetch_add(1, Ordering::AcqRel) + 1 == progress.subs {
+                        slot.store(0, Ordering::Release);
+                        progress.done.fetch_add(1, Ordering::AcqRel);
+                        progress.done_notify.notify_one();
+                    }
+                }
+            }
+            bytes::Buf::advance(&mut buf, end);
+        }
+        if buf.capacity() < 16 * 1024 {
+            buf.reserve(64 * 1024);
         }
     }
 }
@@ -223,6 +263,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         counts: (0..RING).map(|_| AtomicU32::new(0)).collect(),
         done: AtomicU64::new(0),
         delivered: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
         done_notify: Notify::new(),
     });
     let started = Instant::now();
@@ -282,6 +323,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             marks = Some(Mark {
                 at: Instant::now(),
                 delivered: progress.delivered.load(Ordering::Relaxed),
+                reads: progress.reads.load(Ordering::Relaxed),
                 done: progress.done.load(Ordering::Relaxed),
                 broker_cpu: args.broker_pid.and_then(cpu_seconds),
                 own_cpu: cpu_seconds(std::process::id()),
@@ -291,6 +333,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     let Some(Mark {
         at: t0,
         delivered: delivered0,
+        reads: reads0,
         done: done0,
         broker_cpu: cpu0,
         own_cpu: self_cpu0,
@@ -299,7 +342,10 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         bail!("no measurement window")
     };
     let elapsed = t0.elapsed().as_secs_f64();
-    let delivered = (progress.delivered.load(Ordering::Relaxed) - delivered0) as f64 / elapsed;
+    let delivered_n = progress.delivered.load(Ordering::Relaxed) - delivered0;
+    let reads_n = (progress.reads.load(Ordering::Relaxed) - reads0).max(1);
+    let frames_per_read = delivered_n as f64 / reads_n as f64;
+    let delivered = delivered_n as f64 / elapsed;
     let publishes = (progress.done.load(Ordering::Relaxed) - done0) as f64 / elapsed;
     let cpu = match (args.broker_pid.and_then(cpu_seconds), cpu0) {
         (Some(c1), Some(c0)) => Some((c1 - c0) / elapsed * 100.0),
@@ -318,7 +364,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
                 "payload": args.payload, "window": args.window, "duration_s": elapsed,
                 "connect_s": connect_s, "delivered_per_s": delivered.round(),
                 "publish_per_s": publishes.round(), "broker_cpu_pct": cpu, "broker_rss": rss,
-                "loadgen_cpu_pct": self_cpu,
+                "loadgen_cpu_pct": self_cpu, "frames_per_read": frames_per_read,
             })
         );
     } else {
@@ -329,6 +375,7 @@ async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         println!("  connect          {connect_s:.2} s");
         println!("  delivered/s      {delivered:.0}");
         println!("  publishes/s      {publishes:.0}");
+        println!("  frames/read      {frames_per_read:.2}");
         if let Some(cpu) = cpu {
             println!("  broker CPU       {cpu:.0} %");
         }

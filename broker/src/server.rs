@@ -16,7 +16,8 @@ use std::{
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use axum::serve::ListenerExt;
+use tracing::{debug, info, warn};
 
 use crate::{api, config::Config, hub::Hub, hub::SessionKey, metrics::Metrics};
 
@@ -94,6 +95,13 @@ async fn serve_shared(
             token.cancel();
         }
     };
+    // Small frames must leave at once: Nagle's algorithm would hold them for the peer's
+    // delayed ACK (tens of milliseconds).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "TCP_NODELAY");
+        }
+    });
     axum::serve(listener, api::router(shared.clone()))
         .with_graceful_shutdown(signal)
         .await?;
