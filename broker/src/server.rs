@@ -14,9 +14,9 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+use axum::serve::ListenerExt;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use axum::serve::ListenerExt;
 use tracing::{debug, info, warn};
 
 use crate::{api, config::Config, hub::Hub, hub::SessionKey, metrics::Metrics};
