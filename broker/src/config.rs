@@ -52,13 +52,10 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub drain_timeout: Duration,
 
-    /// WebSocket read buffer per session, in bytes.
-    #[arg(long, env = "ROOMCAST_WS_READ_BUFFER", default_value_t = 4096)]
+    /// WebSocket read buffer per session, in bytes (grows to the size of a large frame while
+    /// one is being read).
+    #[arg(long, env = "ROOMCAST_WS_READ_BUFFER", default_value_t = 1024)]
     pub ws_read_buffer: usize,
-
-    /// WebSocket write batch target per session, in bytes (a flush writes earlier).
-    #[arg(long, env = "ROOMCAST_WS_WRITE_BUFFER", default_value_t = 16 * 1024)]
-    pub ws_write_buffer: usize,
 }
 
 impl Default for Config {
@@ -74,8 +71,7 @@ impl Default for Config {
             hello_timeout: session.hello_timeout,
             outbound_queue_bytes: 512 * 1024,
             drain_timeout: Duration::from_secs(5),
-            ws_read_buffer: 4096,
-            ws_write_buffer: 16 * 1024,
+            ws_read_buffer: 1024,
         }
     }
 }
@@ -99,7 +95,6 @@ impl Config {
     pub fn ws(&self) -> WsSettings {
         WsSettings {
             read_buffer: self.ws_read_buffer,
-            write_buffer: self.ws_write_buffer,
             max_message: self.max_frame_size,
         }
     }

@@ -1,8 +1,10 @@
 //! Listeners, tracked session tasks and graceful drain.
 //!
 //! [`serve`] takes an already-bound listener and a shutdown future (so tests bind port 0).
-//! On shutdown it stops accepting, tells every session to send `Close { shutting_down }`
-//! (reconnect: true) and waits for them up to the drain timeout.
+//! Each TCP connection is served by hyper's HTTP/1 server with upgrades over the axum router.
+//! On shutdown it stops accepting, lets HTTP connections finish their request, tells every
+//! session to send `Close { shutting_down }` (reconnect: true) and waits for all of them up to
+//! the drain timeout.
 
 use std::{
     future::Future,
@@ -11,15 +13,22 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use axum::serve::ListenerExt;
+use hyper::server::conn::http1;
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use crate::{api, config::Config, hub::Hub, hub::SessionKey, metrics::Metrics};
+
+/// Time a client gets to send a complete HTTP request head (slow-loris guard).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// State shared by the HTTP handlers and every session of one broker.
 pub struct Shared {
@@ -31,7 +40,7 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Cancelled when the broker starts shutting down.
     pub shutdown: CancellationToken,
-    /// Tracks every session task, for the drain.
+    /// Tracks every connection and session task, for the drain.
     pub tracker: TaskTracker,
     /// Distinguishes this process's session ids from another run's.
     pub boot_id: u64,
@@ -85,7 +94,7 @@ async fn serve_shared(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let token = shared.shutdown.clone();
-    let signal = {
+    tokio::spawn({
         let token = token.clone();
         async move {
             tokio::select! {
@@ -94,17 +103,10 @@ async fn serve_shared(
             }
             token.cancel();
         }
-    };
-    // Small frames must leave at once: Nagle's algorithm would hold them for the peer's
-    // delayed ACK (tens of milliseconds).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            debug!(error = %e, "TCP_NODELAY");
-        }
     });
-    axum::serve(listener, api::router(shared.clone()))
-        .with_graceful_shutdown(signal)
-        .await?;
+    accept_loop(listener, &shared).await;
+    // No new connections; every session has been told to close. Wait for them (and for HTTP
+    // requests in flight) up to the drain timeout.
     shared.tracker.close();
     let drain = shared.config.drain_timeout;
     if tokio::time::timeout(drain, shared.tracker.wait())
@@ -112,12 +114,58 @@ async fn serve_shared(
         .is_err()
     {
         warn!(
-            sessions = shared.tracker.len(),
+            tasks = shared.tracker.len(),
             "drain timeout: dropping remaining sessions"
         );
     }
     info!("stopped");
     Ok(())
+}
+
+/// Accepts TCP connections until shutdown and serves each with hyper's HTTP/1 server (with
+/// upgrades, so `/ws` sessions keep the plain `TcpStream`).
+async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
+    let router = api::router(shared.clone());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shared.shutdown.cancelled() => return,
+        };
+        let tcp = match accepted {
+            Ok((tcp, _peer)) => tcp,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Small frames must leave at once: Nagle's algorithm would hold them for the peer's
+        // delayed ACK (tens of milliseconds).
+        if let Err(e) = tcp.set_nodelay(true) {
+            debug!(error = %e, "TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(router.clone());
+        let cancelled = shared.shutdown.clone();
+        shared.tracker.spawn(async move {
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = cancelled.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
 }
 
 /// A broker running on a background task: what tests and embedders hold.

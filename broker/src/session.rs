@@ -20,7 +20,7 @@ use crate::{
     metrics::TransportLabel,
     outbox::Outbox,
     server::Shared,
-    transport::{FrameReader, FrameWriter, TransportError},
+    transport::{FrameReader, FrameWriter, Incoming, TransportError},
 };
 
 /// Time allowed to flush the final frames and the Close frame of an ending session.
@@ -146,18 +146,30 @@ impl Session {
                     batch.clear();
                 }
                 received = reader.recv() => match received {
-                    Ok(Some(bytes)) => {
-                        let action = self.state.handle_frame(&bytes, Instant::now(), wall_clock_ms());
+                    Ok(Incoming::Frame(bytes)) => {
+                        let action =
+                            self.state.handle_frame(&bytes, Instant::now(), wall_clock_ms());
                         if let Some(end) = self.apply(action) {
                             return end;
                         }
                     }
-                    Ok(None) => return End::Gone,
-                    Err(TransportError::TooLarge) => {
-                        return End::Close(Code::FrameTooLarge, format!(
-                            "message exceeds {} bytes", self.shared.config.max_frame_size));
+                    Ok(Incoming::Control(raw)) => {
+                        let sent =
+                            tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.send_control(raw));
+                        if !matches!(sent.await, Ok(Ok(()))) {
+                            return End::Gone;
+                        }
                     }
-                    Err(TransportError::Protocol(why)) => return End::Close(Code::ProtocolError, why),
+                    Ok(Incoming::Closed) => return End::Gone,
+                    Err(TransportError::TooLarge) => {
+                        return End::Close(
+                            Code::FrameTooLarge,
+                            format!("message exceeds {} bytes", self.shared.config.max_frame_size),
+                        );
+                    }
+                    Err(TransportError::Protocol(why)) => {
+                        return End::Close(Code::ProtocolError, why);
+                    }
                     Err(TransportError::Io(_)) => return End::Gone,
                 },
                 () = &mut deadline => {

@@ -378,3 +378,111 @@ async fn closed_sessions_leave_their_rooms() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn websocket_ping_is_answered_and_the_session_goes_on() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = start(config()).await;
+    let mut conn = RawConn::open(&server).await;
+    conn.ws
+        .send(Message::Ping(Bytes::from_static(b"are you there")))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(WAIT, conn.ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(pong, Message::Pong(Bytes::from_static(b"are you there")));
+    conn.ping(1).await;
+}
+
+#[tokio::test]
+async fn hello_pipelined_with_the_upgrade_request_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::{
+        FrameHeader,
+        coding::{Data, OpCode},
+    };
+    let server = start(config()).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.local_addr())
+        .await
+        .unwrap();
+    let mut bytes = b"GET /ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        .to_vec();
+    // The Hello frame in the same write, masked with an all-zero key (payload unchanged).
+    let hello = ClientFrame::Hello {
+        version: 1,
+        token: None,
+    }
+    .encode();
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Binary),
+        mask: Some([0; 4]),
+        ..FrameHeader::default()
+    };
+    header.format(hello.len() as u64, &mut bytes).unwrap();
+    bytes.extend_from_slice(&hello);
+    tcp.write_all(&bytes).await.unwrap();
+    // Read the 101 response and then the Welcome frame.
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 1024];
+    let welcome_at = loop {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&received)
+        );
+        received.extend_from_slice(&chunk[..n]);
+        if let Some(end) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            if received.len() > end + 6 {
+                break end + 4;
+            }
+        }
+    };
+    assert!(received.starts_with(b"HTTP/1.1 101"));
+    let mut cursor = std::io::Cursor::new(&received[welcome_at..]);
+    let (header, len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+    assert_eq!(header.opcode, OpCode::Data(Data::Binary));
+    let start = welcome_at + cursor.position() as usize;
+    while received.len() < start + len as usize {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        received.extend_from_slice(&chunk[..n]);
+    }
+    let frame = ServerFrame::decode(
+        &received[start..start + len as usize],
+        roomcast_protocol::PayloadLimits::default(),
+    )
+    .unwrap();
+    assert!(matches!(frame, ServerFrame::Welcome(_)), "{frame:?}");
+}
+
+#[tokio::test]
+async fn client_close_is_answered_with_a_close_frame() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, protocol::CloseFrame};
+    let server = start(config()).await;
+    let mut conn = RawConn::open(&server).await;
+    conn.ws
+        .send(Message::Close(Some(CloseFrame {
+            code: normal_close(),
+            reason: "bye".into(),
+        })))
+        .await
+        .unwrap();
+    // The broker echoes the close (RFC 6455 §5.5.1), then the stream ends.
+    match tokio::time::timeout(WAIT, conn.ws.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, normal_close()),
+        other => panic!("expected the close reply, got {other:?}"),
+    }
+}

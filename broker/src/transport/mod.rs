@@ -22,11 +22,23 @@ pub enum TransportError {
     Io(String),
 }
 
+/// What a reader produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Incoming {
+    /// One protocol frame.
+    Frame(Bytes),
+    /// Transport-level bytes owed to the peer (e.g. a WebSocket pong or close reply), to be
+    /// handed to [`FrameWriter::send_control`].
+    Control(Bytes),
+    /// The peer closed the transport.
+    Closed,
+}
+
 /// Receiving half of a session transport.
 pub trait FrameReader: Send {
-    /// The next frame, or `None` when the peer closed. Must be cancel-safe: dropping the future
-    /// loses no frame.
-    fn recv(&mut self) -> impl Future<Output = Result<Option<Bytes>, TransportError>> + Send;
+    /// The next frame, control reply or end. Must be cancel-safe: dropping the future loses
+    /// nothing.
+    fn recv(&mut self) -> impl Future<Output = Result<Incoming, TransportError>> + Send;
 }
 
 /// Sending half of a session transport.
@@ -35,6 +47,12 @@ pub trait FrameWriter: Send {
     fn send_batch(
         &mut self,
         batch: &mut Vec<Bytes>,
+    ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Writes transport-level bytes produced as [`Incoming::Control`].
+    fn send_control(
+        &mut self,
+        raw: Bytes,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Closes the transport with the code's transport-level mapping.

@@ -1,41 +1,46 @@
-//! WebSocket adapter: the HTTP upgrade handshake (over hyper, on axum's router) and the
-//! mapping of tokio-tungstenite messages to frames. One binary message is one frame; text
-//! messages are a protocol violation; WebSocket ping/pong are answered by tungstenite.
+//! WebSocket adapter: the HTTP upgrade handshake (over hyper, on axum's router), reading with
+//! tungstenite's protocol state machine fed straight from the socket, and writing pre-encoded
+//! frames with one vectored write per batch (the header of each frame formatted by
+//! tungstenite). One binary message is one frame; text messages are a protocol violation;
+//! WebSocket ping and close are answered through [`Incoming::Control`].
 
 use axum::{
     body::Body,
     http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header},
 };
+use std::io::{self, IoSlice};
+
 use bytes::Bytes;
-use futures_util::{
-    SinkExt, StreamExt,
-    stream::{SplitSink, SplitStream},
-};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use roomcast_protocol::Code;
-use tokio_tungstenite::{
-    WebSocketStream,
-    tungstenite::{
-        self, Message,
-        error::CapacityError,
-        handshake::derive_accept_key,
-        protocol::{CloseFrame, Role, WebSocketConfig, frame::coding::CloseCode},
+use tokio::{
+    io::AsyncWriteExt,
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+use tokio_tungstenite::tungstenite::{
+    self, Message,
+    error::CapacityError,
+    handshake::derive_accept_key,
+    protocol::{
+        CloseFrame, Role, WebSocketConfig, WebSocketContext,
+        frame::{
+            Frame, FrameHeader,
+            coding::{CloseCode, Data, OpCode},
+        },
     },
 };
 
-use super::{FrameReader, FrameWriter, TransportError};
-
-/// The upgraded connection as tokio-tungstenite sees it.
-pub type Socket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+use super::{FrameReader, FrameWriter, Incoming, TransportError};
 
 /// Buffer and size settings for WebSocket sessions.
 #[derive(Debug, Clone, Copy)]
 pub struct WsSettings {
     /// Read buffer per connection, bytes.
     pub read_buffer: usize,
-    /// Bytes gathered before a write reaches the socket (a flush writes earlier).
-    pub write_buffer: usize,
     /// Largest accepted message, bytes.
     pub max_message: usize,
 }
@@ -44,8 +49,6 @@ impl WsSettings {
     fn tungstenite(self) -> WebSocketConfig {
         WebSocketConfig::default()
             .read_buffer_size(self.read_buffer)
-            .write_buffer_size(self.write_buffer)
-            .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(self.max_message))
             .max_frame_size(Some(self.max_message))
     }
@@ -136,31 +139,96 @@ pub fn accept(mut request: Request<Body>) -> Result<(Response<Body>, OnUpgrade),
     Ok((response, on_upgrade))
 }
 
-/// Completes the upgrade and splits the socket into the session's reader and writer.
+/// Completes the upgrade and splits the TCP socket into the session's reader and writer.
 pub async fn open(
     on_upgrade: OnUpgrade,
     settings: WsSettings,
-) -> Result<(WsReader, WsWriter), hyper::Error> {
+) -> Result<(WsReader, WsWriter), OpenError> {
     let upgraded = on_upgrade.await?;
-    let socket = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Server,
-        Some(settings.tungstenite()),
-    )
-    .await;
-    let (sink, stream) = socket.split();
-    Ok((WsReader { stream }, WsWriter { sink }))
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| OpenError::NotTcp)?;
+    let (read, write) = parts.io.into_inner().into_split();
+    // Bytes the client sent right after its upgrade request (e.g. a pipelined Hello).
+    let early = parts.read_buf.to_vec();
+    let context =
+        WebSocketContext::from_partially_read(early, Role::Server, Some(settings.tungstenite()));
+    Ok((
+        WsReader {
+            socket: read,
+            context,
+            control: Vec::new(),
+            pending: None,
+            wait_readable: false,
+        },
+        WsWriter {
+            socket: write,
+            headers: Vec::new(),
+        },
+    ))
 }
 
-/// Receiving half of a WebSocket session.
+/// Why an upgraded connection could not become a session.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The upgrade itself failed.
+    #[error("upgrade failed: {0}")]
+    Upgrade(#[from] hyper::Error),
+    /// The connection is not a plain TCP stream.
+    #[error("upgraded connection is not a TCP stream")]
+    NotTcp,
+}
+
+/// Receiving half of a WebSocket session: tungstenite's protocol state machine fed straight
+/// from the socket (no second buffer).
 pub struct WsReader {
-    stream: SplitStream<Socket>,
+    socket: OwnedReadHalf,
+    context: WebSocketContext,
+    /// Frames tungstenite owes the peer (pong, close reply), already encoded.
+    control: Vec<u8>,
+    /// A message read in the same call that produced control bytes, returned next.
+    pending: Option<tungstenite::Result<Message>>,
+    /// The socket had nothing more: wait for readiness before reading again.
+    wait_readable: bool,
 }
 
-/// Sending half of a WebSocket session.
+/// Sending half of a WebSocket session: writes pre-encoded frames with vectored writes.
 pub struct WsWriter {
-    sink: SplitSink<Socket, Message>,
+    socket: OwnedWriteHalf,
+    /// WebSocket headers of the batch being written.
+    headers: Vec<u8>,
 }
+
+/// The sync `Read + Write` view tungstenite wants: reads take what the socket has without
+/// waiting, writes (control replies) are collected for the writer.
+struct Pipe<'a> {
+    socket: &'a OwnedReadHalf,
+    control: &'a mut Vec<u8>,
+}
+
+impl io::Read for Pipe<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.try_read(buf)
+    }
+}
+
+impl io::Write for Pipe<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // Control replies are tiny; cap what a misbehaving peer can make us hold.
+        if self.control.len() + buf.len() > MAX_CONTROL_BYTES {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        self.control.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Most control-reply bytes held for the writer (a pong echoes at most 125 bytes).
+const MAX_CONTROL_BYTES: usize = 4096;
 
 fn map_error(e: tungstenite::Error) -> TransportError {
     match e {
@@ -173,43 +241,151 @@ fn map_error(e: tungstenite::Error) -> TransportError {
 }
 
 impl FrameReader for WsReader {
-    async fn recv(&mut self) -> Result<Option<Bytes>, TransportError> {
+    async fn recv(&mut self) -> Result<Incoming, TransportError> {
         loop {
-            match self.stream.next().await {
-                None | Some(Ok(Message::Close(_))) => return Ok(None),
-                Some(Ok(Message::Binary(bytes))) => return Ok(Some(bytes)),
-                Some(Ok(Message::Text(_))) => {
-                    return Err(TransportError::Protocol(
-                        "text message: frames travel in binary messages".into(),
-                    ));
+            if self.wait_readable {
+                self.socket
+                    .readable()
+                    .await
+                    .map_err(|e| TransportError::Io(e.to_string()))?;
+                self.wait_readable = false;
+            }
+            if let Some(pending) = self.pending.take() {
+                if let Some(outcome) = self.outcome(pending) {
+                    return outcome;
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-                Some(Err(e)) => return Err(map_error(e)),
+                continue;
+            }
+            let mut pipe = Pipe {
+                socket: &self.socket,
+                control: &mut self.control,
+            };
+            let read = self.context.read(&mut pipe);
+            if let Ok(Message::Close(_)) = read {
+                // Queue the close reply now; it leaves before `Closed` is reported.
+                let _ = self.context.flush(&mut pipe);
+            }
+            // Replies tungstenite wrote while reading (pong, close reply) leave first; a
+            // message or error read in the same call is returned by the next call.
+            if !self.control.is_empty() {
+                let control = Bytes::from(std::mem::take(&mut self.control));
+                let would_block = matches!(
+                    &read,
+                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock
+                );
+                if !would_block {
+                    self.pending = Some(read);
+                }
+                return Ok(Incoming::Control(control));
+            }
+            match self.outcome(read) {
+                Some(outcome) => return outcome,
+                None => continue,
             }
         }
     }
 }
 
+impl WsReader {
+    /// Maps one tungstenite read result; `None` means "read again" (after a control message,
+    /// or once the socket is readable when `wait_readable` is set).
+    fn outcome(
+        &mut self,
+        read: tungstenite::Result<Message>,
+    ) -> Option<Result<Incoming, TransportError>> {
+        match read {
+            Ok(Message::Binary(bytes)) => Some(Ok(Incoming::Frame(bytes))),
+            Ok(Message::Text(_)) => Some(Err(TransportError::Protocol(
+                "text message: frames travel in binary messages".into(),
+            ))),
+            Ok(Message::Close(_)) => Some(Ok(Incoming::Closed)),
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => None,
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.wait_readable = true;
+                None
+            }
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                Some(Ok(Incoming::Closed))
+            }
+            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Some(Ok(Incoming::Closed))
+            }
+            Err(e) => Some(Err(map_error(e))),
+        }
+    }
+}
+
+/// Most frames per `writev` (two slices each, under the usual IOV_MAX of 1024).
+const FRAMES_PER_WRITE: usize = 256;
+
+impl WsWriter {
+    async fn write_all_vectored(&mut self, slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+        let mut slices = slices;
+        while !slices.is_empty() {
+            let written = self.socket.write_vectored(slices).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut slices, written);
+        }
+        Ok(())
+    }
+}
+
+fn binary_header() -> FrameHeader {
+    FrameHeader {
+        opcode: OpCode::Data(Data::Binary),
+        ..FrameHeader::default()
+    }
+}
+
 impl FrameWriter for WsWriter {
     async fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> Result<(), TransportError> {
-        for frame in batch.drain(..) {
-            self.sink
-                .feed(Message::Binary(frame))
-                .await
-                .map_err(map_error)?;
+        let io_error = |e: io::Error| TransportError::Io(e.to_string());
+        let header = binary_header();
+        for chunk in batch.chunks(FRAMES_PER_WRITE) {
+            // One header per frame (2-10 bytes, server frames are unmasked), all in one buffer.
+            self.headers.clear();
+            let mut ends = [0usize; FRAMES_PER_WRITE];
+            for (i, frame) in chunk.iter().enumerate() {
+                header
+                    .format(frame.len() as u64, &mut self.headers)
+                    .map_err(map_error)?;
+                ends[i] = self.headers.len();
+            }
+            let headers = std::mem::take(&mut self.headers);
+            let mut slices = Vec::with_capacity(chunk.len() * 2);
+            let mut start = 0;
+            for (i, frame) in chunk.iter().enumerate() {
+                slices.push(IoSlice::new(&headers[start..ends[i]]));
+                slices.push(IoSlice::new(frame));
+                start = ends[i];
+            }
+            let result = self.write_all_vectored(&mut slices).await;
+            drop(slices);
+            self.headers = headers;
+            result.map_err(io_error)?;
         }
-        self.sink.flush().await.map_err(map_error)
+        batch.clear();
+        Ok(())
+    }
+
+    async fn send_control(&mut self, raw: Bytes) -> Result<(), TransportError> {
+        self.socket
+            .write_all(&raw)
+            .await
+            .map_err(|e| TransportError::Io(e.to_string()))
     }
 
     async fn close(&mut self, code: Code) -> Result<(), TransportError> {
-        let frame = CloseFrame {
+        let frame = Frame::close(Some(CloseFrame {
             code: CloseCode::from(code.ws_close_code()),
             reason: code.as_str().into(),
-        };
-        self.sink
-            .send(Message::Close(Some(frame)))
-            .await
-            .map_err(map_error)?;
-        self.sink.close().await.map_err(map_error)
+        }));
+        let mut raw = Vec::with_capacity(frame.len());
+        frame.format(&mut raw).map_err(map_error)?;
+        let io_error = |e: io::Error| TransportError::Io(e.to_string());
+        self.socket.write_all(&raw).await.map_err(io_error)?;
+        self.socket.shutdown().await.map_err(io_error)
     }
 }
