@@ -1,35 +1,41 @@
 //! `fanout`: N subscribers in one room and one closed-loop publisher that keeps at most
 //! `--window` publishes not yet received by every subscriber (the loop of limit-ref's
 //! scenario A, so the two compare side by side).
+//!
+//! Each payload carries the time its batch was written (ns on this process's clock), so every
+//! delivery is also timed, as limit-ref's A does: in a closed loop that latency is mostly the
+//! time a publish waits behind the window, a figure of queueing rather than of the path alone.
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use anyhow::bail;
-use futures_util::SinkExt;
-use tokio::sync::{Notify, Semaphore};
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::json;
+use tokio::{io::AsyncWriteExt, net::TcpStream, sync::Notify};
 
-use crate::common::{
-    EventLayout, RawFrames, cpu_seconds, open_session, open_subscriber, payload, publish_frame,
-    rss_bytes,
+use crate::{
+    common::{
+        CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, into_tcp, min_payload,
+        open_session, open_subscribers, payload, rss_bytes,
+    },
+    measure::{CpuMark, Phase, Shards, Summary, Ticker, now_ns, round1},
+    timed::Keepalive,
 };
 
 /// Arguments of `roomcast-bench fanout`.
-#[derive(clap::Args)]
+#[derive(clap::Args, Debug)]
 pub(crate) struct FanoutArgs {
-    /// Broker WebSocket URL.
-    #[arg(long, default_value = "ws://127.0.0.1:4433/ws")]
-    url: String,
+    #[command(flatten)]
+    common: CommonArgs,
     /// Subscriber sessions.
     #[arg(long, default_value_t = 1000)]
     subs: u32,
-    /// Payload size in bytes (the CBOR item inside `data`).
+    /// Payload size in bytes (the CBOR item inside `data`); at least 9 (one time stamp).
     #[arg(long, default_value_t = 100)]
     payload: usize,
     /// Publishes allowed in flight (not yet received by every subscriber).
@@ -41,12 +47,9 @@ pub(crate) struct FanoutArgs {
     /// Seconds of traffic before measuring.
     #[arg(long, default_value_t = 3.0)]
     warmup: f64,
-    /// Broker process id, to report its CPU and RSS from /proc.
-    #[arg(long)]
-    broker_pid: Option<u32>,
-    /// Print one JSON line instead of the table.
-    #[arg(long)]
-    json: bool,
+    /// Subscriber handshakes in flight at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
 }
 
 /// Slots tracking how many subscribers got each in-flight seq.
@@ -57,171 +60,272 @@ const EVENT: &str = "tick";
 struct Progress {
     subs: u32,
     counts: Vec<AtomicU32>,
+    /// Publishes written.
+    published: AtomicU64,
     /// Publishes received by every subscriber.
     done: AtomicU64,
     /// Deliveries counted by all subscribers (flushed every 64).
     delivered: AtomicU64,
     /// Socket reads by all subscribers (flushed every 64).
     reads: AtomicU64,
+    /// Subscriber sessions that ended before the run was done.
+    closed: AtomicU64,
     done_notify: Notify,
+    phase: Phase,
+    stop: AtomicBool,
+    /// Publish→deliver latency of deliveries received while measuring, ns.
+    latency: Shards<1>,
 }
 
-/// Counters read when the measurement window opens.
+/// Counters read when the measurement window opens and when it closes.
 struct Mark {
-    at: Instant,
+    cpu: CpuMark,
     delivered: u64,
     reads: u64,
     done: u64,
-    broker_cpu: Option<f64>,
-    own_cpu: Option<f64>,
 }
 
 impl Mark {
     fn take(progress: &Progress, broker_pid: Option<u32>) -> Mark {
         Mark {
-            at: Instant::now(),
+            cpu: CpuMark::take(broker_pid),
             delivered: progress.delivered.load(Ordering::Relaxed),
             reads: progress.reads.load(Ordering::Relaxed),
             done: progress.done.load(Ordering::Relaxed),
-            broker_cpu: broker_pid.and_then(cpu_seconds),
-            own_cpu: cpu_seconds(std::process::id()),
         }
     }
 }
 
-async fn count_events(mut frames: RawFrames, layout: EventLayout, progress: Arc<Progress>) {
+async fn count_events(
+    idx: usize,
+    mut frames: RawFrames,
+    layout: EventLayout,
+    keepalive: Keepalive,
+    progress: Arc<Progress>,
+) {
     let mut local = 0u64;
+    let mut pending: Vec<[u64; 1]> = Vec::with_capacity(64);
+    let mut pings = tokio::time::interval_at(
+        tokio::time::Instant::now() + keepalive.first,
+        keepalive.every,
+    );
     loop {
-        let open = frames.read(|frame| {
-            let Some(seq) = layout.seq(frame) else { return };
-            local += 1;
-            if local % 64 == 0 {
-                progress.delivered.fetch_add(64, Ordering::Relaxed);
+        let mut now = 0u64;
+        let mut measuring = false;
+        tokio::select! {
+            open = frames.read(|frame| {
+                let Some(seq) = layout.seq(frame) else { return };
+                local += 1;
+                if local % 64 == 0 {
+                    progress.delivered.fetch_add(64, Ordering::Relaxed);
+                }
+                if now == 0 {
+                    now = now_ns();
+                    measuring = progress.phase.measuring();
+                }
+                if measuring {
+                    let sent = layout.stamp(frame, 0).unwrap_or(now);
+                    pending.push([now.saturating_sub(sent)]);
+                }
+                let slot = &progress.counts[seq as usize % RING];
+                if slot.fetch_add(1, Ordering::AcqRel) + 1 == progress.subs {
+                    slot.store(0, Ordering::Release);
+                    progress.done.fetch_add(1, Ordering::AcqRel);
+                    progress.done_notify.notify_one();
+                }
+            }) => {
+                if !open {
+                    if !progress.phase.done() {
+                        progress.closed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                if frames.reads % 64 == 0 {
+                    progress.reads.fetch_add(64, Ordering::Relaxed);
+                }
             }
-            let slot = &progress.counts[seq as usize % RING];
-            if slot.fetch_add(1, Ordering::AcqRel) + 1 == progress.subs {
-                slot.store(0, Ordering::Release);
-                progress.done.fetch_add(1, Ordering::AcqRel);
-                progress.done_notify.notify_one();
+            _ = pings.tick() => {
+                if frames.send(&PING).await.is_err() {
+                    return;
+                }
             }
-        });
-        if !open.await {
-            return;
         }
-        if frames.reads % 64 == 0 {
-            progress.reads.fetch_add(64, Ordering::Relaxed);
+        if !pending.is_empty() {
+            progress.latency.record(idx, &pending);
+            pending.clear();
         }
     }
 }
 
-/// Runs the scenario and prints its result.
-pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
-    if args.window == 0 || args.window as usize >= RING {
-        bail!("--window must be between 1 and {}", RING - 1);
-    }
-    let data = payload(args.payload, 0x2a);
-    let layout = EventLayout::new(ROOM, EVENT, &data)?;
-    let progress = Arc::new(Progress {
-        subs: args.subs,
-        counts: (0..RING).map(|_| AtomicU32::new(0)).collect(),
-        done: AtomicU64::new(0),
-        delivered: AtomicU64::new(0),
-        reads: AtomicU64::new(0),
-        done_notify: Notify::new(),
-    });
-    let started = Instant::now();
-    let mut joins = tokio::task::JoinSet::new();
-    let limit = Arc::new(Semaphore::new(100));
-    for _ in 0..args.subs {
-        let (url, limit) = (args.url.clone(), limit.clone());
-        joins.spawn(async move {
-            let _permit = limit.acquire().await;
-            open_subscriber(&url, ROOM).await
-        });
-    }
-    let mut sockets = Vec::new();
-    while let Some(joined) = joins.join_next().await {
-        sockets.push(joined??);
-    }
-    let connect_s = started.elapsed().as_secs_f64();
-    for ws in sockets {
-        let Some(frames) = RawFrames::new(ws) else {
-            bail!("TLS sessions are not supported")
-        };
-        tokio::spawn(count_events(frames, layout, progress.clone()));
-    }
-
-    let mut publisher = open_session(&args.url).await?;
-    let frame = publish_frame(ROOM, EVENT, data);
-    let warmup_end = Instant::now() + Duration::from_secs_f64(args.warmup);
-    let end = warmup_end + Duration::from_secs_f64(args.duration);
+/// The closed loop: whenever fewer than `window` publishes are in flight, writes the missing
+/// ones in one batch, each stamped with the batch's write time.
+async fn publish_closed_loop(
+    mut tcp: TcpStream,
+    template: PublishTemplate,
+    window: u64,
+    progress: Arc<Progress>,
+) -> anyhow::Result<()> {
+    let mut out = Vec::with_capacity(64 * 1024);
+    let mut keys = MaskKeys::new(1);
     let mut published = 0u64;
-    let mut mark: Option<Mark> = None;
-    while Instant::now() < end {
+    while !progress.stop.load(Ordering::Relaxed) {
         let done = progress.done.load(Ordering::Acquire);
-        let room_left = args.window.saturating_sub(published - done);
+        let room_left = window.saturating_sub(published - done);
         if room_left == 0 {
             let notified = progress.done_notify.notified();
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
             continue;
         }
+        out.clear();
+        let sent = now_ns();
         for _ in 0..room_left {
-            publisher.feed(Message::Binary(frame.clone())).await?;
+            template.put(&mut out, &[sent], keys.next_key());
         }
-        publisher.flush().await?;
+        tcp.write_all(&out).await?;
         published += room_left;
-        if mark.is_none() && Instant::now() >= warmup_end {
-            mark = Some(Mark::take(&progress, args.broker_pid));
+        progress.published.store(published, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+/// Runs the scenario and prints its result.
+pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
+    let nodes = args.common.nodes()?;
+    if args.window == 0 || args.window as usize >= RING {
+        bail!("--window must be between 1 and {}", RING - 1);
+    }
+    if args.payload < min_payload(1) {
+        bail!("--payload must be at least {} bytes", min_payload(1));
+    }
+    if args.subs == 0 {
+        bail!("--subs must be at least 1");
+    }
+    let data = payload(args.payload, 0x2a);
+    let layout = EventLayout::new(ROOM, EVENT, &data)?;
+    let template = PublishTemplate::new(ROOM, EVENT, &data)?;
+    let progress = Arc::new(Progress {
+        subs: args.subs,
+        counts: (0..RING).map(|_| AtomicU32::new(0)).collect(),
+        published: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        delivered: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
+        closed: AtomicU64::new(0),
+        done_notify: Notify::new(),
+        phase: Phase::default(),
+        stop: AtomicBool::new(false),
+        latency: Shards::new(),
+    });
+    eprintln!("[fanout] connecting {} subscribers", args.subs);
+    let started = Instant::now();
+    let n = args.subs as usize;
+    let sessions = open_subscribers(&nodes, n, args.concurrency, |_| ROOM.to_owned()).await?;
+    let connect_s = started.elapsed().as_secs_f64();
+    for (i, (tcp, welcome)) in sessions.into_iter().enumerate() {
+        let keepalive = Keepalive::for_session(i, n, &welcome);
+        let frames = RawFrames::new(tcp, 16 * 1024);
+        tokio::spawn(count_events(i, frames, layout, keepalive, progress.clone()));
+    }
+
+    let (publisher, _) = open_session(nodes.publisher(), None).await?;
+    let publisher = tokio::spawn(publish_closed_loop(
+        into_tcp(publisher)?,
+        template,
+        args.window,
+        progress.clone(),
+    ));
+    eprintln!(
+        "[fanout] {n} subscribers in {connect_s:.2} s; window {}",
+        args.window
+    );
+
+    let line = |ticker: &mut Ticker, label: &str| {
+        let rate = ticker.rate(progress.delivered.load(Ordering::Relaxed));
+        eprintln!(
+            "[fanout] {label}: delivered {rate:.0}/s, publishes done {}, closed {}",
+            progress.done.load(Ordering::Relaxed),
+            progress.closed.load(Ordering::Relaxed),
+        );
+        rate
+    };
+    let warmup_end = Instant::now() + Duration::from_secs_f64(args.warmup);
+    let mut ticker = Ticker::new(progress.delivered.load(Ordering::Relaxed));
+    while Instant::now() < warmup_end && !publisher.is_finished() {
+        ticker.tick(warmup_end).await;
+        line(&mut ticker, "warm-up");
+    }
+    let start = Mark::take(&progress, args.common.broker_pid);
+    progress.phase.start_measuring();
+    let measure_start = Instant::now();
+    let end = measure_start + Duration::from_secs_f64(args.duration);
+    let mut ticker = Ticker::new(start.delivered);
+    let mut series = Vec::new();
+    while Instant::now() < end && !publisher.is_finished() {
+        ticker.tick(end).await;
+        let label = format!(
+            "{:.0}/{} s",
+            measure_start.elapsed().as_secs_f64(),
+            args.duration
+        );
+        series.push(line(&mut ticker, &label).round());
+    }
+    progress.phase.finish();
+    progress.stop.store(true, Ordering::Relaxed);
+    let stop = Mark::take(&progress, args.common.broker_pid);
+    if publisher.is_finished() {
+        match publisher.await {
+            Ok(Err(e)) => bail!("publisher failed: {e:#}"),
+            Err(e) => bail!("publisher failed: {e}"),
+            Ok(Ok(())) => {}
         }
     }
-    let Some(start) = mark else {
-        bail!("no measurement window")
-    };
-    let stop = Mark::take(&progress, args.broker_pid);
-    let elapsed = stop.at.duration_since(start.at).as_secs_f64();
+
+    let elapsed = stop.cpu.secs_since(&start.cpu);
     let delivered_n = stop.delivered - start.delivered;
     let frames_per_read = delivered_n as f64 / (stop.reads - start.reads).max(1) as f64;
     let delivered = delivered_n as f64 / elapsed;
     let publishes = (stop.done - start.done) as f64 / elapsed;
-    let percent = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(before), Some(after)) => Some((after - before) / elapsed * 100.0),
-        _ => None,
-    };
-    let broker_cpu = percent(start.broker_cpu, stop.broker_cpu);
-    let own_cpu = percent(start.own_cpu, stop.own_cpu);
-    let rss = args.broker_pid.and_then(rss_bytes);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "scenario": "fanout", "transport": "ws", "subs": args.subs,
-                "payload": args.payload, "window": args.window, "duration_s": elapsed,
-                "connect_s": connect_s, "delivered_per_s": delivered.round(),
-                "publish_per_s": publishes.round(), "frames_per_read": frames_per_read,
-                "broker_cpu_pct": broker_cpu, "broker_rss": rss, "loadgen_cpu_pct": own_cpu,
-            })
-        );
-    } else {
-        println!(
-            "fanout ws: subs={} payload={}B window={}",
-            args.subs, args.payload, args.window
-        );
-        println!("  connect          {connect_s:.2} s");
-        println!("  delivered/s      {delivered:.0}");
-        println!("  publishes/s      {publishes:.0}");
-        println!("  frames/read      {frames_per_read:.2}");
-        if let Some(cpu) = broker_cpu {
-            println!("  broker CPU       {cpu:.0} %");
-        }
-        if let Some(cpu) = own_cpu {
-            println!("  loadgen CPU      {cpu:.0} %");
-        }
-        if let Some(rss) = rss {
-            println!(
-                "  broker RSS       {:.1} MiB",
-                rss as f64 / (1 << 20) as f64
-            );
-        }
+    let (broker_cpu, own_cpu) = stop.cpu.percent_since(&start.cpu);
+    let rss = args.common.broker_pid.and_then(rss_bytes);
+    let [lat] = progress.latency.merged();
+    let lat = Summary::of(&lat);
+    let closed = progress.closed.load(Ordering::Relaxed);
+
+    let mut table = format!(
+        "fanout {}: subs={} payload={}B window={} nodes={}\n",
+        args.common.transport.name(),
+        args.subs,
+        args.payload,
+        args.window,
+        args.common.nodes.len().max(1)
+    );
+    table += &format!("  connect          {connect_s:.2} s\n");
+    table += &format!("  delivered/s      {delivered:.0}\n");
+    table += &format!("  publishes/s      {publishes:.0}\n");
+    table += &format!("  frames/read      {frames_per_read:.2}\n");
+    table += &format!("  latency          {}\n", lat.line());
+    table += &format!("  closed subs      {closed}\n");
+    if let Some(cpu) = broker_cpu {
+        table += &format!("  broker CPU       {cpu:.0} %\n");
     }
+    if let Some(cpu) = own_cpu {
+        table += &format!("  loadgen CPU      {cpu:.0} %\n");
+    }
+    if let Some(rss) = rss {
+        table += &format!(
+            "  broker RSS       {:.1} MiB\n",
+            rss as f64 / (1 << 20) as f64
+        );
+    }
+    let head = args.common.json_head("fanout", &nodes);
+    let figures = json!({
+        "subs": args.subs, "payload": args.payload, "window": args.window,
+        "warmup_s": args.warmup, "duration_s": elapsed, "connect_s": connect_s,
+        "delivered_per_s": delivered.round(), "publish_per_s": publishes.round(),
+        "frames_per_read": (frames_per_read * 100.0).round() / 100.0, "closed_subs": closed,
+        "lat_ms": lat.json(), "broker_cpu_pct": broker_cpu.map(round1), "broker_rss": rss,
+        "loadgen_cpu_pct": own_cpu.map(round1), "series": series,
+    });
+    args.common.report(head, figures, &table);
     Ok(())
 }

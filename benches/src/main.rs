@@ -1,17 +1,38 @@
 //! `roomcast-bench`: load generator for a running broker.
 //!
-//! Scenarios: `fanout` (closed-loop fan-out to N subscribers of one room). Each scenario
-//! lives in its own module; `common` holds what they share. Subscribers read events straight
-//! off the socket after the handshake and look only at what they measure, so the generator
-//! stays cheaper than the broker it measures.
+//! Scenarios: `fanout` (closed-loop fan-out to N subscribers of one room), `latency`
+//! (publish→deliver latency at a fixed publish rate), `connections` (many idle sessions, the
+//! broker's memory per session) and `publishers` (many publishers, each into its own
+//! watched room). Each scenario lives in its own module; `common` holds sessions and wire
+//! helpers, `measure` clocks, histograms and schedules, `timed` the subscribers that time
+//! every delivery. Subscribers read events straight off the socket after the handshake and
+//! look only at what they measure, so the generator stays cheaper than the broker it
+//! measures. Every scenario stops by itself, prints progress on stderr once per second and
+//! ends with a table, or one JSON line with `--json`.
+//!
+//! JSON units: durations in seconds (`*_s`), latencies in milliseconds (`*_ms` objects with
+//! `n`, `p50`, `p90`, `p99`, `p999`, `max`, `mean`, the shape of limit-ref's `lat_ms`), memory
+//! in bytes (`broker_rss`, `rss_*`), rates per second (`*_per_s`), CPU in percent of one core
+//! (`*_cpu_pct`); `series` holds the measured deliveries of each second. `--tag KEY=VALUE`
+//! adds string fields (the scripts add `label`, `commit` and `dirty`).
 
 mod common;
+mod connections;
 mod fanout;
+mod latency;
+mod measure;
+mod publishers;
+mod timed;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(about = "Load generator for a running roomcast broker")]
+#[command(
+    about = "Load generator for a running roomcast broker",
+    after_help = "Each scenario stops by itself; progress goes to stderr once per second. \
+With --json one line with every figure goes to stdout: latencies in ms, durations in s, \
+memory in bytes, rates per second, CPU in percent of one core."
+)]
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
@@ -19,14 +40,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Scenario {
-    /// N subscribers in one room, one closed-loop publisher.
+    /// N subscribers in one room, one closed-loop publisher (limit-ref A).
     Fanout(fanout::FanoutArgs),
+    /// Publish→deliver latency at a fixed publish rate, every delivery timed (limit-ref B).
+    Latency(latency::LatencyArgs),
+    /// Many idle sessions: connect rate and the broker's RSS per session (limit-ref C).
+    Connections(connections::ConnectionsArgs),
+    /// Many publishers, each into its own room with a few watchers (IoT style).
+    Publishers(publishers::PublishersArgs),
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Thousands of sockets need more than the usual soft limit of 1,024 open files.
+    measure::raise_nofile();
     let result = match Cli::parse().scenario {
         Scenario::Fanout(args) => fanout::run(args).await,
+        Scenario::Latency(args) => latency::run(args).await,
+        Scenario::Connections(args) => connections::run(args).await,
+        Scenario::Publishers(args) => publishers::run(args).await,
     };
     // Reader tasks are still parked on their sockets: leave without waiting for them.
     std::process::exit(match result {
