@@ -4,8 +4,7 @@
 use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand};
-use roomcast_broker::{Config, serve};
-use tokio::net::TcpListener;
+use roomcast_broker::{Config, serve, server::bind_tcp};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 
@@ -56,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(config) => {
-            let listener = TcpListener::bind(config.listen).await?;
+            let listener = bind_tcp(config.listen)?;
             let addr = listener.local_addr()?;
             info!(%addr, "listening: WebSocket ws://{addr}/ws, health http://{addr}/healthz, metrics http://{addr}/metrics");
             serve(listener, config, shutdown_signal()).await

@@ -21,7 +21,10 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    task::JoinHandle,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
@@ -168,6 +171,22 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
     }
 }
 
+/// Listen backlog asked for (the kernel caps it at `net.core.somaxconn`). The usual 128
+/// overflows under a reconnect storm and costs each refused client a one-second retry.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the TCP listener for HTTP and WebSocket with a deep accept queue.
+pub fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// A broker running on a background task: what tests and embedders hold.
 pub struct Server {
     local_addr: SocketAddr,
@@ -178,7 +197,7 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` (port 0 allowed) and starts serving.
     pub async fn start(config: Config) -> std::io::Result<Server> {
-        let listener = TcpListener::bind(config.listen).await?;
+        let listener = bind_tcp(config.listen)?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let task = tokio::spawn(serve_shared(

@@ -7,6 +7,7 @@
 //! outbox.
 
 use std::{
+    future::Future,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -41,82 +42,111 @@ enum End {
 }
 
 /// Runs one session until it ends. `transport` names it in metrics and logs.
-pub(crate) async fn run<R: FrameReader, W: FrameWriter>(
+///
+/// Not an `async fn`: the session (transport halves included) is built here and captured
+/// once by the returned future, so its parts are not stored twice in the task.
+pub(crate) fn run<R: FrameReader, W: FrameWriter>(
     shared: Arc<Shared>,
     key: SessionKey,
     transport: &'static str,
     reader: R,
     writer: W,
-) {
+) -> impl Future<Output = ()> + Send {
     let span = info_span!("session", id = key, transport);
-    async move {
-        let label = TransportLabel { transport };
-        shared.metrics.sessions.get_or_create(&label).inc();
-        shared.metrics.sessions_opened.get_or_create(&label).inc();
-        debug!("opened");
-        let mut session = Session {
+    let mut session = Session {
+        core: Core {
             outbox: Arc::new(Outbox::new(shared.config.outbound_queue_bytes)),
             state: ServerSession::new(
                 format!("{:x}-{key:x}", shared.boot_id),
                 shared.config.session(),
                 Instant::now(),
             ),
-            shared: shared.clone(),
+            shared,
             key,
-        };
-        session.drive(reader, writer).await;
-        shared.metrics.sessions.get_or_create(&label).dec();
-        debug!("closed");
-    }
-    .instrument(span)
-    .await
+            transport,
+        },
+        reader,
+        writer,
+    };
+    async move { session.drive().await }.instrument(span)
 }
 
-struct Session {
+/// One session: its protocol state and outbox (`core`) and its transport halves.
+struct Session<R, W> {
+    core: Core,
+    reader: R,
+    writer: W,
+}
+
+/// Everything of a session but its transport.
+struct Core {
     shared: Arc<Shared>,
     key: SessionKey,
+    transport: &'static str,
     outbox: Arc<Outbox>,
     state: ServerSession,
 }
 
-impl Session {
-    async fn drive<R: FrameReader, W: FrameWriter>(&mut self, mut reader: R, mut writer: W) {
-        let end = self.main_loop(&mut reader, &mut writer).await;
-        self.state.mark_closed();
-        self.outbox.close();
-        self.leave_all_rooms();
+impl<R: FrameReader, W: FrameWriter> Session<R, W> {
+    async fn drive(&mut self) {
+        let label = TransportLabel {
+            transport: self.core.transport,
+        };
+        let metrics = &self.core.shared.metrics;
+        metrics.sessions.get_or_create(&label).inc();
+        metrics.sessions_opened.get_or_create(&label).inc();
+        debug!("opened");
+        let end = self.main_loop().await;
+        self.core.state.mark_closed();
+        self.core.outbox.close();
+        self.core.leave_all_rooms();
         if let End::Close(code, reason) = end {
-            debug!(%code, %reason, "closing");
-            self.shared.metrics.count_code(code);
-            if code == Code::SlowConsumer {
-                self.shared.metrics.slow_consumers.inc();
-            }
-            // Frames already queued (e.g. an Error explaining the close) go first, unless the
-            // queue overflowed: a slow consumer gets only the Close frame.
-            let mut batch = Vec::new();
-            self.outbox.drain_into(&mut batch);
-            batch.push(close_frame(code, &reason).encode());
-            let flush = async {
-                writer.send_batch(&mut batch).await?;
-                writer.close(code).await
-            };
-            let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
+            // Boxed: the close path runs once, so it need not widen every session's task.
+            Box::pin(self.close(code, reason)).await;
         }
+        self.core
+            .shared
+            .metrics
+            .sessions
+            .get_or_create(&label)
+            .dec();
+        debug!("closed");
     }
 
-    async fn main_loop<R: FrameReader, W: FrameWriter>(
-        &mut self,
-        reader: &mut R,
-        writer: &mut W,
-    ) -> End {
-        let outbox = self.outbox.clone();
-        let shutdown = self.shared.shutdown.clone();
+    async fn close(&mut self, code: Code, reason: String) {
+        debug!(%code, %reason, "closing");
+        let metrics = &self.core.shared.metrics;
+        metrics.count_code(code);
+        if code == Code::SlowConsumer {
+            metrics.slow_consumers.inc();
+        }
+        // Frames already queued (e.g. an Error explaining the close) go first, unless the
+        // queue overflowed: a slow consumer gets only the Close frame.
+        let mut batch = Vec::new();
+        self.core.outbox.drain_into(&mut batch);
+        batch.push(close_frame(code, &reason).encode());
+        let writer = &mut self.writer;
+        let flush = async {
+            writer.send_batch(&mut batch).await?;
+            writer.close(code).await
+        };
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
+    }
+
+    async fn main_loop(&mut self) -> End {
+        let Session {
+            core,
+            reader,
+            writer,
+        } = self;
+        let outbox = core.outbox.clone();
+        let shutdown = core.shared.shutdown.clone();
         // The wake-up futures live across loop turns: re-registering waiters every turn would
         // cost more than the work of a small batch.
         let cancelled = shutdown.cancelled();
         let overflowed = outbox.overflowed();
         let ready = outbox.ready();
-        let deadline = tokio::time::sleep_until(self.state.poll_timeout().into());
+        let deadline = tokio::time::sleep_until(core.state.poll_timeout().into());
         tokio::pin!(cancelled, overflowed, ready, deadline);
         let mut batch: Vec<Bytes> = Vec::new();
         loop {
@@ -148,14 +178,17 @@ impl Session {
                 received = reader.recv() => match received {
                     Ok(Incoming::Frame(bytes)) => {
                         let action =
-                            self.state.handle_frame(&bytes, Instant::now(), wall_clock_ms());
-                        if let Some(end) = self.apply(action) {
+                            core.state.handle_frame(&bytes, Instant::now(), wall_clock_ms());
+                        if let Some(end) = core.apply(action) {
                             return end;
                         }
                     }
                     Ok(Incoming::Control(raw)) => {
-                        let sent =
-                            tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, writer.send_control(raw));
+                        // Rare (WebSocket ping, close): boxed to keep the task small.
+                        let sent = Box::pin(tokio::time::timeout(
+                            CLOSE_FLUSH_TIMEOUT,
+                            writer.send_control(raw),
+                        ));
                         if !matches!(sent.await, Ok(Ok(()))) {
                             return End::Gone;
                         }
@@ -164,7 +197,7 @@ impl Session {
                     Err(TransportError::TooLarge) => {
                         return End::Close(
                             Code::FrameTooLarge,
-                            format!("message exceeds {} bytes", self.shared.config.max_frame_size),
+                            format!("message exceeds {} bytes", core.shared.config.max_frame_size),
                         );
                     }
                     Err(TransportError::Protocol(why)) => {
@@ -173,16 +206,18 @@ impl Session {
                     Err(TransportError::Io(_)) => return End::Gone,
                 },
                 () = &mut deadline => {
-                    let action = self.state.handle_timeout(Instant::now());
-                    if let Some(end) = self.apply(action) {
+                    let action = core.state.handle_timeout(Instant::now());
+                    if let Some(end) = core.apply(action) {
                         return end;
                     }
-                    deadline.as_mut().reset(self.state.poll_timeout().into());
+                    deadline.as_mut().reset(core.state.poll_timeout().into());
                 }
             }
         }
     }
+}
 
+impl Core {
     /// Carries out one action; returns how the session ends if it does.
     fn apply(&mut self, action: Action) -> Option<End> {
         let metrics = &self.shared.metrics;

@@ -346,25 +346,28 @@ impl FrameWriter for WsWriter {
         for chunk in batch.chunks(FRAMES_PER_WRITE) {
             // One header per frame (2-10 bytes, server frames are unmasked), all in one buffer.
             self.headers.clear();
-            let mut ends = [0usize; FRAMES_PER_WRITE];
-            for (i, frame) in chunk.iter().enumerate() {
+            for frame in chunk {
                 header
                     .format(frame.len() as u64, &mut self.headers)
                     .map_err(map_error)?;
-                ends[i] = self.headers.len();
             }
             let headers = std::mem::take(&mut self.headers);
             let mut slices = Vec::with_capacity(chunk.len() * 2);
             let mut start = 0;
-            for (i, frame) in chunk.iter().enumerate() {
-                slices.push(IoSlice::new(&headers[start..ends[i]]));
+            for frame in chunk {
+                let end = start + header.len(frame.len() as u64);
+                slices.push(IoSlice::new(&headers[start..end]));
                 slices.push(IoSlice::new(frame));
-                start = ends[i];
+                start = end;
             }
             let result = self.write_all_vectored(&mut slices).await;
             drop(slices);
             self.headers = headers;
             result.map_err(io_error)?;
+        }
+        if self.headers.capacity() > 512 {
+            // Keep idle sessions small after a burst.
+            self.headers = Vec::new();
         }
         batch.clear();
         Ok(())
