@@ -28,7 +28,7 @@ pub struct Config {
     pub max_payload_depth: usize,
 
     /// Most rooms one session may be subscribed to.
-    #[arg(long, env = "ROOMCAST_MAX_SUBSCRIPTIONS", default_value_t = 1024)]
+    #[arg(long, env = "ROOMCAST_MAX_SUBSCRIPTIONS", default_value_t = 512)]
     pub max_subscriptions: usize,
 
     /// Interval at which clients should ping when otherwise silent (told in Welcome).
@@ -54,7 +54,7 @@ pub struct Config {
 
     /// WebSocket read buffer per session, in bytes (grows to the size of a large frame while
     /// one is being read).
-    #[arg(long, env = "ROOMCAST_WS_READ_BUFFER", default_value_t = 1024)]
+    #[arg(long, env = "ROOMCAST_WS_READ_BUFFER", default_value_t = 512)]
     pub ws_read_buffer: usize,
 }
 
@@ -71,7 +71,7 @@ impl Default for Config {
             hello_timeout: session.hello_timeout,
             outbound_queue_bytes: 512 * 1024,
             drain_timeout: Duration::from_secs(5),
-            ws_read_buffer: 1024,
+            ws_read_buffer: 512,
         }
     }
 }

@@ -14,7 +14,7 @@ use std::{
 
 use bytes::Bytes;
 use roomcast_protocol::{Action, Code, ServerFrame, ServerSession, session::close_frame};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, debug, debug_span};
 
 use crate::{
     hub::SessionKey,
@@ -52,7 +52,7 @@ pub(crate) fn run<R: FrameReader, W: FrameWriter>(
     reader: R,
     writer: W,
 ) -> impl Future<Output = ()> + Send {
-    let span = info_span!("session", id = key, transport);
+    let span = debug_span!("session", id = key, transport);
     let mut session = Session {
         core: Core {
             outbox: Arc::new(Outbox::new(shared.config.outbound_queue_bytes)),
@@ -150,7 +150,9 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         tokio::pin!(cancelled, overflowed, ready, deadline);
         let mut batch: Vec<Bytes> = Vec::new();
         loop {
-            tokio::select! {
+            // The write happens after this select! has ended, so the futures of the two
+            // selects share storage in the task instead of adding up.
+            let write_now = tokio::select! {
                 biased;
                 () = &mut cancelled => {
                     return End::Close(Code::ShuttingDown, "broker shutting down".into());
@@ -161,19 +163,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     if !outbox.drain_into(&mut batch) {
                         return slow_consumer();
                     }
-                    if batch.is_empty() {
-                        continue;
-                    }
-                    tokio::select! {
-                        result = writer.send_batch(&mut batch) => {
-                            if result.is_err() {
-                                return End::Gone;
-                            }
-                        }
-                        () = &mut overflowed => return slow_consumer(),
-                        () = &mut cancelled => return End::Gone,
-                    }
-                    batch.clear();
+                    !batch.is_empty()
                 }
                 received = reader.recv() => match received {
                     Ok(Incoming::Frame(bytes)) => {
@@ -182,6 +172,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                         if let Some(end) = core.apply(action) {
                             return end;
                         }
+                        false
                     }
                     Ok(Incoming::Control(raw)) => {
                         // Rare (WebSocket ping, close): boxed to keep the task small.
@@ -192,6 +183,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                         if !matches!(sent.await, Ok(Ok(()))) {
                             return End::Gone;
                         }
+                        false
                     }
                     Ok(Incoming::Closed) => return End::Gone,
                     Err(TransportError::TooLarge) => {
@@ -211,7 +203,20 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                         return end;
                     }
                     deadline.as_mut().reset(core.state.poll_timeout().into());
+                    false
                 }
+            };
+            if write_now {
+                tokio::select! {
+                    result = writer.send_batch(&mut batch) => {
+                        if result.is_err() {
+                            return End::Gone;
+                        }
+                    }
+                    () = &mut overflowed => return slow_consumer(),
+                    () = &mut cancelled => return End::Gone,
+                }
+                batch.clear();
             }
         }
     }
