@@ -28,7 +28,7 @@ pub struct Config {
     pub max_payload_depth: usize,
 
     /// Most rooms one session may be subscribed to.
-    #[arg(long, env = "ROOMCAST_MAX_SUBSCRIPTIONS", default_value_t = 512)]
+    #[arg(long, env = "ROOMCAST_MAX_SUBSCRIPTIONS", default_value_t = 1024)]
     pub max_subscriptions: usize,
 
     /// Interval at which clients should ping when otherwise silent (told in Welcome).
