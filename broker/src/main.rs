@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand};
 use roomcast_broker::{Config, serve, server::bind_tcp};
-use tracing::info;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 /// roomcast: an edge real-time broker (rooms over WebSocket, CBOR events).
@@ -55,6 +55,11 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(config) => {
+            // Every session holds a file descriptor: use all the hard limit allows.
+            match rlimit::increase_nofile_limit(u64::MAX) {
+                Ok(limit) => info!(limit, "open-file limit"),
+                Err(e) => warn!(error = %e, "could not raise the open-file limit"),
+            }
             let listener = bind_tcp(config.listen)?;
             let addr = listener.local_addr()?;
             info!(%addr, "listening: WebSocket ws://{addr}/ws, health http://{addr}/healthz, metrics http://{addr}/metrics");
