@@ -2,8 +2,9 @@
 //!
 //! This crate owns the bytes on the wire and the rules about them: the CBOR frame codec
 //! ([`frame`]), the one table of error and close codes ([`code`]), the validated room and event
-//! names ([`name`]), validated opaque event payloads ([`payload`]) and the broker-side session
-//! state machine ([`session`]).
+//! names ([`name`]), validated opaque event payloads ([`payload`]), the broker-side session
+//! state machine ([`session`]) and the length-prefixed framing used on WebTransport streams
+//! ([`stream`]).
 //!
 //! It does **no networking and reads no clock**: bytes come in as slices, time comes in as an
 //! argument (`now: Instant`), and what the caller must do comes back as values. Transports,
@@ -17,6 +18,7 @@ pub mod frame;
 pub mod name;
 pub mod payload;
 pub mod session;
+pub mod stream;
 
 pub use code::Code;
 pub use frame::{ClientFrame, DecodeError, ServerFrame};
