@@ -1,6 +1,9 @@
 //! The bounded outbound queue of one session.
 //!
-//! The hub pushes shared, already-encoded frames into it from any thread without waiting; the
+//! Each entry is an already-encoded frame plus its [`Lane`]: which ordered channel of the
+//! transport it belongs to (WebTransport writes each room on its own stream; WebSocket has one
+//! channel and ignores lanes). The hub pushes shared frames into it from any thread without
+//! waiting; the
 //! session's writer drains everything queued in one go and writes it as one batch. The queue is
 //! capped in bytes: a push that would exceed the cap marks the session as a slow consumer,
 //! drops what is queued and wakes the session so it can close with `slow_consumer`. Nothing
@@ -10,6 +13,38 @@ use std::{collections::VecDeque, sync::Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, futures::Notified};
+
+/// The ordered channel a frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Session-level frames: Welcome, Ack, Error, Pong, Close.
+    Control,
+    /// `Subscribed` of the room with this hub id: the room's channel opens.
+    RoomOpen(u64),
+    /// An `Event` of the room with this hub id.
+    Room(u64),
+    /// `Unsubscribed` of the room with this hub id: the room's channel ends after it.
+    RoomClose(u64),
+}
+
+/// One queued frame and its lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The encoded frame (shared with other sessions for events).
+    pub frame: Bytes,
+    /// Where it goes.
+    pub lane: Lane,
+}
+
+impl Outgoing {
+    /// A session-level frame.
+    pub fn control(frame: Bytes) -> Self {
+        Outgoing {
+            frame,
+            lane: Lane::Control,
+        }
+    }
+}
 
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +64,7 @@ enum Status {
 
 #[derive(Debug)]
 struct Queue {
-    frames: VecDeque<Bytes>,
+    frames: VecDeque<Outgoing>,
     bytes: usize,
     status: Status,
 }
@@ -66,8 +101,13 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `frame`. Never waits.
+    /// Queues a session-level frame. Never waits.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        self.push_to(Outgoing::control(frame))
+    }
+
+    /// Queues a frame on its lane. Never waits.
+    pub fn push_to(&self, item: Outgoing) -> Result<(), PushError> {
         let was_empty;
         {
             let mut q = self.lock();
@@ -76,7 +116,7 @@ impl Outbox {
                 Status::Overflowed => return Err(PushError::Full),
                 Status::Closed => return Err(PushError::Closed),
             }
-            if q.bytes + frame.len() > self.cap_bytes {
+            if q.bytes + item.frame.len() > self.cap_bytes {
                 q.status = Status::Overflowed;
                 q.frames = VecDeque::new();
                 q.bytes = 0;
@@ -85,8 +125,8 @@ impl Outbox {
                 return Err(PushError::Full);
             }
             was_empty = q.frames.is_empty();
-            q.bytes += frame.len();
-            q.frames.push_back(frame);
+            q.bytes += item.frame.len();
+            q.frames.push_back(item);
         }
         if was_empty {
             self.ready.notify_one();
@@ -96,7 +136,7 @@ impl Outbox {
 
     /// Moves every queued frame into `batch` (appending). Returns false if the queue
     /// overflowed (then nothing is moved).
-    pub fn drain_into(&self, batch: &mut Vec<Bytes>) -> bool {
+    pub fn drain_into(&self, batch: &mut Vec<Outgoing>) -> bool {
         let mut q = self.lock();
         if q.status == Status::Overflowed {
             return false;
@@ -175,7 +215,7 @@ mod tests {
         );
         let mut batch = Vec::new();
         assert!(outbox.drain_into(&mut batch));
-        assert_eq!(batch, vec![Bytes::from_static(b"a")]);
+        assert_eq!(batch, vec![Outgoing::control(Bytes::from_static(b"a"))]);
     }
 
     #[tokio::test]

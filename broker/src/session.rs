@@ -12,14 +12,13 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use bytes::Bytes;
 use roomcast_protocol::{Action, Code, ServerFrame, ServerSession, session::close_frame};
 use tracing::{Instrument, debug, debug_span};
 
 use crate::{
     hub::SessionKey,
     metrics::TransportLabel,
-    outbox::Outbox,
+    outbox::{Outbox, Outgoing},
     server::Shared,
     transport::{FrameReader, FrameWriter, Incoming, TransportError},
 };
@@ -124,7 +123,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         // queue overflowed: a slow consumer gets only the Close frame.
         let mut batch = Vec::new();
         self.core.outbox.drain_into(&mut batch);
-        batch.push(close_frame(code, &reason).encode());
+        batch.push(Outgoing::control(close_frame(code, &reason).encode()));
         let writer = &mut self.writer;
         let flush = async {
             writer.send_batch(&mut batch).await?;
@@ -148,7 +147,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         let ready = outbox.ready();
         let deadline = tokio::time::sleep_until(core.state.poll_timeout().into());
         tokio::pin!(cancelled, overflowed, ready, deadline);
-        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch: Vec<Outgoing> = Vec::new();
         loop {
             // The write happens after this select! has ended, so the futures of the two
             // selects share storage in the task instead of adding up.

@@ -14,14 +14,14 @@ use std::{
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, RwLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
 use bytes::Bytes;
 use roomcast_protocol::{EventName, Payload, RoomName, ServerFrame, frame::encode_event};
 
-use crate::outbox::{Outbox, PushError};
+use crate::outbox::{Lane, Outbox, Outgoing, PushError};
 
 /// Identifies a session inside this process.
 pub type SessionKey = u64;
@@ -45,6 +45,8 @@ struct Subscriber {
 }
 
 struct RoomState {
+    /// Process-unique id of this room state (transports key per-room channels by it).
+    id: u64,
     seq: u64,
     subscribers: Vec<Subscriber>,
 }
@@ -57,6 +59,7 @@ pub struct Hub {
     hasher: RandomState,
     rooms: AtomicUsize,
     subscriptions: AtomicUsize,
+    next_room_id: AtomicU64,
 }
 
 impl Default for Hub {
@@ -77,6 +80,7 @@ impl Hub {
             hasher: RandomState::new(),
             rooms: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
+            next_room_id: AtomicU64::new(1),
         }
     }
 
@@ -98,6 +102,7 @@ impl Hub {
         let state = shard.entry(room.clone()).or_insert_with(|| {
             self.rooms.fetch_add(1, Ordering::Relaxed);
             Arc::new(Mutex::new(RoomState {
+                id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
                 seq: 0,
                 subscribers: Vec::new(),
             }))
@@ -116,7 +121,10 @@ impl Hub {
             room: room.clone(),
             seq,
         };
-        outbox.push(reply.encode())?;
+        outbox.push_to(Outgoing {
+            frame: reply.encode(),
+            lane: Lane::RoomOpen(state.id),
+        })?;
         Ok(seq)
     }
 
@@ -131,6 +139,7 @@ impl Hub {
     ) -> Result<(), PushError> {
         let mut shard = self.shard(room).write().unwrap_or_else(|e| e.into_inner());
         let mut empty = false;
+        let mut result = Ok(());
         if let Some(state) = shard.get(room) {
             let mut state = lock_room(state);
             let before = state.subscribers.len();
@@ -138,21 +147,32 @@ impl Hub {
             self.subscriptions
                 .fetch_sub(before - state.subscribers.len(), Ordering::Relaxed);
             empty = state.subscribers.is_empty();
-        }
-        if empty && shard.remove(room).is_some() {
-            self.rooms.fetch_sub(1, Ordering::Relaxed);
-        }
-        drop(shard);
-        match reply_id {
-            Some(id) => outbox.push(
+            if let Some(id) = reply_id {
+                // Under the room lock: no event of the room can follow it.
+                result = outbox.push_to(Outgoing {
+                    frame: ServerFrame::Unsubscribed {
+                        id,
+                        room: room.clone(),
+                    }
+                    .encode(),
+                    lane: Lane::RoomClose(state.id),
+                });
+            }
+        } else if let Some(id) = reply_id {
+            // The room is gone (its last subscriber was dropped as slow): nothing to order
+            // against, the reply goes on the control lane.
+            result = outbox.push(
                 ServerFrame::Unsubscribed {
                     id,
                     room: room.clone(),
                 }
                 .encode(),
-            ),
-            None => Ok(()),
+            );
         }
+        if empty && shard.remove(room).is_some() {
+            self.rooms.fetch_sub(1, Ordering::Relaxed);
+        }
+        result
     }
 
     /// Publishes an event to the room's local subscribers: one encode, one shared `Bytes`.
@@ -166,16 +186,18 @@ impl Hub {
         };
         let mut state = lock_room(&state);
         state.seq += 1;
-        let seq = state.seq;
+        let (seq, id) = (state.seq, state.id);
         let frame: Bytes = encode_event(room, event, data, seq);
         let before = state.subscribers.len();
         let mut delivery = Delivery {
             seq: Some(seq),
             ..Delivery::default()
         };
-        state
-            .subscribers
-            .retain(|s| match s.outbox.push(frame.clone()) {
+        state.subscribers.retain(|s| {
+            match s.outbox.push_to(Outgoing {
+                frame: frame.clone(),
+                lane: Lane::Room(id),
+            }) {
                 Ok(()) => {
                     delivery.delivered += 1;
                     true
@@ -185,7 +207,8 @@ impl Hub {
                     false
                 }
                 Err(PushError::Closed) => false,
-            });
+            }
+        });
         let removed = delivery.slow + (before - delivery.delivered - delivery.slow);
         if removed > 0 {
             self.subscriptions.fetch_sub(removed, Ordering::Relaxed);
@@ -221,7 +244,7 @@ mod tests {
     fn drain(outbox: &Outbox) -> Vec<ServerFrame> {
         let mut batch = Vec::new();
         outbox.drain_into(&mut batch);
-        batch.iter().map(decode).collect()
+        batch.iter().map(|o| decode(&o.frame)).collect()
     }
 
     #[test]
@@ -249,17 +272,19 @@ mod tests {
         for b in &batches {
             assert_eq!(b.len(), 6);
             assert!(matches!(
-                decode(&b[0]),
+                decode(&b[0].frame),
                 ServerFrame::Subscribed { seq: 0, .. }
             ));
+            assert!(matches!(b[0].lane, Lane::RoomOpen(_)));
             for (i, f) in b[1..].iter().enumerate() {
-                match decode(f) {
+                assert!(matches!(f.lane, Lane::Room(_)));
+                match decode(&f.frame) {
                     ServerFrame::Event(e) => assert_eq!(e.seq, i as u64 + 1),
                     other => panic!("{other:?}"),
                 }
             }
         }
-        assert_eq!(batches[0][1].as_ptr(), batches[2][1].as_ptr());
+        assert_eq!(batches[0][1].frame.as_ptr(), batches[2][1].frame.as_ptr());
     }
 
     #[test]

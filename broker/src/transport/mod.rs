@@ -6,6 +6,8 @@ use std::future::Future;
 use bytes::Bytes;
 use roomcast_protocol::Code;
 
+use crate::outbox::Outgoing;
+
 pub mod ws;
 
 /// Transport-level failures, as the session needs to tell them apart.
@@ -43,10 +45,11 @@ pub trait FrameReader: Send {
 
 /// Sending half of a session transport.
 pub trait FrameWriter: Send {
-    /// Writes every frame in `batch` (emptying it) and flushes, ideally in one system call.
+    /// Writes every frame in `batch` (emptying it), each on its lane's channel where the
+    /// transport has several, ideally in one system call per channel.
     fn send_batch(
         &mut self,
-        batch: &mut Vec<Bytes>,
+        batch: &mut Vec<Outgoing>,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Writes transport-level bytes produced as [`Incoming::Control`].

@@ -35,6 +35,7 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use super::{FrameReader, FrameWriter, Incoming, TransportError};
+use crate::outbox::Outgoing;
 
 /// Buffer and size settings for WebSocket sessions.
 #[derive(Debug, Clone, Copy)]
@@ -340,13 +341,14 @@ fn binary_header() -> FrameHeader {
 }
 
 impl FrameWriter for WsWriter {
-    async fn send_batch(&mut self, batch: &mut Vec<Bytes>) -> Result<(), TransportError> {
+    async fn send_batch(&mut self, batch: &mut Vec<Outgoing>) -> Result<(), TransportError> {
+        // One ordered channel: lanes do not matter.
         let io_error = |e: io::Error| TransportError::Io(e.to_string());
         let header = binary_header();
         for chunk in batch.chunks(FRAMES_PER_WRITE) {
             // One header per frame (2-10 bytes, server frames are unmasked), all in one buffer.
             self.headers.clear();
-            for frame in chunk {
+            for Outgoing { frame, .. } in chunk {
                 header
                     .format(frame.len() as u64, &mut self.headers)
                     .map_err(map_error)?;
@@ -354,7 +356,7 @@ impl FrameWriter for WsWriter {
             let headers = std::mem::take(&mut self.headers);
             let mut slices = Vec::with_capacity(chunk.len() * 2);
             let mut start = 0;
-            for frame in chunk {
+            for Outgoing { frame, .. } in chunk {
                 let end = start + header.len(frame.len() as u64);
                 slices.push(IoSlice::new(&headers[start..end]));
                 slices.push(IoSlice::new(frame));
