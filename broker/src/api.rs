@@ -1,5 +1,5 @@
-//! The HTTP surface on the TCP port: `GET /ws` (WebSocket upgrade), `GET /healthz` and
-//! `GET /metrics`. Handlers only route; sessions live in [`crate::session`].
+//! The HTTP surface on the TCP port: `GET /ws` (WebSocket upgrade), `GET /healthz`,
+//! `GET /metrics` and `GET /cert-hash` (the QUIC certificate's SHA-256, for pinning). Handlers only route; sessions live in [`crate::session`].
 
 use std::sync::Arc;
 
@@ -20,6 +20,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .route("/cert-hash", get(cert_hash))
         .with_state(shared)
 }
 
@@ -40,6 +41,18 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         shared.render_metrics(),
     )
         .into_response()
+}
+
+async fn cert_hash(State(shared): State<Arc<Shared>>) -> Response {
+    let cert = shared
+        .cert
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match cert {
+        Some(info) => axum::Json(info.to_json()).into_response(),
+        None => (StatusCode::NOT_FOUND, "WebTransport is off\n").into_response(),
+    }
 }
 
 async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Response {

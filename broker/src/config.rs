@@ -1,7 +1,7 @@
 //! The broker's one typed configuration: every field with its default and unit, settable by
 //! command-line flag or `ROOMCAST_*` environment variable. Nothing here opens sockets.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use roomcast_protocol::{PayloadLimits, SessionConfig};
 
@@ -52,6 +52,19 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub drain_timeout: Duration,
 
+    /// Do not listen for WebTransport (QUIC on UDP at the same port as `--listen`).
+    #[arg(long, env = "ROOMCAST_NO_WEBTRANSPORT")]
+    pub no_webtransport: bool,
+
+    /// PEM certificate chain for QUIC. Without it (and `--tls-key`) the broker generates an
+    /// in-memory development certificate valid 13 days and serves its hash at `/cert-hash`.
+    #[arg(long, env = "ROOMCAST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key matching `--tls-cert`.
+    #[arg(long, env = "ROOMCAST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// WebSocket read buffer per session, in bytes (grows to the size of a large frame while
     /// one is being read).
     #[arg(long, env = "ROOMCAST_WS_READ_BUFFER", default_value_t = 512)]
@@ -72,6 +85,9 @@ impl Default for Config {
             outbound_queue_bytes: 512 * 1024,
             drain_timeout: Duration::from_secs(5),
             ws_read_buffer: 512,
+            no_webtransport: false,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }

@@ -9,8 +9,9 @@
 use std::{
     future::Future,
     net::SocketAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -28,7 +29,19 @@ use tokio::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
-use crate::{api, config::Config, hub::Hub, hub::SessionKey, metrics::Metrics};
+use wtransport::{
+    Endpoint, Identity, ServerConfig, config::Ipv6DualStackConfig, endpoint::endpoint_side,
+};
+
+use crate::{
+    api,
+    certs::{self, CertInfo},
+    config::Config,
+    hub::{Hub, SessionKey},
+    metrics::Metrics,
+    session,
+    transport::wt,
+};
 
 /// Time a client gets to send a complete HTTP request head (slow-loris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +60,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Distinguishes this process's session ids from another run's.
     pub boot_id: u64,
+    /// The certificate QUIC serves (`None` while WebTransport is off).
+    pub cert: RwLock<Option<CertInfo>>,
     next_session: AtomicU64,
 }
 
@@ -63,6 +78,7 @@ impl Shared {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             boot_id,
+            cert: RwLock::new(None),
             next_session: AtomicU64::new(1),
         }
     }
@@ -107,7 +123,20 @@ async fn serve_shared(
             token.cancel();
         }
     });
+    let webtransport = if shared.config.no_webtransport {
+        Vec::new()
+    } else {
+        let tcp = listener.local_addr()?;
+        let endpoints = start_webtransport(&shared, tcp).await?;
+        endpoints
+            .into_iter()
+            .map(|endpoint| tokio::spawn(wt_accept_loop(endpoint, shared.clone())))
+            .collect()
+    };
     accept_loop(listener, &shared).await;
+    for accept in webtransport {
+        let _ = accept.await;
+    }
     // No new connections; every session has been told to close. Wait for them (and for HTTP
     // requests in flight) up to the drain timeout.
     shared.tracker.close();
@@ -166,6 +195,143 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             };
             if let Err(e) = result {
                 debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
+
+/// A bound WebTransport server endpoint.
+type QuicEndpoint = Endpoint<endpoint_side::Server>;
+
+/// The QUIC server configuration for one bound address.
+fn quic_config(
+    addr: SocketAddr,
+    identity: &Identity,
+    config: &Config,
+) -> anyhow::Result<ServerConfig> {
+    let builder = ServerConfig::builder();
+    let builder = match addr {
+        SocketAddr::V4(_) => builder.with_bind_address(addr),
+        SocketAddr::V6(v6) => builder.with_bind_address_v6(v6, Ipv6DualStackConfig::Deny),
+    };
+    // QUIC's own idle timer stays above the protocol's, which closes silent sessions with a
+    // code; clients ping at the protocol level.
+    let idle = config.idle_timeout + Duration::from_secs(10);
+    Ok(builder
+        .with_identity(identity.clone_identity())
+        .max_idle_timeout(Some(idle))?
+        .keep_alive_interval(None)
+        .build())
+}
+
+/// Loads or generates the certificate and binds WebTransport on UDP at the TCP port: on
+/// 127.0.0.1 and [::1] when listening on IPv4 loopback (Chromium resolves `localhost` to ::1
+/// for QUIC and does not fall back), else on the same address as TCP.
+async fn start_webtransport(
+    shared: &Arc<Shared>,
+    tcp: SocketAddr,
+) -> anyhow::Result<Vec<Arc<QuicEndpoint>>> {
+    let config = &shared.config;
+    let (identity, info) = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => certs::load_identity(cert, key).await?,
+        _ => certs::dev_identity()?,
+    };
+    info!(sha256 = %info.hex(), source = info.source, "QUIC certificate (hash also at /cert-hash)");
+    *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
+    let mut addrs = vec![tcp];
+    if tcp.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST) {
+        addrs.push(SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), tcp.port()));
+    }
+    let mut endpoints = Vec::new();
+    for (i, addr) in addrs.iter().enumerate() {
+        match Endpoint::server(quic_config(*addr, &identity, config)?) {
+            Ok(endpoint) => {
+                info!(%addr, "listening: WebTransport https://{addr}/wt");
+                endpoints.push(Arc::new(endpoint));
+            }
+            Err(e) if i > 0 => {
+                warn!(%addr, error = %e, "WebTransport not available on this address")
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("binding UDP {addr}"))),
+        }
+    }
+    if info.source == "dev" {
+        tokio::spawn(renew_dev_certificate(
+            shared.clone(),
+            addrs,
+            endpoints.clone(),
+        ));
+    }
+    Ok(endpoints)
+}
+
+/// Replaces the development certificate a day before it expires; open sessions keep theirs.
+async fn renew_dev_certificate(
+    shared: Arc<Shared>,
+    addrs: Vec<SocketAddr>,
+    endpoints: Vec<Arc<QuicEndpoint>>,
+) {
+    let every = Duration::from_secs(u64::from(certs::DEV_CERT_DAYS - 1) * 86_400);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shared.shutdown.cancelled() => return,
+        }
+        let Ok((identity, info)) = certs::dev_identity() else {
+            warn!("could not renew the development certificate");
+            continue;
+        };
+        for (endpoint, addr) in endpoints.iter().zip(&addrs) {
+            match quic_config(*addr, &identity, &shared.config) {
+                Ok(config) => {
+                    if let Err(e) = endpoint.reload_config(config, false) {
+                        warn!(error = %e, "reloading the QUIC certificate");
+                    }
+                }
+                Err(e) => warn!(error = %e, "building the QUIC configuration"),
+            }
+        }
+        info!(sha256 = %info.hex(), "development certificate renewed");
+        *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+}
+
+/// Accepts WebTransport sessions on one endpoint until shutdown.
+async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            () = shared.shutdown.cancelled() => return,
+        };
+        let task_shared = shared.clone();
+        shared.tracker.spawn(async move {
+            let request = match incoming.await {
+                Ok(request) => request,
+                Err(e) => return debug!(error = %e, "QUIC handshake failed"),
+            };
+            let path = request.path().split('?').next().unwrap_or_default();
+            if path != "/wt" {
+                return request.not_found().await;
+            }
+            if task_shared.shutdown.is_cancelled() {
+                return request.too_many_requests().await;
+            }
+            let connection = match request.accept().await {
+                Ok(connection) => connection,
+                Err(e) => return debug!(error = %e, "WebTransport session refused"),
+            };
+            let config = &task_shared.config;
+            match wt::open(connection, config.max_frame_size, config.hello_timeout).await {
+                Ok((reader, writer)) => {
+                    let key = task_shared.next_session_key();
+                    session::run(task_shared, key, "wt", reader, writer).await;
+                }
+                Err(connection) => {
+                    task_shared
+                        .metrics
+                        .count_code(roomcast_protocol::Code::Timeout);
+                    wt::close_connection(&connection, roomcast_protocol::Code::Timeout);
+                }
             }
         });
     }

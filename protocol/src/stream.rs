@@ -73,9 +73,9 @@ impl FrameSplitter {
     /// once its prefix is known (never more than the limit), else for `hint` bytes.
     pub fn buffer(&mut self, hint: usize) -> &mut BytesMut {
         let want = match read_varint(&self.buf) {
-            Some((len, prefix)) if len <= self.max_frame as u64 => {
-                (prefix + len as usize).saturating_sub(self.buf.len()).max(1)
-            }
+            Some((len, prefix)) if len <= self.max_frame as u64 => (prefix + len as usize)
+                .saturating_sub(self.buf.len())
+                .max(1),
             _ => hint,
         };
         self.buf.reserve(want.min(self.max_frame + 8));
@@ -138,6 +138,11 @@ mod tests {
             write_varint(value, &mut out);
             assert_eq!(out, bytes, "{value}");
         }
+        // The examples of docs/PROTOCOL.md §2b.
+        let mut out = Vec::new();
+        write_prefix(3, &mut out);
+        write_prefix(300, &mut out);
+        assert_eq!(out, [0x03, 0x41, 0x2c]);
         // A non-shortest encoding still reads.
         assert_eq!(read_varint(&hex("4025")), Some((37, 2)));
         assert_eq!(read_varint(&hex("7b")), None);

@@ -9,6 +9,7 @@ use roomcast_protocol::Code;
 use crate::outbox::Outgoing;
 
 pub mod ws;
+pub mod wt;
 
 /// Transport-level failures, as the session needs to tell them apart.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,164 @@
+//! A raw WebTransport test client: the control stream and room streams driven frame by frame.
+
+use bytes::Bytes;
+use roomcast_broker::Server;
+use roomcast_protocol::{
+    ClientFrame, Code, PayloadLimits, ServerFrame,
+    stream::{FrameSplitter, write_prefix},
+};
+use tokio::io::AsyncReadExt;
+use wtransport::{
+    ClientConfig, Connection, Endpoint, RecvStream, SendStream, tls::Sha256Digest,
+};
+
+use super::WAIT;
+
+/// The broker's WebTransport URL (UDP at the TCP port).
+pub fn wt_url(server: &Server) -> String {
+    format!("https://127.0.0.1:{}/wt", server.local_addr().port())
+}
+
+/// The SHA-256 the broker advertises for its certificate.
+pub fn cert_hash(server: &Server) -> [u8; 32] {
+    server
+        .shared()
+        .cert
+        .read()
+        .unwrap()
+        .as_ref()
+        .expect("WebTransport is on")
+        .sha256
+}
+
+/// Opens a WebTransport session pinned to `hash`.
+pub async fn session(server: &Server, hash: [u8; 32]) -> Result<Connection, String> {
+    let config = ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([Sha256Digest::new(hash)])
+        .build();
+    let endpoint = Endpoint::client(config).map_err(|e| e.to_string())?;
+    tokio::time::timeout(WAIT, endpoint.connect(wt_url(server)))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Reads length-prefixed frames from one stream.
+pub struct FrameStream {
+    pub recv: RecvStream,
+    splitter: FrameSplitter,
+}
+
+impl FrameStream {
+    pub fn new(recv: RecvStream) -> Self {
+        FrameStream {
+            recv,
+            splitter: FrameSplitter::new(1 << 20),
+        }
+    }
+
+    /// The next frame, or `None` at the stream's end (FIN or reset).
+    pub async fn next(&mut self) -> Option<ServerFrame> {
+        loop {
+            if let Some(frame) = self.splitter.next_frame().unwrap() {
+                return Some(ServerFrame::decode(&frame, PayloadLimits::default()).unwrap());
+            }
+            let read = tokio::time::timeout(WAIT, self.recv.read_buf(self.splitter.buffer(4096)))
+                .await
+                .expect("broker answered in time");
+            match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    pub async fn frame(&mut self) -> ServerFrame {
+        self.next().await.expect("a frame, not the end of the stream")
+    }
+}
+
+/// A session with its control stream.
+pub struct RawWt {
+    pub connection: Connection,
+    pub send: SendStream,
+    pub control: FrameStream,
+}
+
+impl RawWt {
+    /// Connects and opens the control stream, without Hello.
+    pub async fn connect(server: &Server) -> RawWt {
+        let connection = session(server, cert_hash(server)).await.expect("session");
+        let (send, recv) = connection.open_bi().await.unwrap().await.unwrap();
+        RawWt {
+            connection,
+            send,
+            control: FrameStream::new(recv),
+        }
+    }
+
+    /// Connects and completes Hello/Welcome.
+    pub async fn open(server: &Server) -> RawWt {
+        let mut conn = RawWt::connect(server).await;
+        conn.send(ClientFrame::Hello {
+            version: 1,
+            token: None,
+        })
+        .await;
+        match conn.control.frame().await {
+            ServerFrame::Welcome(_) => conn,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, frame: ClientFrame) {
+        self.send_raw(frame.encode()).await;
+    }
+
+    /// Sends `bytes` as one length-prefixed frame.
+    pub async fn send_raw(&mut self, bytes: Bytes) {
+        let mut wire = Vec::new();
+        write_prefix(bytes.len(), &mut wire);
+        wire.extend_from_slice(&bytes);
+        self.send.write_all(&wire).await.unwrap();
+    }
+
+    /// Subscribes; returns the room's stream, whose first frame (Subscribed) was checked.
+    pub async fn subscribe(&mut self, id: u64, room: &str) -> FrameStream {
+        self.send(ClientFrame::Subscribe {
+            id,
+            room: room.into(),
+        })
+        .await;
+        let recv = tokio::time::timeout(WAIT, self.connection.accept_uni())
+            .await
+            .expect("room stream in time")
+            .expect("room stream");
+        let mut stream = FrameStream::new(recv);
+        match stream.frame().await {
+            ServerFrame::Subscribed { id: got, .. } if got == id => stream,
+            other => panic!("expected Subscribed first on the room stream, got {other:?}"),
+        }
+    }
+
+    /// Expects `Close { code }` on the control stream, then the session closed with the code.
+    pub async fn expect_close(&mut self, code: Code) {
+        match self.control.frame().await {
+            ServerFrame::Close { code: got, .. } => assert_eq!(got, code),
+            other => panic!("expected Close {code}, got {other:?}"),
+        }
+        expect_session_code(&self.connection, code).await;
+    }
+}
+
+/// Asserts the session ends with the WebTransport session error code of `code`.
+pub async fn expect_session_code(connection: &Connection, code: Code) {
+    let error = tokio::time::timeout(WAIT, connection.closed())
+        .await
+        .expect("session closed in time");
+    let text = format!("{error} {error:?}");
+    assert!(
+        text.contains(&code.value().to_string()) || text.contains(code.as_str()),
+        "session closed with {text}, expected {code}"
+    );
+}

@@ -1,0 +1,197 @@
+//! WebTransport sessions against a real broker on loopback UDP: the same rooms as WebSocket,
+//! per-room streams, the certificate story and bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{wt::*, *};
+use roomcast_protocol::{ClientFrame, Code, Payload, ServerFrame};
+
+fn publish(room: &str, event: &str, data: Bytes, ack: bool) -> ClientFrame {
+    ClientFrame::Publish {
+        id: 9,
+        room: room.into(),
+        event: event.into(),
+        data,
+        ack,
+    }
+}
+
+fn number(n: u64) -> Bytes {
+    Payload::encode(&n).unwrap().as_bytes().clone()
+}
+
+#[tokio::test]
+async fn webtransport_subscriber_gets_websocket_publisher_events_on_its_room_stream() {
+    let server = start(config()).await;
+    let mut wt = RawWt::open(&server).await;
+    let mut orders = wt.subscribe(1, "orders:1").await;
+    let mut quotes = wt.subscribe(2, "quotes:1").await;
+    let mut ws = RawConn::open(&server).await;
+    for n in 1..=3 {
+        ws.send(publish("orders:1", "status", number(n), true)).await;
+        assert!(matches!(ws.frame().await, ServerFrame::Ack { .. }));
+        ws.send(publish("quotes:1", "px", number(10 + n), true)).await;
+        assert!(matches!(ws.frame().await, ServerFrame::Ack { .. }));
+    }
+    // Each room's events arrive on that room's own stream, in order.
+    for n in 1..=3u64 {
+        match orders.frame().await {
+            ServerFrame::Event(e) => {
+                assert_eq!((e.room.as_str(), e.seq), ("orders:1", n));
+                assert_eq!(e.data.decode::<u64>().unwrap(), n);
+            }
+            other => panic!("{other:?}"),
+        }
+        match quotes.frame().await {
+            ServerFrame::Event(e) => assert_eq!((e.room.as_str(), e.seq), ("quotes:1", n)),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Unsubscribe: the confirmation ends the room's stream.
+    wt.send(ClientFrame::Unsubscribe {
+        id: 3,
+        room: "orders:1".into(),
+    })
+    .await;
+    assert!(matches!(orders.frame().await, ServerFrame::Unsubscribed { id: 3, .. }));
+    assert!(orders.next().await.is_none(), "the room stream ends after Unsubscribed");
+    // Session-level replies stay on the control stream.
+    wt.send(ClientFrame::Ping { id: Some(5) }).await;
+    assert_eq!(wt.control.frame().await, ServerFrame::Pong { id: Some(5) });
+    assert_eq!(
+        metric(&server, "roomcast_sessions{transport=\"wt\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn websocket_subscriber_gets_webtransport_publisher_events() {
+    let server = start(config()).await;
+    let mut ws = RawConn::open(&server).await;
+    ws.subscribe(1, "bids:7").await;
+    let mut wt = RawWt::open(&server).await;
+    for n in 1..=3 {
+        wt.send(publish("bids:7", "bid", number(n), true)).await;
+        match wt.control.frame().await {
+            ServerFrame::Ack { id: 9, seq } => assert_eq!(seq, Some(n)),
+            other => panic!("expected Ack, got {other:?}"),
+        }
+    }
+    for n in 1..=3 {
+        match ws.frame().await {
+            ServerFrame::Event(e) => assert_eq!(e.data.decode::<u64>().unwrap(), n),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn cert_hash_endpoint_pins_the_served_certificate() {
+    let server = start(config()).await;
+    let (status, body) = http_get(&server, "/cert-hash").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hex = json["hex"].as_str().unwrap();
+    let hash: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let hash: [u8; 32] = hash.try_into().unwrap();
+    assert_eq!(hash, cert_hash(&server));
+    // Pinning the advertised hash works; any other hash is refused by the client.
+    session(&server, hash).await.expect("pinned session");
+    let mut wrong = hash;
+    wrong[0] ^= 0xff;
+    assert!(session(&server, wrong).await.is_err());
+    // Validity fits browsers' 14-day rule.
+    let not_after = json["not_after"].as_u64().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(not_after <= now + 14 * 86_400 && not_after > now + 12 * 86_400);
+}
+
+/// A WebSocket bystander that must keep working while WebTransport sessions misbehave.
+async fn bystander_still_works(server: &roomcast_broker::Server, sub: &mut RawConn, n: u64) {
+    let mut publisher = RawConn::open(server).await;
+    publisher.send(publish("watch:1", "tick", number(n), true)).await;
+    assert!(matches!(publisher.frame().await, ServerFrame::Ack { .. }));
+    match sub.frame().await {
+        ServerFrame::Event(e) => assert_eq!(e.data.decode::<u64>().unwrap(), n),
+        other => panic!("bystander expected an event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn control_frame_over_max_size_closes_with_frame_too_large() {
+    let mut cfg = config();
+    cfg.max_frame_size = 1024;
+    let server = start(cfg).await;
+    let mut bystander = RawConn::open(&server).await;
+    bystander.subscribe(1, "watch:1").await;
+    let mut bad = RawWt::open(&server).await;
+    // Only the length prefix: the broker refuses it before any body arrives.
+    let mut prefix = Vec::new();
+    roomcast_protocol::stream::write_prefix(1 << 20, &mut prefix);
+    bad.send.write_all(&prefix).await.unwrap();
+    bad.expect_close(Code::FrameTooLarge).await;
+    bystander_still_works(&server, &mut bystander, 1).await;
+}
+
+#[tokio::test]
+async fn frames_before_hello_and_garbage_close_the_session() {
+    let server = start(config()).await;
+    let mut bystander = RawConn::open(&server).await;
+    bystander.subscribe(1, "watch:1").await;
+    let mut bad = RawWt::connect(&server).await;
+    bad.send(publish("watch:1", "e", number(1), false)).await;
+    bad.expect_close(Code::HelloRequired).await;
+    let mut bad = RawWt::open(&server).await;
+    bad.send_raw(Bytes::from_static(&[0xff, 0x00])).await;
+    bad.expect_close(Code::ProtocolError).await;
+    bystander_still_works(&server, &mut bystander, 1).await;
+}
+
+#[tokio::test]
+async fn extra_client_streams_are_a_protocol_error() {
+    let server = start(config()).await;
+    let mut bystander = RawConn::open(&server).await;
+    bystander.subscribe(1, "watch:1").await;
+    let mut bad = RawWt::open(&server).await;
+    let (mut extra, _recv) = bad.connection.open_bi().await.unwrap().await.unwrap();
+    extra.write_all(b"x").await.unwrap();
+    bad.expect_close(Code::ProtocolError).await;
+    let mut bad = RawWt::open(&server).await;
+    let mut uni = bad.connection.open_uni().await.unwrap().await.unwrap();
+    uni.write_all(b"x").await.unwrap();
+    bad.expect_close(Code::ProtocolError).await;
+    bystander_still_works(&server, &mut bystander, 1).await;
+}
+
+#[tokio::test]
+async fn a_session_that_never_opens_its_control_stream_is_closed() {
+    let mut cfg = config();
+    cfg.hello_timeout = Duration::from_millis(300);
+    let server = start(cfg).await;
+    let connection = session(&server, cert_hash(&server)).await.unwrap();
+    expect_session_code(&connection, Code::Timeout).await;
+    assert_eq!(
+        metric(&server, "roomcast_errors_total{code=\"timeout\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn graceful_shutdown_reaches_webtransport_sessions() {
+    let server = start(config()).await;
+    let mut wt = RawWt::open(&server).await;
+    let _room = wt.subscribe(1, "drain:1").await;
+    tokio::time::timeout(WAIT, server.shutdown())
+        .await
+        .expect("drain finishes")
+        .expect("clean shutdown");
+    wt.expect_close(Code::ShuttingDown).await;
+}
