@@ -104,12 +104,15 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    serve_shared(listener, Arc::new(Shared::new(config)), shutdown).await
+    let shared = Arc::new(Shared::new(config));
+    let endpoints = start_webtransport(&shared, listener.local_addr()?).await?;
+    serve_shared(listener, shared, endpoints, shutdown).await
 }
 
 async fn serve_shared(
     listener: TcpListener,
     shared: Arc<Shared>,
+    endpoints: Vec<Arc<QuicEndpoint>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let token = shared.shutdown.clone();
@@ -123,16 +126,10 @@ async fn serve_shared(
             token.cancel();
         }
     });
-    let webtransport = if shared.config.no_webtransport {
-        Vec::new()
-    } else {
-        let tcp = listener.local_addr()?;
-        let endpoints = start_webtransport(&shared, tcp).await?;
-        endpoints
-            .into_iter()
-            .map(|endpoint| tokio::spawn(wt_accept_loop(endpoint, shared.clone())))
-            .collect()
-    };
+    let webtransport: Vec<_> = endpoints
+        .into_iter()
+        .map(|endpoint| tokio::spawn(wt_accept_loop(endpoint, shared.clone())))
+        .collect();
     accept_loop(listener, &shared).await;
     for accept in webtransport {
         let _ = accept.await;
@@ -226,12 +223,16 @@ fn quic_config(
 
 /// Loads or generates the certificate and binds WebTransport on UDP at the TCP port: on
 /// 127.0.0.1 and [::1] when listening on IPv4 loopback (Chromium resolves `localhost` to ::1
-/// for QUIC and does not fall back), else on the same address as TCP.
+/// for QUIC and does not fall back), else on the same address as TCP. Nothing when
+/// WebTransport is off.
 async fn start_webtransport(
     shared: &Arc<Shared>,
     tcp: SocketAddr,
 ) -> anyhow::Result<Vec<Arc<QuicEndpoint>>> {
     let config = &shared.config;
+    if config.no_webtransport {
+        return Ok(Vec::new());
+    }
     let (identity, info) = match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => certs::load_identity(cert, key).await?,
         _ => certs::dev_identity()?,
@@ -361,14 +362,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `config.listen` (port 0 allowed) and starts serving.
-    pub async fn start(config: Config) -> std::io::Result<Server> {
+    /// Binds `config.listen` (port 0 allowed) and the WebTransport endpoints, then serves.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
         let listener = bind_tcp(config.listen)?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
+        let endpoints = start_webtransport(&shared, local_addr).await?;
         let task = tokio::spawn(serve_shared(
             listener,
             shared.clone(),
+            endpoints,
             std::future::pending(),
         ));
         Ok(Server {

@@ -31,9 +31,11 @@ async fn webtransport_subscriber_gets_websocket_publisher_events_on_its_room_str
     let mut quotes = wt.subscribe(2, "quotes:1").await;
     let mut ws = RawConn::open(&server).await;
     for n in 1..=3 {
-        ws.send(publish("orders:1", "status", number(n), true)).await;
+        ws.send(publish("orders:1", "status", number(n), true))
+            .await;
         assert!(matches!(ws.frame().await, ServerFrame::Ack { .. }));
-        ws.send(publish("quotes:1", "px", number(10 + n), true)).await;
+        ws.send(publish("quotes:1", "px", number(10 + n), true))
+            .await;
         assert!(matches!(ws.frame().await, ServerFrame::Ack { .. }));
     }
     // Each room's events arrive on that room's own stream, in order.
@@ -56,8 +58,14 @@ async fn webtransport_subscriber_gets_websocket_publisher_events_on_its_room_str
         room: "orders:1".into(),
     })
     .await;
-    assert!(matches!(orders.frame().await, ServerFrame::Unsubscribed { id: 3, .. }));
-    assert!(orders.next().await.is_none(), "the room stream ends after Unsubscribed");
+    assert!(matches!(
+        orders.frame().await,
+        ServerFrame::Unsubscribed { id: 3, .. }
+    ));
+    assert!(
+        orders.next().await.is_none(),
+        "the room stream ends after Unsubscribed"
+    );
     // Session-level replies stay on the control stream.
     wt.send(ClientFrame::Ping { id: Some(5) }).await;
     assert_eq!(wt.control.frame().await, ServerFrame::Pong { id: Some(5) });
@@ -117,7 +125,9 @@ async fn cert_hash_endpoint_pins_the_served_certificate() {
 /// A WebSocket bystander that must keep working while WebTransport sessions misbehave.
 async fn bystander_still_works(server: &roomcast_broker::Server, sub: &mut RawConn, n: u64) {
     let mut publisher = RawConn::open(server).await;
-    publisher.send(publish("watch:1", "tick", number(n), true)).await;
+    publisher
+        .send(publish("watch:1", "tick", number(n), true))
+        .await;
     assert!(matches!(publisher.frame().await, ServerFrame::Ack { .. }));
     match sub.frame().await {
         ServerFrame::Event(e) => assert_eq!(e.data.decode::<u64>().unwrap(), n),

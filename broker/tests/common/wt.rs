@@ -7,9 +7,7 @@ use roomcast_protocol::{
     stream::{FrameSplitter, write_prefix},
 };
 use tokio::io::AsyncReadExt;
-use wtransport::{
-    ClientConfig, Connection, Endpoint, RecvStream, SendStream, tls::Sha256Digest,
-};
+use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream, tls::Sha256Digest};
 
 use super::WAIT;
 
@@ -74,7 +72,9 @@ impl FrameStream {
     }
 
     pub async fn frame(&mut self) -> ServerFrame {
-        self.next().await.expect("a frame, not the end of the stream")
+        self.next()
+            .await
+            .expect("a frame, not the end of the stream")
     }
 }
 
