@@ -4,14 +4,14 @@
 //! The development certificate is ECDSA P-256, valid 13 days from now: browsers accept at most
 //! 14 days for `serverCertificateHashes`, and a day of margin covers clock skew.
 
-use std::{
-    path::Path,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::path::Path;
 
 use anyhow::Context;
 use base64::Engine;
-use wtransport::Identity;
+use wtransport::{
+    Identity,
+    tls::{Certificate, CertificateChain, PrivateKey},
+};
 
 /// Validity of the development certificate.
 pub const DEV_CERT_DAYS: u32 = 13;
@@ -59,20 +59,57 @@ impl CertInfo {
     }
 }
 
-/// Generates the development identity for `localhost`, 127.0.0.1 and ::1.
-pub fn dev_identity() -> anyhow::Result<(Identity, CertInfo)> {
-    let identity = Identity::self_signed_builder()
-        .subject_alt_names(["localhost", "127.0.0.1", "::1"])
-        .from_now_utc()
-        .validity_days(DEV_CERT_DAYS)
-        .build()
-        .context("generating the development certificate")?;
-    let not_after = SystemTime::now() + Duration::from_secs(u64::from(DEV_CERT_DAYS) * 86_400);
-    let not_after_unix = not_after
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+/// A freshly generated development certificate and key.
+pub struct DevCert {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// PKCS#8 private key, PEM.
+    pub key_pem: String,
+    /// The identity QUIC serves.
+    pub identity: Identity,
+    /// Hash and validity.
+    pub info: CertInfo,
+    /// SHA-256 of the certificate's SubjectPublicKeyInfo (Chromium's
+    /// `--ignore-certificate-errors-spki-list` takes its base64).
+    pub spki_sha256: [u8; 32],
+}
+
+/// Generates a development certificate: ECDSA P-256, valid [`DEV_CERT_DAYS`] days from now,
+/// for `localhost`, 127.0.0.1 and ::1.
+pub fn generate_dev_cert() -> anyhow::Result<DevCert> {
+    use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, PublicKeyData};
+    use sha2::{Digest, Sha256};
+
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])?;
+    let now = time::OffsetDateTime::now_utc();
+    // A minute of slack for clocks slightly behind ours.
+    params.not_before = now - time::Duration::minutes(1);
+    params.not_after = now + time::Duration::days(i64::from(DEV_CERT_DAYS));
+    let cert = params.self_signed(&key)?;
+    let identity = Identity::new(
+        CertificateChain::single(Certificate::from_der(cert.der().to_vec())?),
+        PrivateKey::from_der_pkcs8(key.serialize_der()),
+    );
+    let not_after_unix = params.not_after.unix_timestamp().max(0) as u64;
     let info = CertInfo::of(&identity, Some(not_after_unix), "dev");
-    Ok((identity, info))
+    Ok(DevCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        identity,
+        info,
+        spki_sha256: Sha256::digest(key.subject_public_key_info()).into(),
+    })
+}
+
+/// Generates the in-memory development identity.
+pub fn dev_identity() -> anyhow::Result<(Identity, CertInfo)> {
+    let dev = generate_dev_cert()?;
+    Ok((dev.identity, dev.info))
 }
 
 /// Loads a certificate chain and private key from PEM files.
@@ -87,6 +124,7 @@ pub async fn load_identity(cert: &Path, key: &Path) -> anyhow::Result<(Identity,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     #[test]
     fn dev_certificate_fits_browser_pinning_rules() {
@@ -106,5 +144,22 @@ mod tests {
         assert!(!der.is_empty());
         // Two generations give two certificates.
         assert_ne!(dev_identity().unwrap().1.sha256, info.sha256);
+    }
+
+    #[test]
+    fn generated_pem_files_load_back_with_the_same_hash() {
+        let dev = generate_dev_cert().unwrap();
+        let dir = std::env::temp_dir().join(format!("roomcast-certs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, &dev.cert_pem).unwrap();
+        std::fs::write(&key, &dev.key_pem).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_, loaded) = runtime.block_on(load_identity(&cert, &key)).unwrap();
+        assert_eq!(loaded.sha256, dev.info.sha256);
+        assert_ne!(dev.spki_sha256, dev.info.sha256);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -20,6 +20,48 @@ struct Cli {
 enum Command {
     /// Run the broker (embedded single-node mode).
     Serve(Config),
+    /// Certificate helpers.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development certificate and key (ECDSA P-256, valid 13 days, for localhost,
+    /// 127.0.0.1 and ::1) and print the hashes browsers pin.
+    Dev {
+        /// Folder to write cert.pem and key.pem into (created if missing).
+        #[arg(long, default_value = "certs")]
+        out: std::path::PathBuf,
+    },
+}
+
+fn write_dev_cert(out: &std::path::Path) -> anyhow::Result<()> {
+    use base64::Engine;
+    let dev = roomcast_broker::certs::generate_dev_cert()?;
+    std::fs::create_dir_all(out)?;
+    let (cert, key) = (out.join("cert.pem"), out.join("key.pem"));
+    std::fs::write(&cert, &dev.cert_pem)?;
+    std::fs::write(&key, &dev.key_pem)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    println!("wrote {} and {}", cert.display(), key.display());
+    println!("certificate SHA-256 (serverCertificateHashes, roomcast-cli --cert-hash):");
+    println!("  hex    {}", dev.info.hex());
+    println!("  base64 {}", dev.info.base64());
+    println!("public key (SPKI) SHA-256, base64 (chromium --ignore-certificate-errors-spki-list):");
+    println!("  {}", b64.encode(dev.spki_sha256));
+    println!(
+        "valid until {} (unix seconds); serve it with: roomcast serve --tls-cert {} --tls-key {}",
+        dev.info.not_after_unix.unwrap_or_default(),
+        cert.display(),
+        key.display()
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -65,5 +107,6 @@ async fn main() -> anyhow::Result<()> {
             info!(%addr, "listening: WebSocket ws://{addr}/ws, health http://{addr}/healthz, metrics http://{addr}/metrics");
             serve(listener, config, shutdown_signal()).await
         }
+        Command::Certs(CertsCommand::Dev { out }) => write_dev_cert(&out),
     }
 }
