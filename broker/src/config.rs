@@ -52,6 +52,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub drain_timeout: Duration,
 
+    /// Namespaces whose rooms are volatile (comma-separated, e.g. `ticker,gps`): their events
+    /// travel as QUIC datagrams on WebTransport when they fit, may be lost, and are dropped
+    /// oldest-first instead of closing a subscriber that falls behind.
+    #[arg(long, env = "ROOMCAST_VOLATILE_NAMESPACES", value_delimiter = ',')]
+    pub volatile_namespaces: Vec<String>,
+
     /// Do not listen for WebTransport (QUIC on UDP at the same port as `--listen`).
     #[arg(long, env = "ROOMCAST_NO_WEBTRANSPORT")]
     pub no_webtransport: bool,
@@ -85,6 +91,7 @@ impl Default for Config {
             outbound_queue_bytes: 512 * 1024,
             drain_timeout: Duration::from_secs(5),
             ws_read_buffer: 512,
+            volatile_namespaces: Vec::new(),
             no_webtransport: false,
             tls_cert: None,
             tls_key: None,

@@ -9,7 +9,13 @@
 //! drops what is queued and wakes the session so it can close with `slow_consumer`. Nothing
 //! here knows about sockets or frames' contents.
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::{
+    collections::VecDeque,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, futures::Notified};
@@ -23,6 +29,9 @@ pub enum Lane {
     RoomOpen(u64),
     /// An `Event` of the room with this hub id.
     Room(u64),
+    /// An `Event` of the volatile room with this hub id: may travel as a datagram, and is
+    /// dropped (oldest first) rather than overflowing the queue.
+    Volatile(u64),
     /// `Unsubscribed` of the room with this hub id: the room's channel ends after it.
     RoomClose(u64),
 }
@@ -78,6 +87,8 @@ pub struct Outbox {
     ready: Notify,
     /// Woken once when the queue overflows.
     overflow: Notify,
+    /// Volatile events dropped to make room.
+    dropped: AtomicU64,
 }
 
 impl Outbox {
@@ -92,6 +103,7 @@ impl Outbox {
             cap_bytes,
             ready: Notify::new(),
             overflow: Notify::new(),
+            dropped: AtomicU64::new(0),
         }
     }
 
@@ -117,12 +129,31 @@ impl Outbox {
                 Status::Closed => return Err(PushError::Closed),
             }
             if q.bytes + item.frame.len() > self.cap_bytes {
-                q.status = Status::Overflowed;
-                q.frames = VecDeque::new();
-                q.bytes = 0;
-                drop(q);
-                self.overflow.notify_one();
-                return Err(PushError::Full);
+                if matches!(item.lane, Lane::Volatile(_)) {
+                    // Latest value wins: make room by dropping older volatile events; if that
+                    // is not enough, drop this one. The subscriber is not disconnected.
+                    while q.bytes + item.frame.len() > self.cap_bytes {
+                        let Some(oldest) = q
+                            .frames
+                            .iter()
+                            .position(|o| matches!(o.lane, Lane::Volatile(_)))
+                        else {
+                            self.dropped.fetch_add(1, Ordering::Relaxed);
+                            return Ok(());
+                        };
+                        if let Some(old) = q.frames.remove(oldest) {
+                            q.bytes -= old.frame.len();
+                            self.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                } else {
+                    q.status = Status::Overflowed;
+                    q.frames = VecDeque::new();
+                    q.bytes = 0;
+                    drop(q);
+                    self.overflow.notify_one();
+                    return Err(PushError::Full);
+                }
             }
             was_empty = q.frames.is_empty();
             q.bytes += item.frame.len();
@@ -175,6 +206,11 @@ impl Outbox {
         }
     }
 
+    /// Volatile events dropped so far to stay under the cap.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
     /// Bytes currently queued.
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
@@ -216,6 +252,34 @@ mod tests {
         let mut batch = Vec::new();
         assert!(outbox.drain_into(&mut batch));
         assert_eq!(batch, vec![Outgoing::control(Bytes::from_static(b"a"))]);
+    }
+
+    #[test]
+    fn volatile_events_drop_oldest_instead_of_overflowing() {
+        let outbox = Outbox::new(10);
+        let volatile = |b: &'static [u8]| Outgoing {
+            frame: Bytes::from_static(b),
+            lane: Lane::Volatile(1),
+        };
+        outbox.push(Bytes::from_static(b"ctl")).unwrap();
+        outbox.push_to(volatile(b"p1")).unwrap();
+        outbox.push_to(volatile(b"p2")).unwrap();
+        outbox.push_to(volatile(b"p3")).unwrap();
+        // 3 + 2 + 2 + 2 = 9 bytes; p4 needs room: p1 goes.
+        outbox.push_to(volatile(b"p4")).unwrap();
+        assert!(!outbox.is_overflowed());
+        assert_eq!(outbox.dropped(), 1);
+        let mut batch = Vec::new();
+        outbox.drain_into(&mut batch);
+        let frames: Vec<_> = batch.iter().map(|o| o.frame.clone()).collect();
+        assert_eq!(frames, ["ctl", "p2", "p3", "p4"].map(|s| Bytes::from(s)));
+        // A volatile frame that cannot fit even alone is dropped, not queued.
+        outbox.push(Bytes::from_static(b"123456789")).unwrap();
+        outbox.push_to(volatile(b"xx")).unwrap();
+        assert_eq!(outbox.dropped(), 2);
+        assert!(!outbox.is_overflowed());
+        // A reliable frame over the cap still overflows.
+        assert_eq!(outbox.push(Bytes::from_static(b"yy")), Err(PushError::Full));
     }
 
     #[tokio::test]

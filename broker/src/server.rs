@@ -72,8 +72,8 @@ impl Shared {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         Shared {
+            hub: Hub::with_volatile_namespaces(config.volatile_namespaces.clone()),
             config,
-            hub: Hub::new(),
             metrics: Metrics::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),

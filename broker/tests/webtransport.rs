@@ -205,3 +205,134 @@ async fn graceful_shutdown_reaches_webtransport_sessions() {
         .expect("clean shutdown");
     wt.expect_close(Code::ShuttingDown).await;
 }
+
+fn volatile_config() -> roomcast_broker::Config {
+    let mut cfg = config();
+    cfg.volatile_namespaces = vec!["gps".into()];
+    cfg
+}
+
+#[tokio::test]
+async fn volatile_rooms_use_datagrams_both_ways() {
+    let server = start(volatile_config()).await;
+    let mut tracker_view = RawWt::open(&server).await;
+    let mut room_stream = tracker_view.subscribe(1, "gps:truck-1").await;
+    // Broker -> client: an event of a volatile room arrives as a datagram (one whole frame).
+    let mut ws = RawConn::open(&server).await;
+    ws.subscribe(1, "gps:truck-1").await;
+    ws.send(publish("gps:truck-1", "pos", number(41), true))
+        .await;
+    // The publisher is subscribed too: its own event is queued before its Ack.
+    assert!(matches!(ws.frame().await, ServerFrame::Event(_)));
+    assert!(matches!(ws.frame().await, ServerFrame::Ack { .. }));
+    let datagram = tokio::time::timeout(WAIT, tracker_view.connection.receive_datagram())
+        .await
+        .expect("datagram in time")
+        .unwrap();
+    match ServerFrame::decode(
+        &datagram.payload(),
+        roomcast_protocol::PayloadLimits::default(),
+    )
+    .unwrap()
+    {
+        ServerFrame::Event(e) => {
+            assert_eq!(e.room.as_str(), "gps:truck-1");
+            assert_eq!(e.data.decode::<u64>().unwrap(), 41);
+            assert_eq!(e.seq, 1);
+        }
+        other => panic!("expected an Event datagram, got {other:?}"),
+    }
+    // Client -> broker: a tracker publishes its position as a datagram.
+    let position = publish("gps:truck-1", "pos", number(42), false).encode();
+    tracker_view.connection.send_datagram(position).unwrap();
+    match ws.frame().await {
+        ServerFrame::Event(e) => assert_eq!(e.data.decode::<u64>().unwrap(), 42),
+        other => panic!("{other:?}"),
+    }
+    // A reliable room still uses its stream.
+    let mut orders = tracker_view.subscribe(2, "orders:1").await;
+    ws.send(publish("orders:1", "status", number(7), true))
+        .await;
+    assert!(matches!(orders.frame().await, ServerFrame::Event(_)));
+    // The volatile room's stream carried only its Subscribed so far.
+    tracker_view
+        .send(ClientFrame::Unsubscribe {
+            id: 3,
+            room: "gps:truck-1".into(),
+        })
+        .await;
+    assert!(matches!(
+        room_stream.frame().await,
+        ServerFrame::Unsubscribed { id: 3, .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_bad_datagram_closes_the_session_and_nobody_else() {
+    let server = start(volatile_config()).await;
+    let mut bystander = RawConn::open(&server).await;
+    bystander.subscribe(1, "watch:1").await;
+    let mut bad = RawWt::open(&server).await;
+    bad.connection
+        .send_datagram(Bytes::from_static(&[0xff, 0xfe]))
+        .unwrap();
+    bad.expect_close(Code::ProtocolError).await;
+    bystander_still_works(&server, &mut bystander, 1).await;
+}
+
+#[tokio::test]
+async fn a_slow_websocket_subscriber_of_a_volatile_room_loses_old_events_not_its_session() {
+    use tokio::net::TcpSocket;
+    let mut cfg = volatile_config();
+    cfg.outbound_queue_bytes = 64 * 1024;
+    let server = start(cfg).await;
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.local_addr()).await.unwrap();
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), stream)
+        .await
+        .unwrap();
+    let mut slow = RawConn { ws };
+    slow.send(ClientFrame::Hello {
+        version: 1,
+        token: None,
+    })
+    .await;
+    assert!(matches!(slow.frame().await, ServerFrame::Welcome(_)));
+    slow.subscribe(1, "gps:fleet").await;
+    let mut publisher = RawConn::open(&server).await;
+    let chunk = Payload::encode(&vec![0u8; 16 * 1024])
+        .unwrap()
+        .as_bytes()
+        .clone();
+    let total = 400u64;
+    for _ in 0..total {
+        publisher
+            .send(publish("gps:fleet", "pos", chunk.clone(), true))
+            .await;
+        assert!(matches!(publisher.frame().await, ServerFrame::Ack { .. }));
+    }
+    assert_eq!(
+        metric(&server, "roomcast_slow_consumer_closes_total").await,
+        0.0
+    );
+    // The slow subscriber now reads: old positions are gone, the latest one is there.
+    let mut seen = 0u64;
+    loop {
+        match slow.frame().await {
+            ServerFrame::Event(e) => {
+                seen += 1;
+                if e.seq == total {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        seen < total,
+        "some old events were dropped ({seen} of {total} seen)"
+    );
+    slow.ping(1).await;
+}

@@ -47,6 +47,8 @@ struct Subscriber {
 struct RoomState {
     /// Process-unique id of this room state (transports key per-room channels by it).
     id: u64,
+    /// Events may be dropped (oldest first) or sent as datagrams.
+    volatile: bool,
     seq: u64,
     subscribers: Vec<Subscriber>,
 }
@@ -60,6 +62,8 @@ pub struct Hub {
     rooms: AtomicUsize,
     subscriptions: AtomicUsize,
     next_room_id: AtomicU64,
+    /// Namespaces whose events are volatile (latest value wins, loss allowed).
+    volatile_namespaces: Vec<String>,
 }
 
 impl Default for Hub {
@@ -73,15 +77,29 @@ fn lock_room(room: &Mutex<RoomState>) -> std::sync::MutexGuard<'_, RoomState> {
 }
 
 impl Hub {
-    /// An empty hub.
+    /// An empty hub with no volatile namespace.
     pub fn new() -> Self {
+        Hub::with_volatile_namespaces(Vec::new())
+    }
+
+    /// An empty hub whose rooms in `namespaces` are volatile: their events may travel as
+    /// datagrams and are dropped oldest-first instead of closing a slow subscriber.
+    pub fn with_volatile_namespaces(namespaces: Vec<String>) -> Self {
         Hub {
+            volatile_namespaces: namespaces,
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
             rooms: AtomicUsize::new(0),
             subscriptions: AtomicUsize::new(0),
             next_room_id: AtomicU64::new(1),
         }
+    }
+
+    /// Whether events of `room` are volatile.
+    pub fn is_volatile(&self, room: &RoomName) -> bool {
+        self.volatile_namespaces
+            .iter()
+            .any(|ns| ns == room.namespace())
     }
 
     fn shard(&self, room: &RoomName) -> &Shard {
@@ -103,6 +121,7 @@ impl Hub {
             self.rooms.fetch_add(1, Ordering::Relaxed);
             Arc::new(Mutex::new(RoomState {
                 id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
+                volatile: self.is_volatile(room),
                 seq: 0,
                 subscribers: Vec::new(),
             }))
@@ -187,6 +206,11 @@ impl Hub {
         let mut state = lock_room(&state);
         state.seq += 1;
         let (seq, id) = (state.seq, state.id);
+        let lane = if state.volatile {
+            Lane::Volatile(id)
+        } else {
+            Lane::Room(id)
+        };
         let frame: Bytes = encode_event(room, event, data, seq);
         let before = state.subscribers.len();
         let mut delivery = Delivery {
@@ -196,7 +220,7 @@ impl Hub {
         state.subscribers.retain(|s| {
             match s.outbox.push_to(Outgoing {
                 frame: frame.clone(),
-                lane: Lane::Room(id),
+                lane,
             }) {
                 Ok(()) => {
                     delivery.delivered += 1;
@@ -285,6 +309,21 @@ mod tests {
             }
         }
         assert_eq!(batches[0][1].frame.as_ptr(), batches[2][1].frame.as_ptr());
+    }
+
+    #[test]
+    fn volatile_namespaces_put_events_on_the_volatile_lane() {
+        let hub = Hub::with_volatile_namespaces(vec!["gps".into()]);
+        let o = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe(&room("gps:truck-1"), 1, &o, 1).unwrap();
+        hub.subscribe(&room("orders:1"), 1, &o, 2).unwrap();
+        let event = EventName::new("e").unwrap();
+        hub.publish(&room("gps:truck-1"), &event, &Payload::encode(&1).unwrap());
+        hub.publish(&room("orders:1"), &event, &Payload::encode(&2).unwrap());
+        let mut batch = Vec::new();
+        o.drain_into(&mut batch);
+        assert!(matches!(batch[2].lane, Lane::Volatile(_)));
+        assert!(matches!(batch[3].lane, Lane::Room(_)));
     }
 
     #[test]

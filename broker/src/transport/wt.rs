@@ -5,7 +5,9 @@
 //! frame). The broker opens one unidirectional stream per subscribed room: it starts with the
 //! room's `Subscribed`, carries the room's events in order and ends with `Unsubscribed` and
 //! FIN, so loss on one room's stream never delays another room. Rooms opened while the client
-//! grants no stream credit share the control stream instead. No protocol logic lives here.
+//! grants no stream credit share the control stream instead. Events of volatile rooms travel
+//! as QUIC datagrams (one frame per datagram) when they fit, and clients may send frames (e.g.
+//! publishes from trackers) as datagrams. No protocol logic lives here.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -80,6 +82,14 @@ impl FrameReader for WtReader {
             }
             let buffer = self.splitter.buffer(4096);
             tokio::select! {
+                datagram = self.connection.receive_datagram() => {
+                    return match datagram {
+                        // A datagram carries one whole frame (no length prefix); it goes
+                        // through the same checks as the control stream's frames.
+                        Ok(datagram) => Ok(Incoming::Frame(datagram.payload())),
+                        Err(_) => Ok(Incoming::Closed),
+                    };
+                }
                 read = self.control.read_buf(buffer) => match read {
                     Ok(0) => return Ok(Incoming::Closed),
                     Ok(_) => {}
@@ -179,6 +189,17 @@ impl FrameWriter for WtWriter {
                     self.channel_of(id)
                 }
                 Lane::Room(id) => self.channel_of(id),
+                Lane::Volatile(id) => {
+                    // A datagram when it fits (loss allowed); else the room's stream.
+                    let fits = self
+                        .connection
+                        .max_datagram_size()
+                        .is_some_and(|max| frame.len() <= max);
+                    if fits && self.connection.send_datagram(frame.clone()).is_ok() {
+                        continue;
+                    }
+                    self.channel_of(id)
+                }
                 Lane::RoomClose(id) => {
                     finished.push(id);
                     self.channel_of(id)
