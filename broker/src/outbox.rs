@@ -272,7 +272,7 @@ mod tests {
         let mut batch = Vec::new();
         outbox.drain_into(&mut batch);
         let frames: Vec<_> = batch.iter().map(|o| o.frame.clone()).collect();
-        assert_eq!(frames, ["ctl", "p2", "p3", "p4"].map(|s| Bytes::from(s)));
+        assert_eq!(frames, ["ctl", "p2", "p3", "p4"].map(Bytes::from));
         // A volatile frame that cannot fit even alone is dropped, not queued.
         outbox.push(Bytes::from_static(b"123456789")).unwrap();
         outbox.push_to(volatile(b"xx")).unwrap();
