@@ -58,6 +58,11 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_VOLATILE_NAMESPACES", value_delimiter = ',')]
     pub volatile_namespaces: Vec<String>,
 
+    /// Carry every room's frames on the WebTransport control stream instead of one stream per
+    /// room: reintroduces head-of-line blocking across rooms; for measurements only.
+    #[arg(long, env = "ROOMCAST_WT_SINGLE_STREAM")]
+    pub wt_single_stream: bool,
+
     /// Do not listen for WebTransport (QUIC on UDP at the same port as `--listen`).
     #[arg(long, env = "ROOMCAST_NO_WEBTRANSPORT")]
     pub no_webtransport: bool,
@@ -92,6 +97,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(5),
             ws_read_buffer: 512,
             volatile_namespaces: Vec::new(),
+            wt_single_stream: false,
             no_webtransport: false,
             tls_cert: None,
             tls_key: None,

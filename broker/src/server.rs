@@ -322,7 +322,12 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
                 Err(e) => return debug!(error = %e, "WebTransport session refused"),
             };
             let config = &task_shared.config;
-            match wt::open(connection, config.max_frame_size, config.hello_timeout).await {
+            let settings = wt::WtSettings {
+                max_frame: config.max_frame_size,
+                hello_timeout: config.hello_timeout,
+                single_stream: config.wt_single_stream,
+            };
+            match wt::open(connection, settings).await {
                 Ok((reader, writer)) => {
                     let key = task_shared.next_session_key();
                     session::run(task_shared, key, "wt", reader, writer).await;

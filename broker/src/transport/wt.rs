@@ -30,13 +30,28 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Most room streams one session holds open at once; further rooms share the control stream.
 const MAX_ROOM_STREAMS: usize = 1024;
 
+/// Per-session WebTransport settings.
+#[derive(Debug, Clone, Copy)]
+pub struct WtSettings {
+    /// Largest frame accepted on the control stream, bytes.
+    pub max_frame: usize,
+    /// Time allowed for the client to open its control stream.
+    pub hello_timeout: Duration,
+    /// Put every room on the control stream (measurement knob).
+    pub single_stream: bool,
+}
+
 /// Waits for the client's control stream and splits the session into reader and writer.
 /// Returns the connection back if no control stream arrives in `hello_timeout`.
 pub async fn open(
     connection: Connection,
-    max_frame: usize,
-    hello_timeout: Duration,
+    settings: WtSettings,
 ) -> Result<(WtReader, WtWriter), Connection> {
+    let WtSettings {
+        max_frame,
+        hello_timeout,
+        single_stream,
+    } = settings;
     let (send, recv) = match tokio::time::timeout(hello_timeout, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,
         _ => return Err(connection),
@@ -52,6 +67,7 @@ pub async fn open(
             control: send,
             rooms: HashMap::new(),
             pending: Vec::new(),
+            single_stream,
         },
     ))
 }
@@ -131,6 +147,8 @@ pub struct WtWriter {
     rooms: HashMap<u64, RoomChannel>,
     /// Bytes per channel for the batch being written (`None` = control), in first-use order.
     pending: Vec<(Option<u64>, Vec<u8>)>,
+    /// Every room on the control stream.
+    single_stream: bool,
 }
 
 impl WtWriter {
@@ -152,7 +170,7 @@ impl WtWriter {
         if self.rooms.contains_key(&id) {
             return;
         }
-        let channel = if self.rooms.len() < MAX_ROOM_STREAMS {
+        let channel = if !self.single_stream && self.rooms.len() < MAX_ROOM_STREAMS {
             match self.connection.open_uni().now_or_never() {
                 Some(Ok(opening)) => match opening.await {
                     Ok(stream) => RoomChannel::Stream(stream),
