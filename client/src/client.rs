@@ -25,23 +25,26 @@ use tokio::{
 use tracing::Instrument;
 
 use crate::{
-    driver::{Command, Driver, Phase, close_info_from_ws},
+    driver::{Command, Driver, Phase},
     error::{CloseInfo, Error},
     options::ConnectOptions,
     subscription::{Buffer, Subscription},
-    transport::{Endpoint, Incoming, Transport, ws::WsTransport},
+    transport::{Endpoint, Incoming, Transport, ws::WsTransport, wt::WtTransport},
 };
 
 /// Commands waiting for the driver. Callers wait for room when it is full.
 const COMMAND_QUEUE: usize = 256;
 
-/// Opens a session: connects the transport the URL's scheme selects (`ws://` or `wss://`),
-/// sends `Hello` with [`PROTOCOL_VERSION`] and the token, and waits for `Welcome`, all within
-/// [`ConnectOptions::connect_timeout`].
+/// Opens a session: connects the transport the URL's scheme selects (`ws://` or `wss://` for
+/// WebSocket, `https://` for WebTransport, e.g. `https://127.0.0.1:4433/wt`), sends `Hello`
+/// with [`PROTOCOL_VERSION`] and the token, and waits for `Welcome`, all within
+/// [`ConnectOptions::connect_timeout`]. The certificate options
+/// ([`ConnectOptions::cert_hash`], [`ConnectOptions::ca_file`], [`ConnectOptions::insecure`])
+/// apply to WebTransport only.
 ///
-/// Fails with [`Error::InvalidUrl`] for a bad URL or an unsupported scheme (`https://`, which
-/// will mean WebTransport, is refused for now), [`Error::Transport`] when the connection cannot
-/// be made, [`Error::Closed`] when the broker refuses the session, [`Error::Timeout`].
+/// Fails with [`Error::InvalidUrl`] for a bad URL or an unsupported scheme, [`Error::Transport`]
+/// when the connection cannot be made (including a certificate the options do not accept),
+/// [`Error::Closed`] when the broker refuses the session, [`Error::Timeout`].
 pub async fn connect(url: &str, options: ConnectOptions) -> Result<Client, Error> {
     let endpoint = Endpoint::parse(url)?;
     let timeout = options.connect_timeout;
@@ -49,6 +52,10 @@ pub async fn connect(url: &str, options: ConnectOptions) -> Result<Client, Error
         match endpoint {
             Endpoint::WebSocket { url, tls } => {
                 let transport = WsTransport::connect(&url, tls).await?;
+                start(transport, options).await
+            }
+            Endpoint::WebTransport { url } => {
+                let transport = WtTransport::connect(&url, &options).await?;
                 start(transport, options).await
             }
         }
@@ -75,7 +82,7 @@ pub(crate) async fn start<T: Transport>(
         let bytes = match transport.recv().await.map_err(Error::Transport)? {
             Incoming::Frame(bytes) => bytes,
             Incoming::Closed { code, reason } => {
-                return Err(Error::Closed(close_info_from_ws(code, reason)));
+                return Err(Error::Closed(Incoming::close_info(code, reason)));
             }
         };
         match ServerFrame::decode(&bytes, options.payload_limits) {
@@ -109,6 +116,7 @@ pub(crate) async fn start<T: Transport>(
             welcome.version
         )));
     }
+    transport.set_frame_limit(welcome.max_frame_size);
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let (phase_tx, phase_rx) = watch::channel(Phase::Open);
     let next_id = Arc::new(AtomicU64::new(1));
@@ -239,8 +247,9 @@ impl Client {
         Ok(started.elapsed())
     }
 
-    /// Closes the session politely (WebSocket close 1000) and waits until the connection has
-    /// ended. Pending requests fail and subscriptions end with [`Error::Closed`].
+    /// Closes the session politely (WebSocket close 1000; over WebTransport, the frames already
+    /// sent are delivered, then the session closes with code 0) and waits until the connection
+    /// has ended. Pending requests fail and subscriptions end with [`Error::Closed`].
     pub async fn close(&self) {
         // If the driver is already gone the session is over anyway.
         let _ = self.inner.commands.send(Command::Close).await;

@@ -18,7 +18,7 @@ use std::{
 
 use bytes::Bytes;
 use roomcast_protocol::{
-    ClientFrame, Code, DecodeError, PayloadLimits, RoomName, ServerFrame,
+    ClientFrame, DecodeError, PayloadLimits, RoomName, ServerFrame,
     frame::{Event, Welcome},
 };
 use tokio::{
@@ -30,7 +30,7 @@ use crate::{
     error::{CloseInfo, Error},
     options::ConnectOptions,
     subscription::{Buffer, EventMessage, Pushed, Reader},
-    transport::{Incoming, Transport},
+    transport::{Incoming, LocalClose, Transport},
 };
 
 /// How long the closing handshake may take once the session is over.
@@ -42,10 +42,6 @@ const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
 /// The request table is swept for requests whose caller gave up once it reaches this size
 /// (and again at twice the size left after each sweep).
 const PRUNE_MIN: usize = 64;
-
-/// WebSocket close codes the client sends.
-const WS_NORMAL: u16 = 1000;
-const WS_PROTOCOL_ERROR: u16 = 1002;
 
 /// What a [`crate::Client`] asks the driver to do.
 pub(crate) enum Command {
@@ -110,26 +106,6 @@ impl Phase {
             Phase::Open => None,
             Phase::Closing(info) | Phase::Closed(info) => Some(info),
         }
-    }
-}
-
-/// Builds a [`CloseInfo`] from a transport close code: 1000 is `normal`, 4000–4999 are looked
-/// up in the code table, anything else (or nothing) leaves the code unknown.
-pub(crate) fn close_info_from_ws(code: Option<u16>, reason: String) -> CloseInfo {
-    let known = code.and_then(|c| match c {
-        WS_NORMAL => Some(Code::Normal),
-        4000..=4999 => Code::from_value(c.into()),
-        _ => None,
-    });
-    let reason = match (reason.is_empty(), code) {
-        (true, Some(c)) => format!("transport closed with code {c}"),
-        (true, None) => "transport closed".to_owned(),
-        (false, _) => reason,
-    };
-    CloseInfo {
-        code: known,
-        reason,
-        reconnect: known.is_none_or(Code::should_retry),
     }
 }
 
@@ -201,22 +177,19 @@ struct Room {
 /// Why the serve loop stopped, and how to close the transport.
 struct Ending {
     info: CloseInfo,
-    /// WebSocket close code to send, or `None` when the transport is already broken.
-    ws_close: Option<u16>,
+    /// How to close the transport, or `None` when it is already broken.
+    close: Option<LocalClose>,
 }
 
 impl Ending {
     fn broken(info: CloseInfo) -> Self {
-        Ending {
-            info,
-            ws_close: None,
-        }
+        Ending { info, close: None }
     }
 
-    fn close(info: CloseInfo, code: u16) -> Self {
+    fn close(info: CloseInfo, how: LocalClose) -> Self {
         Ending {
             info,
-            ws_close: Some(code),
+            close: Some(how),
         }
     }
 }
@@ -288,13 +261,8 @@ impl<T: Transport> Driver<T> {
         let ending = self.serve().await;
         tracing::debug!(info = %ending.info, "session ended");
         self.finish(&ending.info);
-        if let Some(code) = ending.ws_close {
-            let reason = if code == WS_PROTOCOL_ERROR {
-                "protocol error"
-            } else {
-                ""
-            };
-            let _ = tokio::time::timeout(CLOSE_GRACE, self.transport.close(code, reason)).await;
+        if let Some(how) = ending.close {
+            let _ = tokio::time::timeout(CLOSE_GRACE, self.transport.close(how)).await;
         }
         self.phase.send_replace(Phase::Closed(ending.info));
     }
@@ -317,7 +285,7 @@ impl<T: Transport> Driver<T> {
                 command = self.commands.recv() => match command {
                     Some(command) => self.on_command(command).await,
                     // Every handle and subscription is gone.
-                    None => Some(Ending::close(CloseInfo::by_client(), WS_NORMAL)),
+                    None => Some(Ending::close(CloseInfo::by_client(), LocalClose::Normal)),
                 },
                 () = &mut timer, if deadline.is_some() => self.on_timer().await,
             };
@@ -371,7 +339,7 @@ impl<T: Transport> Driver<T> {
                     "nothing received from the broker for {} ms",
                     after.as_millis()
                 ));
-                return Some(Ending::close(info, WS_NORMAL));
+                return Some(Ending::close(info, LocalClose::Normal));
             }
         }
         self.prune();
@@ -505,7 +473,7 @@ impl<T: Transport> Driver<T> {
                     .await
             }
             Command::Send { frame } => self.write(frame).await,
-            Command::Close => Some(Ending::close(CloseInfo::by_client(), WS_NORMAL)),
+            Command::Close => Some(Ending::close(CloseInfo::by_client(), LocalClose::Normal)),
         }
     }
 
@@ -548,9 +516,10 @@ impl<T: Transport> Driver<T> {
                 self.last_received = Instant::now();
                 self.on_frame(&bytes).await
             }
-            Ok(Incoming::Closed { code, reason }) => {
-                Some(Ending::close(close_info_from_ws(code, reason), WS_NORMAL))
-            }
+            Ok(Incoming::Closed { code, reason }) => Some(Ending::close(
+                Incoming::close_info(code, reason),
+                LocalClose::Normal,
+            )),
             Err(e) => Some(Ending::broken(CloseInfo::lost(format!(
                 "transport error: {e}"
             )))),
@@ -573,7 +542,10 @@ impl<T: Transport> Driver<T> {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable frame from the broker; closing");
-                return Some(Ending::close(CloseInfo::protocol(e), WS_PROTOCOL_ERROR));
+                return Some(Ending::close(
+                    CloseInfo::protocol(e),
+                    LocalClose::ProtocolError,
+                ));
             }
         };
         match frame {
@@ -638,7 +610,7 @@ impl<T: Transport> Driver<T> {
                     reason,
                     reconnect,
                 };
-                Some(Ending::close(info, WS_NORMAL))
+                Some(Ending::close(info, LocalClose::Normal))
             }
             ServerFrame::Welcome(_) => {
                 tracing::warn!("ignoring a second Welcome");

@@ -10,8 +10,8 @@ use roomcast_protocol::Code;
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseInfo {
-    /// The broker's close code: from its `Close` frame, else from the WebSocket close code when
-    /// that is a known code. `None` when the transport just dropped or the client gave up on a
+    /// The broker's close code: from its `Close` frame, else from the transport's close code
+    /// (WebSocket close code, WebTransport session error code) when that is a known code. `None` when the transport just dropped or the client gave up on a
     /// broken connection.
     pub code: Option<Code>,
     /// Human-readable detail.
@@ -80,7 +80,9 @@ pub enum Error {
     /// The session is over (or ended while the request was pending).
     #[error("session closed: {0}")]
     Closed(CloseInfo),
-    /// The connection could not be opened (DNS, TCP, TLS or WebSocket upgrade).
+    /// The connection could not be opened (DNS, TCP or QUIC, TLS, the WebSocket upgrade or
+    /// the WebTransport session request), or a WebTransport option could not be used (an
+    /// unreadable CA file).
     #[error("transport error: {0}")]
     Transport(String),
     /// The broker sent something this client does not understand during the handshake, or a

@@ -19,9 +19,13 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Two transports carry the same frames: WebSocket (`ws://`, `wss://`) and WebTransport
+//! (`https://host:port/wt`: a control stream for requests and replies, one stream per
+//! subscribed room from the broker; see [`ConnectOptions::cert_hash`] for development
+//! certificates).
+//!
 //! What the crate does **not** do (yet): reconnect, resubscribe or recover missed events after
-//! a connection ends, and WebTransport (`https://` URLs are refused with
-//! [`Error::InvalidUrl`]). Names are not validated locally: the broker answers a bad room or
+//! a connection ends, and WebTransport datagrams. Names are not validated locally: the broker answers a bad room or
 //! event name with [`Error::Server`], so callers see the broker's own verdict.
 //!
 //! Every queue is bounded: requests wait for room in the driver's command queue, and each

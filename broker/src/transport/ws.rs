@@ -14,13 +14,16 @@ use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use roomcast_protocol::Code;
-use tokio::{
-    io::AsyncWriteExt,
-    net::{
-        TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
 };
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
+use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::{
     self, Message,
     error::CapacityError,
@@ -140,27 +143,36 @@ pub fn accept(mut request: Request<Body>) -> Result<(Response<Body>, OnUpgrade),
     Ok((response, on_upgrade))
 }
 
-/// Completes the upgrade and splits the TCP socket into the session's reader and writer.
+/// Completes the upgrade and splits the connection into the session's reader and writer:
+/// plain TCP splits into owned halves without a lock; TLS goes through `tokio::io::split`.
 pub async fn open(
     on_upgrade: OnUpgrade,
     settings: WsSettings,
-) -> Result<(WsReader, WsWriter), OpenError> {
+) -> Result<(WsReader<BoxedRead>, WsWriter<BoxedWrite>), OpenError> {
     let upgraded = on_upgrade.await?;
-    let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
-        .map_err(|_| OpenError::NotTcp)?;
-    let (read, write) = parts.io.into_inner().into_split();
+    let config = Some(settings.tungstenite());
+    let (read, write, early): (BoxedRead, BoxedWrite, Bytes) =
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let (read, write) = parts.io.into_inner().into_split();
+                (Box::new(read), Box::new(write), parts.read_buf)
+            }
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+                Ok(parts) => {
+                    let (read, write) = tokio::io::split(parts.io.into_inner());
+                    (Box::new(read), Box::new(write), parts.read_buf)
+                }
+                Err(_) => return Err(OpenError::UnknownStream),
+            },
+        };
     // Bytes the client sent right after its upgrade request (e.g. a pipelined Hello).
-    let early = parts.read_buf.to_vec();
-    let context =
-        WebSocketContext::from_partially_read(early, Role::Server, Some(settings.tungstenite()));
+    let context = WebSocketContext::from_partially_read(early.to_vec(), Role::Server, config);
     Ok((
         WsReader {
             socket: read,
             context,
             control: Vec::new(),
             pending: None,
-            wait_readable: false,
         },
         WsWriter {
             socket: write,
@@ -169,51 +181,61 @@ pub async fn open(
     ))
 }
 
+/// The read half of a session's byte stream (TCP or TLS).
+pub type BoxedRead = Box<dyn AsyncRead + Send + Unpin>;
+/// The write half of a session's byte stream (TCP or TLS).
+pub type BoxedWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
 /// Why an upgraded connection could not become a session.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     /// The upgrade itself failed.
     #[error("upgrade failed: {0}")]
     Upgrade(#[from] hyper::Error),
-    /// The connection is not a plain TCP stream.
-    #[error("upgraded connection is not a TCP stream")]
-    NotTcp,
+    /// The connection is neither plain TCP nor TLS over TCP.
+    #[error("upgraded connection is of an unknown type")]
+    UnknownStream,
 }
 
 /// Receiving half of a WebSocket session: tungstenite's protocol state machine fed straight
 /// from the socket (no second buffer).
-pub struct WsReader {
-    socket: OwnedReadHalf,
+pub struct WsReader<R> {
+    socket: R,
     context: WebSocketContext,
     /// Frames tungstenite owes the peer (pong, close reply), already encoded.
     control: Vec<u8>,
     /// A message read in the same call that produced control bytes, returned next.
     pending: Option<tungstenite::Result<Message>>,
-    /// The socket had nothing more: wait for readiness before reading again.
-    wait_readable: bool,
 }
 
 /// Sending half of a WebSocket session: writes pre-encoded frames with vectored writes.
-pub struct WsWriter {
-    socket: OwnedWriteHalf,
+pub struct WsWriter<W> {
+    socket: W,
     /// WebSocket headers of the batch being written.
     headers: Vec<u8>,
 }
 
-/// The sync `Read + Write` view tungstenite wants: reads take what the socket has without
-/// waiting, writes (control replies) are collected for the writer.
-struct Pipe<'a> {
-    socket: &'a OwnedReadHalf,
+/// The sync `Read + Write` view tungstenite wants, valid for one poll: reads take what the
+/// socket has (registering the waker when it has nothing), writes (control replies) are
+/// collected for the writer.
+struct Pipe<'a, 'b, R> {
+    socket: &'a mut R,
+    cx: &'a mut Context<'b>,
     control: &'a mut Vec<u8>,
 }
 
-impl io::Read for Pipe<'_> {
+impl<R: AsyncRead + Unpin> io::Read for Pipe<'_, '_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket.try_read(buf)
+        let mut read_buf = ReadBuf::new(buf);
+        match Pin::new(&mut *self.socket).poll_read(self.cx, &mut read_buf) {
+            Poll::Ready(Ok(())) => Ok(read_buf.filled().len()),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
     }
 }
 
-impl io::Write for Pipe<'_> {
+impl<R> io::Write for Pipe<'_, '_, R> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // Control replies are tiny; cap what a misbehaving peer can make us hold.
         if self.control.len() + buf.len() > MAX_CONTROL_BYTES {
@@ -241,24 +263,28 @@ fn map_error(e: tungstenite::Error) -> TransportError {
     }
 }
 
-impl FrameReader for WsReader {
+fn would_block<T>(read: &tungstenite::Result<T>) -> bool {
+    matches!(read, Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
+impl<R: AsyncRead + Send + Unpin> FrameReader for WsReader<R> {
     async fn recv(&mut self) -> Result<Incoming, TransportError> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+}
+
+impl<R: AsyncRead + Unpin> WsReader<R> {
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Incoming, TransportError>> {
         loop {
-            if self.wait_readable {
-                self.socket
-                    .readable()
-                    .await
-                    .map_err(|e| TransportError::Io(e.to_string()))?;
-                self.wait_readable = false;
-            }
             if let Some(pending) = self.pending.take() {
-                if let Some(outcome) = self.outcome(pending) {
-                    return outcome;
+                match Self::outcome(pending) {
+                    Some(outcome) => return Poll::Ready(outcome),
+                    None => continue,
                 }
-                continue;
             }
             let mut pipe = Pipe {
-                socket: &self.socket,
+                socket: &mut self.socket,
+                cx,
                 control: &mut self.control,
             };
             let read = self.context.read(&mut pipe);
@@ -270,30 +296,23 @@ impl FrameReader for WsReader {
             // message or error read in the same call is returned by the next call.
             if !self.control.is_empty() {
                 let control = Bytes::from(std::mem::take(&mut self.control));
-                let would_block = matches!(
-                    &read,
-                    Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock
-                );
-                if !would_block {
+                if !would_block(&read) {
                     self.pending = Some(read);
                 }
-                return Ok(Incoming::Control(control));
+                return Poll::Ready(Ok(Incoming::Control(control)));
             }
-            match self.outcome(read) {
-                Some(outcome) => return outcome,
-                None => continue,
+            if would_block(&read) {
+                // The socket registered our waker when it had nothing to give.
+                return Poll::Pending;
+            }
+            if let Some(outcome) = Self::outcome(read) {
+                return Poll::Ready(outcome);
             }
         }
     }
-}
 
-impl WsReader {
-    /// Maps one tungstenite read result; `None` means "read again" (after a control message,
-    /// or once the socket is readable when `wait_readable` is set).
-    fn outcome(
-        &mut self,
-        read: tungstenite::Result<Message>,
-    ) -> Option<Result<Incoming, TransportError>> {
+    /// Maps one tungstenite read result; `None` means "read again" (after a control message).
+    fn outcome(read: tungstenite::Result<Message>) -> Option<Result<Incoming, TransportError>> {
         match read {
             Ok(Message::Binary(bytes)) => Some(Ok(Incoming::Frame(bytes))),
             Ok(Message::Text(_)) => Some(Err(TransportError::Protocol(
@@ -301,10 +320,6 @@ impl WsReader {
             ))),
             Ok(Message::Close(_)) => Some(Ok(Incoming::Closed)),
             Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => None,
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.wait_readable = true;
-                None
-            }
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 Some(Ok(Incoming::Closed))
             }
@@ -319,7 +334,7 @@ impl WsReader {
 /// Most frames per `writev` (two slices each, under the usual IOV_MAX of 1024).
 const FRAMES_PER_WRITE: usize = 256;
 
-impl WsWriter {
+impl<W: AsyncWrite + Unpin> WsWriter<W> {
     async fn write_all_vectored(&mut self, slices: &mut [IoSlice<'_>]) -> io::Result<()> {
         let mut slices = slices;
         while !slices.is_empty() {
@@ -340,7 +355,7 @@ fn binary_header() -> FrameHeader {
     }
 }
 
-impl FrameWriter for WsWriter {
+impl<W: AsyncWrite + Send + Unpin> FrameWriter for WsWriter<W> {
     async fn send_batch(&mut self, batch: &mut Vec<Outgoing>) -> Result<(), TransportError> {
         // One ordered channel: lanes do not matter.
         let io_error = |e: io::Error| TransportError::Io(e.to_string());

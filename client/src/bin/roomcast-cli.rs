@@ -5,10 +5,11 @@
 
 use std::{
     io::{self, Write},
+    path::PathBuf,
     process::ExitCode,
 };
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use roomcast_client::{
     Client, ConnectOptions, Error, EventMessage, Subscription, SubscriptionError, connect,
 };
@@ -53,7 +54,8 @@ enum Command {
     /// Subscribe to ROOM and print every event as one JSON line.
     #[command(after_help = DATA_HELP)]
     Sub {
-        /// Broker URL, e.g. ws://127.0.0.1:4433/ws (wss:// for TLS).
+        /// Broker URL: ws://127.0.0.1:4433/ws (wss:// for TLS) or, for WebTransport,
+        /// https://127.0.0.1:4433/wt.
         url: String,
         /// Room to subscribe to, e.g. orders:1042.
         room: String,
@@ -63,11 +65,14 @@ enum Command {
         /// Authentication token sent in Hello.
         #[arg(long, value_name = "T", env = "ROOMCAST_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Publish one event to ROOM and wait for the broker's ack.
     #[command(after_help = PUB_HELP)]
     Pub {
-        /// Broker URL, e.g. ws://127.0.0.1:4433/ws (wss:// for TLS).
+        /// Broker URL: ws://127.0.0.1:4433/ws (wss:// for TLS) or, for WebTransport,
+        /// https://127.0.0.1:4433/wt.
         url: String,
         /// Room to publish to, e.g. orders:1042.
         room: String,
@@ -78,7 +83,55 @@ enum Command {
         /// Authentication token sent in Hello.
         #[arg(long, value_name = "T", env = "ROOMCAST_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
+}
+
+/// Which broker certificate to trust over WebTransport (https:// URLs).
+#[derive(Debug, Args)]
+struct TlsArgs {
+    /// WebTransport: accept only the certificate whose SHA-256 (of its DER form) is HEX,
+    /// 64 hex digits, colons allowed (the broker serves it at GET /cert-hash). The
+    /// certificate must be ECDSA P-256 and valid for at most 14 days.
+    #[arg(long, value_name = "HEX", value_parser = parse_cert_hash, conflicts_with = "ca")]
+    cert_hash: Option<[u8; 32]>,
+    /// WebTransport: trust the PEM certificates in FILE instead of the system's roots.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// WebTransport: do not validate the broker's certificate at all (development only).
+    #[arg(long, conflicts_with_all = ["cert_hash", "ca"])]
+    insecure: bool,
+}
+
+/// Parses a SHA-256 digest written as 64 hex digits, optionally separated by colons
+/// (`ab:cd:...`, as `openssl x509 -fingerprint` prints it).
+fn parse_cert_hash(text: &str) -> Result<[u8; 32], String> {
+    let text = text.trim();
+    let digits: String = if text.contains(':') {
+        let groups: Vec<&str> = text.split(':').collect();
+        if groups.iter().any(|group| group.len() != 2) {
+            return Err("colon-separated form needs two hex digits between colons".into());
+        }
+        groups.concat()
+    } else {
+        text.to_owned()
+    };
+    if digits.len() != 64 {
+        return Err(format!(
+            "expected 64 hex digits (32 bytes), got {}",
+            digits.len()
+        ));
+    }
+    if let Some(bad) = digits.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("{bad:?} is not a hex digit"));
+    }
+    let mut hash = [0u8; 32];
+    for (byte, pair) in hash.iter_mut().zip(digits.as_bytes().chunks(2)) {
+        let pair = std::str::from_utf8(pair).map_err(|e| e.to_string())?;
+        *byte = u8::from_str_radix(pair, 16).map_err(|e| e.to_string())?;
+    }
+    Ok(hash)
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -96,22 +149,46 @@ async fn main() -> ExitCode {
             room,
             count,
             token,
-        } => sub(&url, &room, count, token).await,
+            tls,
+        } => sub(&url, &room, count, options(&url, token, tls)).await,
         Command::Pub {
             url,
             room,
             event,
             json,
             token,
-        } => publish(&url, &room, &event, &json, token).await,
+            tls,
+        } => publish(&url, &room, &event, &json, options(&url, token, tls)).await,
     }
 }
 
-async fn open(url: &str, token: Option<String>) -> Result<Client, ExitCode> {
-    let options = ConnectOptions {
+/// The connect options for `url`, with a warning on stderr for `--insecure` and for
+/// certificate flags a non-WebTransport URL ignores.
+fn options(url: &str, token: Option<String>, tls: TlsArgs) -> ConnectOptions {
+    let webtransport = url
+        .get(..8)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    let any_tls_flag = tls.cert_hash.is_some() || tls.ca.is_some() || tls.insecure;
+    if any_tls_flag && !webtransport {
+        eprintln!(
+            "warning: --cert-hash, --ca and --insecure apply to https:// (WebTransport) URLs only; ignored"
+        );
+    } else if tls.insecure {
+        eprintln!(
+            "warning: --insecure: the broker's certificate is NOT checked; anyone on the path \
+             can impersonate it. Development only."
+        );
+    }
+    ConnectOptions {
         token,
+        cert_hash: tls.cert_hash,
+        ca_file: tls.ca,
+        insecure: tls.insecure,
         ..ConnectOptions::default()
-    };
+    }
+}
+
+async fn open(url: &str, options: ConnectOptions) -> Result<Client, ExitCode> {
     connect(url, options).await.map_err(|e| report(&e))
 }
 
@@ -125,8 +202,8 @@ fn report(error: &Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn sub(url: &str, room: &str, count: Option<u64>, token: Option<String>) -> ExitCode {
-    let client = match open(url, token).await {
+async fn sub(url: &str, room: &str, count: Option<u64>, options: ConnectOptions) -> ExitCode {
+    let client = match open(url, options).await {
         Ok(client) => client,
         Err(code) => return code,
     };
@@ -188,7 +265,7 @@ async fn publish(
     room: &str,
     event: &str,
     json: &str,
-    token: Option<String>,
+    options: ConnectOptions,
 ) -> ExitCode {
     let value: serde_json::Value = match serde_json::from_str(json) {
         Ok(value) => value,
@@ -197,7 +274,7 @@ async fn publish(
             return ExitCode::from(2);
         }
     };
-    let client = match open(url, token).await {
+    let client = match open(url, options).await {
         Ok(client) => client,
         Err(code) => return code,
     };
@@ -436,5 +513,108 @@ mod tests {
         let cli =
             Cli::try_parse_from(["roomcast-cli", "pub", "ws://h:1/ws", "a:b", "e", "{}"]).unwrap();
         assert!(matches!(cli.command, Command::Pub { ref json, .. } if json == "{}"));
+    }
+
+    const HASH_HEX: &str = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+
+    fn hash_bytes() -> [u8; 32] {
+        let half: [u8; 16] = [
+            0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+            0xee, 0xff,
+        ];
+        let mut hash = [0u8; 32];
+        hash[..16].copy_from_slice(&half);
+        hash[16..].copy_from_slice(&half);
+        hash
+    }
+
+    #[test]
+    fn cert_hash_parses_plain_and_colon_separated_hex() {
+        assert_eq!(parse_cert_hash(HASH_HEX), Ok(hash_bytes()));
+        let colons = HASH_HEX
+            .as_bytes()
+            .chunks(2)
+            .map(|pair| std::str::from_utf8(pair).unwrap())
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(parse_cert_hash(&colons), Ok(hash_bytes()));
+        assert_eq!(parse_cert_hash(&format!(" {HASH_HEX}\n")), Ok(hash_bytes()));
+    }
+
+    #[test]
+    fn cert_hash_refuses_bad_input() {
+        assert!(
+            parse_cert_hash(&HASH_HEX[..62])
+                .unwrap_err()
+                .contains("64 hex digits")
+        );
+        assert!(parse_cert_hash(&format!("{HASH_HEX}00")).is_err());
+        assert!(
+            parse_cert_hash(&HASH_HEX.replace('f', "g"))
+                .unwrap_err()
+                .contains("not a hex digit")
+        );
+        assert!(parse_cert_hash("0:011").is_err());
+        assert!(parse_cert_hash("").is_err());
+        // Multi-byte characters must not panic the slicing; a sign is no digit.
+        assert!(parse_cert_hash(&"é".repeat(32)).is_err());
+        assert!(parse_cert_hash(&format!("+f{}", &HASH_HEX[2..])).is_err());
+    }
+
+    #[test]
+    fn webtransport_flags_parse_and_exclude_each_other() {
+        let cli = Cli::try_parse_from([
+            "roomcast-cli",
+            "sub",
+            "https://127.0.0.1:4433/wt",
+            "a:b",
+            "--cert-hash",
+            HASH_HEX,
+        ])
+        .unwrap();
+        let Command::Sub { tls, .. } = cli.command else {
+            panic!("expected sub");
+        };
+        assert_eq!(tls.cert_hash, Some(hash_bytes()));
+        let options = options("https://127.0.0.1:4433/wt", None, tls);
+        assert_eq!(options.cert_hash, Some(hash_bytes()));
+        assert!(!options.insecure);
+
+        let cli = Cli::try_parse_from([
+            "roomcast-cli",
+            "pub",
+            "https://h:1/wt",
+            "a:b",
+            "e",
+            "{}",
+            "--ca",
+            "/tmp/ca.pem",
+        ])
+        .unwrap();
+        let Command::Pub { tls, .. } = cli.command else {
+            panic!("expected pub");
+        };
+        assert_eq!(tls.ca.as_deref(), Some(std::path::Path::new("/tmp/ca.pem")));
+
+        for conflicting in [
+            &["--insecure", "--ca", "x.pem"][..],
+            &["--insecure", "--cert-hash", HASH_HEX][..],
+            &["--ca", "x.pem", "--cert-hash", HASH_HEX][..],
+        ] {
+            let mut args = vec!["roomcast-cli", "sub", "https://h:1/wt", "a:b"];
+            args.extend_from_slice(conflicting);
+            assert!(Cli::try_parse_from(&args).is_err(), "{conflicting:?}");
+        }
+        assert!(
+            Cli::try_parse_from([
+                "roomcast-cli",
+                "sub",
+                "https://h:1/wt",
+                "a:b",
+                "--cert-hash",
+                "zz"
+            ])
+            .is_err()
+        );
     }
 }

@@ -1,25 +1,52 @@
 //! The frame transport abstraction and the choice of transport by URL scheme.
 //!
-//! Owns [`Transport`] (send one frame, receive one frame, close) and [`Endpoint`] (which
+//! Owns [`Transport`] (send one frame, receive one frame, close), [`Incoming`] (what the peer
+//! sent, with transport close codes already mapped to the code table) and [`Endpoint`] (which
 //! transport a URL asks for). A transport moves whole frames as opaque bytes and knows nothing
 //! of the protocol: it must not decode frames, keep requests or time anything. The driver is
-//! generic over it, so WebTransport can slot in beside [`ws`] and tests can fake it.
+//! generic over it, so [`ws`] and [`wt`] slot in side by side and tests can fake it.
 
 use std::future::Future;
 
 use bytes::Bytes;
+use roomcast_protocol::Code;
 
-use crate::error::Error;
+use crate::error::{CloseInfo, Error};
 
 pub(crate) mod ws;
+pub(crate) mod wt;
 
 /// What the peer sent.
 #[derive(Debug)]
 pub(crate) enum Incoming {
-    /// One frame (one binary WebSocket message).
+    /// One frame (one binary WebSocket message, or one length-prefixed frame from any of the
+    /// WebTransport session's streams).
     Frame(Bytes),
-    /// The peer closed the transport; `code` is its transport-level close code, if any.
-    Closed { code: Option<u16>, reason: String },
+    /// The peer closed the transport. `code` is the code its transport-level close code maps
+    /// to (each transport knows its own mapping), `None` when it gave none of ours; `reason`
+    /// is never empty.
+    Closed { code: Option<Code>, reason: String },
+}
+
+impl Incoming {
+    /// How the session ended when the transport closed without a `Close` frame: the mapped
+    /// code decides whether to reconnect; no code means a lost connection (reconnect).
+    pub(crate) fn close_info(code: Option<Code>, reason: String) -> CloseInfo {
+        CloseInfo {
+            code,
+            reason,
+            reconnect: code.is_none_or(Code::should_retry),
+        }
+    }
+}
+
+/// Why the client closes a transport that still works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LocalClose {
+    /// The client is done (or gave up on a silent broker): a normal close.
+    Normal,
+    /// The broker sent something undecodable.
+    ProtocolError,
 }
 
 /// A bidirectional, message-oriented connection carrying one frame per message.
@@ -31,9 +58,14 @@ pub(crate) trait Transport: Send + 'static {
     /// drops this future whenever something else is ready first.
     fn recv(&mut self) -> impl Future<Output = Result<Incoming, String>> + Send;
 
-    /// Starts (or answers) the closing handshake with `code` and waits until the peer is done.
-    /// The caller bounds the wait with a timeout. Errors are ignored: the connection is ending.
-    fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
+    /// Starts (or answers) the closing handshake and waits until the peer is done. The caller
+    /// bounds the wait with a timeout. Errors are ignored: the connection is ending.
+    fn close(&mut self, how: LocalClose) -> impl Future<Output = ()> + Send;
+
+    /// Tells the transport the largest frame the broker accepts (from `Welcome`), so a
+    /// transport that must cap its own buffering can size the cap to the broker's frames.
+    /// The default ignores it.
+    fn set_frame_limit(&mut self, _broker_max_frame: u64) {}
 }
 
 /// Which transport a URL selects.
@@ -41,6 +73,8 @@ pub(crate) trait Transport: Send + 'static {
 pub(crate) enum Endpoint {
     /// `ws://` (plain) or `wss://` (`tls`) WebSocket.
     WebSocket { url: String, tls: bool },
+    /// `https://` WebTransport (HTTP/3 over QUIC).
+    WebTransport { url: String },
 }
 
 impl Endpoint {
@@ -48,7 +82,7 @@ impl Endpoint {
     pub(crate) fn parse(url: &str) -> Result<Endpoint, Error> {
         let Some((scheme, rest)) = url.split_once("://") else {
             return Err(Error::InvalidUrl(format!(
-                "{url:?} has no scheme; expected ws://host:port/path or wss://..."
+                "{url:?} has no scheme; expected ws://host:port/path, wss://... or https://..."
             )));
         };
         if rest.is_empty() || rest.starts_with('/') {
@@ -63,11 +97,12 @@ impl Endpoint {
                 url: url.to_owned(),
                 tls: true,
             }),
-            "https" => Err(Error::InvalidUrl(
-                "WebTransport (https://) is not supported yet".into(),
-            )),
+            "https" => Ok(Endpoint::WebTransport {
+                url: url.to_owned(),
+            }),
             other => Err(Error::InvalidUrl(format!(
-                "unsupported scheme {other:?}; use ws:// or wss://"
+                "unsupported scheme {other:?}; use ws://, wss:// (WebSocket) or https:// \
+                 (WebTransport)"
             ))),
         }
     }
@@ -103,11 +138,29 @@ mod tests {
     }
 
     #[test]
-    fn webtransport_is_refused_clearly() {
+    fn https_selects_webtransport() {
         assert_eq!(
-            invalid("https://127.0.0.1:4433/wt"),
-            "WebTransport (https://) is not supported yet"
+            Endpoint::parse("https://127.0.0.1:4433/wt").unwrap(),
+            Endpoint::WebTransport {
+                url: "https://127.0.0.1:4433/wt".into()
+            }
         );
+        assert_eq!(
+            Endpoint::parse("HTTPS://edge.example/wt").unwrap(),
+            Endpoint::WebTransport {
+                url: "HTTPS://edge.example/wt".into()
+            }
+        );
+        assert!(invalid("https:///wt").contains("no host"));
+    }
+
+    #[test]
+    fn close_info_reconnects_unless_the_code_says_otherwise() {
+        let info = Incoming::close_info(Some(Code::ShuttingDown), "shutting_down".into());
+        assert!(info.reconnect);
+        assert!(!Incoming::close_info(Some(Code::Normal), "x".into()).reconnect);
+        assert!(!Incoming::close_info(Some(Code::ProtocolError), "x".into()).reconnect);
+        assert!(Incoming::close_info(None, "x".into()).reconnect);
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The WebSocket transport (`ws://` and `wss://`).
 //!
 //! Owns the tokio-tungstenite stream and the TLS client configuration. One binary message is
-//! one frame; WebSocket pings are answered by tungstenite itself. It must not look inside
-//! frames: the driver decodes them.
+//! one frame; WebSocket pings are answered by tungstenite itself. It also owns the mapping
+//! between WebSocket close codes and the code table (1000 is `normal`, 4xxx are the codes'
+//! own values). It must not look inside frames: the driver decodes them.
 
 use std::sync::Arc;
 
@@ -18,12 +19,38 @@ use tokio_tungstenite::{
     },
 };
 
-use super::{Incoming, Transport};
+use roomcast_protocol::Code;
+
+use super::{Incoming, LocalClose, Transport};
 use crate::error::Error;
 
 /// Largest message accepted from the broker. The broker's own frame cap is far lower; this
 /// only stops a broken peer from making the client buffer without bound.
 const MAX_MESSAGE_SIZE: usize = 16 << 20;
+
+/// WebSocket close codes the client sends.
+const WS_NORMAL: u16 = 1000;
+const WS_PROTOCOL_ERROR: u16 = 1002;
+
+/// Maps a WebSocket close code to the code table: 1000 is `normal`, 4000–4999 are looked up,
+/// anything else (or nothing) is no code of ours. An empty reason is replaced by one that
+/// names the close code.
+fn closed(code: Option<u16>, reason: String) -> Incoming {
+    let known = code.and_then(|c| match c {
+        WS_NORMAL => Some(Code::Normal),
+        4000..=4999 => Code::from_value(c.into()),
+        _ => None,
+    });
+    let reason = match (reason.is_empty(), code) {
+        (true, Some(c)) => format!("transport closed with code {c}"),
+        (true, None) => "transport closed".to_owned(),
+        (false, _) => reason,
+    };
+    Incoming::Closed {
+        code: known,
+        reason,
+    }
+}
 
 /// A WebSocket connection carrying one frame per binary message.
 pub(crate) struct WsTransport {
@@ -85,31 +112,22 @@ impl Transport for WsTransport {
             // messages loses nothing.
             match self.stream.next().await {
                 None => {
-                    return Ok(Incoming::Closed {
-                        code: None,
-                        reason: "connection ended without a close frame".into(),
-                    });
+                    return Ok(closed(
+                        None,
+                        "connection ended without a close frame".into(),
+                    ));
                 }
                 Some(Err(
                     tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
                 )) => {
-                    return Ok(Incoming::Closed {
-                        code: None,
-                        reason: "connection closed".into(),
-                    });
+                    return Ok(closed(None, "connection closed".into()));
                 }
                 Some(Err(e)) => return Err(e.to_string()),
                 Some(Ok(Message::Binary(frame))) => return Ok(Incoming::Frame(frame)),
                 Some(Ok(Message::Close(frame))) => {
                     return Ok(match frame {
-                        Some(frame) => Incoming::Closed {
-                            code: Some(frame.code.into()),
-                            reason: frame.reason.to_string(),
-                        },
-                        None => Incoming::Closed {
-                            code: None,
-                            reason: "close frame without a code".into(),
-                        },
+                        Some(frame) => closed(Some(frame.code.into()), frame.reason.to_string()),
+                        None => closed(None, "close frame without a code".into()),
                     });
                 }
                 Some(Ok(Message::Text(_))) => {
@@ -120,10 +138,16 @@ impl Transport for WsTransport {
         }
     }
 
-    async fn close(&mut self, code: u16, reason: &str) {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
+    async fn close(&mut self, how: LocalClose) {
+        let frame = match how {
+            LocalClose::Normal => CloseFrame {
+                code: CloseCode::from(WS_NORMAL),
+                reason: "".into(),
+            },
+            LocalClose::ProtocolError => CloseFrame {
+                code: CloseCode::from(WS_PROTOCOL_ERROR),
+                reason: "protocol error".into(),
+            },
         };
         // Fails harmlessly when the peer closed first: tungstenite has already queued the
         // reply and the loop below flushes it.
@@ -140,5 +164,27 @@ mod tests {
     fn tls_config_builds_with_ring_and_webpki_roots() {
         let config = tls_config().expect("TLS config");
         assert!(config.crypto_provider().cipher_suites.len() > 1);
+    }
+
+    fn close_of(code: Option<u16>, reason: &str) -> (Option<Code>, String) {
+        match closed(code, reason.into()) {
+            Incoming::Closed { code, reason } => (code, reason),
+            other => panic!("expected Closed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn close_codes_map_to_the_code_table() {
+        assert_eq!(
+            close_of(Some(1000), ""),
+            (Some(Code::Normal), "transport closed with code 1000".into())
+        );
+        assert_eq!(
+            close_of(Some(4001), "shutting_down"),
+            (Some(Code::ShuttingDown), "shutting_down".into())
+        );
+        assert_eq!(close_of(Some(4999), "x").0, None);
+        assert_eq!(close_of(Some(1001), "away").0, None);
+        assert_eq!(close_of(None, ""), (None, "transport closed".into()));
     }
 }
