@@ -4,7 +4,7 @@
 //! The development certificate is ECDSA P-256, valid 13 days from now: browsers accept at most
 //! 14 days for `serverCertificateHashes`, and a day of margin covers clock skew.
 
-use std::path::Path;
+use std::{path::Path, sync::Arc};
 
 use anyhow::Context;
 use base64::Engine;
@@ -119,6 +119,24 @@ pub async fn load_identity(cert: &Path, key: &Path) -> anyhow::Result<(Identity,
         .with_context(|| format!("loading {} and {}", cert.display(), key.display()))?;
     let info = CertInfo::of(&identity, None, "file");
     Ok((identity, info))
+}
+
+/// The rustls configuration for HTTPS and WSS on the TCP port, from PEM files.
+pub fn load_tcp_tls(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading {}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", cert.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the private key {}", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 #[cfg(test)]

@@ -104,7 +104,12 @@ async fn main() -> anyhow::Result<()> {
             }
             let listener = bind_tcp(config.listen)?;
             let addr = listener.local_addr()?;
-            info!(%addr, "listening: WebSocket ws://{addr}/ws, health http://{addr}/healthz, metrics http://{addr}/metrics");
+            let (ws, http) = if config.tls_cert.is_some() {
+                ("wss", "https")
+            } else {
+                ("ws", "http")
+            };
+            info!(%addr, "listening: WebSocket {ws}://{addr}/ws, health {http}://{addr}/healthz, metrics {http}://{addr}/metrics");
             serve(listener, config, shutdown_signal()).await
         }
         Command::Certs(CertsCommand::Dev { out }) => write_dev_cert(&out),

@@ -62,6 +62,8 @@ pub struct Shared {
     pub boot_id: u64,
     /// The certificate QUIC serves (`None` while WebTransport is off).
     pub cert: RwLock<Option<CertInfo>>,
+    /// TLS for the TCP port (HTTPS, WSS) when certificate files are configured.
+    pub tcp_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     next_session: AtomicU64,
 }
 
@@ -79,6 +81,7 @@ impl Shared {
             tracker: TaskTracker::new(),
             boot_id,
             cert: RwLock::new(None),
+            tcp_tls: RwLock::new(None),
             next_session: AtomicU64::new(1),
         }
     }
@@ -174,26 +177,49 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(error = %e, "TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let cancelled = shared.shutdown.clone();
+        let tls = shared
+            .tcp_tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         shared.tracker.spawn(async move {
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(TokioIo::new(tcp), service)
-                .with_upgrades();
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = cancelled.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            match tls {
+                None => serve_http(TokioIo::new(tcp), router, cancelled).await,
+                Some(config) => {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), router, cancelled).await,
+                        Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => debug!("TLS handshake timed out"),
+                    }
                 }
-            };
-            if let Err(e) = result {
-                debug!(error = %e, "HTTP connection ended with an error");
             }
         });
+    }
+}
+
+/// Serves one HTTP/1 connection (with upgrades) until it ends or shutdown finishes it.
+async fn serve_http<I>(io: TokioIo<I>, router: axum::Router, cancelled: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(io, TowerToHyperService::new(router))
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = cancelled.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "HTTP connection ended with an error");
     }
 }
 
@@ -230,7 +256,14 @@ async fn start_webtransport(
     tcp: SocketAddr,
 ) -> anyhow::Result<Vec<Arc<QuicEndpoint>>> {
     let config = &shared.config;
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let tls = certs::load_tcp_tls(cert, key)?;
+        *shared.tcp_tls.write().unwrap_or_else(|e| e.into_inner()) = Some(tls);
+    }
     if config.no_webtransport {
+        if config.tls_cert.is_some() {
+            tokio::spawn(reload_certificates(shared.clone(), Vec::new(), Vec::new()));
+        }
         return Ok(Vec::new());
     }
     let (identity, info) = match (&config.tls_cert, &config.tls_key) {
@@ -258,6 +291,12 @@ async fn start_webtransport(
     }
     if info.source == "dev" {
         tokio::spawn(renew_dev_certificate(
+            shared.clone(),
+            addrs,
+            endpoints.clone(),
+        ));
+    } else {
+        tokio::spawn(reload_certificates(
             shared.clone(),
             addrs,
             endpoints.clone(),
@@ -294,6 +333,75 @@ async fn renew_dev_certificate(
         }
         info!(sha256 = %info.hex(), "development certificate renewed");
         *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+}
+
+/// How often certificate files are checked for changes.
+const CERT_POLL: Duration = Duration::from_secs(2);
+
+/// Re-reads `--tls-cert`/`--tls-key` when they change or on SIGHUP, for both QUIC and TCP;
+/// open sessions keep their certificate. A broken new pair is logged and the old one kept.
+async fn reload_certificates(
+    shared: Arc<Shared>,
+    addrs: Vec<SocketAddr>,
+    endpoints: Vec<Arc<QuicEndpoint>>,
+) {
+    let (Some(cert), Some(key)) = (
+        shared.config.tls_cert.clone(),
+        shared.config.tls_key.clone(),
+    ) else {
+        return;
+    };
+    let modified = |path: &std::path::Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut seen = (modified(&cert), modified(&key));
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup_signal = async {
+            match hangup.as_mut() {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup_signal = std::future::pending::<()>();
+        let forced = tokio::select! {
+            () = tokio::time::sleep(CERT_POLL) => false,
+            () = hangup_signal => true,
+            () = shared.shutdown.cancelled() => return,
+        };
+        let now = (modified(&cert), modified(&key));
+        if !forced && now == seen {
+            continue;
+        }
+        seen = now;
+        let loaded = async {
+            let tcp = certs::load_tcp_tls(&cert, &key)?;
+            let (identity, info) = certs::load_identity(&cert, &key).await?;
+            anyhow::Ok((tcp, identity, info))
+        };
+        match loaded.await {
+            Ok((tcp, identity, info)) => {
+                for (endpoint, addr) in endpoints.iter().zip(&addrs) {
+                    let reloaded = quic_config(*addr, &identity, &shared.config)
+                        .and_then(|config| Ok(endpoint.reload_config(config, false)?));
+                    if let Err(e) = reloaded {
+                        warn!(error = %e, "reloading the QUIC certificate");
+                    }
+                }
+                *shared.tcp_tls.write().unwrap_or_else(|e| e.into_inner()) = Some(tcp);
+                info!(sha256 = %info.hex(), "certificate reloaded");
+                if !endpoints.is_empty() {
+                    *shared.cert.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "certificate files changed but could not be loaded; keeping the old ones")
+            }
+        }
     }
 }
 
@@ -391,9 +499,19 @@ impl Server {
         self.local_addr
     }
 
-    /// `ws://ADDR/ws`.
+    /// `ws://ADDR/ws`, or `wss://localhost:PORT/ws` when the TCP port speaks TLS.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/ws", self.local_addr)
+        if self
+            .shared
+            .tcp_tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+        {
+            format!("wss://localhost:{}/ws", self.local_addr.port())
+        } else {
+            format!("ws://{}/ws", self.local_addr)
+        }
     }
 
     /// The broker's shared state (hub, metrics).
