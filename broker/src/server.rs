@@ -30,7 +30,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use wtransport::{
-    Endpoint, Identity, ServerConfig, config::Ipv6DualStackConfig, endpoint::endpoint_side,
+    Endpoint, Identity, ServerConfig, config::QuicTransportConfig, endpoint::endpoint_side,
 };
 
 use crate::{
@@ -226,24 +226,69 @@ where
 /// A bound WebTransport server endpoint.
 type QuicEndpoint = Endpoint<endpoint_side::Server>;
 
-/// The QUIC server configuration for one bound address.
-fn quic_config(
-    addr: SocketAddr,
-    identity: &Identity,
-    config: &Config,
-) -> anyhow::Result<ServerConfig> {
-    let builder = ServerConfig::builder();
-    let builder = match addr {
-        SocketAddr::V4(_) => builder.with_bind_address(addr),
-        SocketAddr::V6(v6) => builder.with_bind_address_v6(v6, Ipv6DualStackConfig::Deny),
-    };
+/// UDP socket buffer asked for: a connect burst (hundreds of handshakes at once) overflows the
+/// usual ~208 KB default and costs clients handshake retries. The kernel caps it at
+/// `net.core.rmem_max`/`wmem_max`.
+const UDP_SOCKET_BUFFER: usize = 4 << 20;
+
+/// Binds the UDP socket for one QUIC endpoint (IPv6 sockets are IPv6-only).
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    if let Err(e) = socket.set_recv_buffer_size(UDP_SOCKET_BUFFER) {
+        debug!(error = %e, "UDP receive buffer");
+    }
+    if let Err(e) = socket.set_send_buffer_size(UDP_SOCKET_BUFFER) {
+        debug!(error = %e, "UDP send buffer");
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// QUIC transport limits for many small sessions. Idle memory follows the stream limits (quinn
+/// keeps state per stream the peer may open); the windows only cap memory under load.
+fn quic_transport(config: &Config) -> anyhow::Result<QuicTransportConfig> {
+    let frame = u32::try_from(config.max_frame_size).unwrap_or(u32::MAX);
+    let mut transport = QuicTransportConfig::default();
+    // Client-opened streams: the HTTP/3 CONNECT request and the control stream (bidi); HTTP/3's
+    // control and QPACK streams (uni). A little slack lets a misbehaving client's extra stream
+    // reach the session, which closes it with `protocol_error`.
+    transport.max_concurrent_bidi_streams(4u32.into());
+    transport.max_concurrent_uni_streams(8u32.into());
+    // A control-stream frame always fits; the connection window bounds what one client can
+    // make the broker buffer.
+    transport.stream_receive_window(frame.saturating_mul(2).max(64 * 1024).into());
+    transport.receive_window(frame.saturating_mul(4).max(256 * 1024).into());
+    // Unacknowledged outbound data per session: with the outbox cap, what a slow client costs.
+    transport.send_window(config.outbound_queue_bytes as u64 * 2);
+    transport.datagram_receive_buffer_size(Some(64 * 1024));
+    transport.datagram_send_buffer_size(256 * 1024);
     // QUIC's own idle timer stays above the protocol's, which closes silent sessions with a
     // code; clients ping at the protocol level.
     let idle = config.idle_timeout + Duration::from_secs(10);
+    transport.max_idle_timeout(Some(idle.try_into()?));
+    transport.keep_alive_interval(None);
+    Ok(transport)
+}
+
+/// How a QUIC configuration binds: a fresh socket, or (for a reload) nothing new.
+enum Bind {
+    Socket(std::net::UdpSocket),
+    Reload(SocketAddr),
+}
+
+/// The QUIC server configuration for one endpoint.
+fn quic_config(bind: Bind, identity: &Identity, config: &Config) -> anyhow::Result<ServerConfig> {
+    let builder = ServerConfig::builder();
+    let builder = match bind {
+        Bind::Socket(socket) => builder.with_bind_socket(socket),
+        Bind::Reload(addr) => builder.with_bind_address(addr),
+    };
     Ok(builder
-        .with_identity(identity.clone_identity())
-        .max_idle_timeout(Some(idle))?
-        .keep_alive_interval(None)
+        .with_custom_transport(identity.clone_identity(), quic_transport(config)?)
         .build())
 }
 
@@ -278,7 +323,11 @@ async fn start_webtransport(
     }
     let mut endpoints = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
-        match Endpoint::server(quic_config(*addr, &identity, config)?) {
+        let endpoint = udp_socket(*addr)
+            .map_err(anyhow::Error::from)
+            .and_then(|socket| quic_config(Bind::Socket(socket), &identity, config))
+            .and_then(|quic| Ok(Endpoint::server(quic)?));
+        match endpoint {
             Ok(endpoint) => {
                 info!(%addr, "listening: WebTransport https://{addr}/wt");
                 endpoints.push(Arc::new(endpoint));
@@ -286,7 +335,7 @@ async fn start_webtransport(
             Err(e) if i > 0 => {
                 warn!(%addr, error = %e, "WebTransport not available on this address")
             }
-            Err(e) => return Err(anyhow::Error::new(e).context(format!("binding UDP {addr}"))),
+            Err(e) => return Err(e.context(format!("binding UDP {addr}"))),
         }
     }
     if info.source == "dev" {
@@ -322,7 +371,7 @@ async fn renew_dev_certificate(
             continue;
         };
         for (endpoint, addr) in endpoints.iter().zip(&addrs) {
-            match quic_config(*addr, &identity, &shared.config) {
+            match quic_config(Bind::Reload(*addr), &identity, &shared.config) {
                 Ok(config) => {
                     if let Err(e) = endpoint.reload_config(config, false) {
                         warn!(error = %e, "reloading the QUIC certificate");
@@ -386,7 +435,7 @@ async fn reload_certificates(
         match loaded.await {
             Ok((tcp, identity, info)) => {
                 for (endpoint, addr) in endpoints.iter().zip(&addrs) {
-                    let reloaded = quic_config(*addr, &identity, &shared.config)
+                    let reloaded = quic_config(Bind::Reload(*addr), &identity, &shared.config)
                         .and_then(|config| Ok(endpoint.reload_config(config, false)?));
                     if let Err(e) = reloaded {
                         warn!(error = %e, "reloading the QUIC certificate");
