@@ -10,7 +10,6 @@ use common::*;
 use roomcast_client::{ConnectOptions, Error, SubscriptionError, connect};
 use roomcast_protocol::{ClientFrame, Code, Payload, ServerFrame};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpSocket;
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Order {
@@ -191,20 +190,7 @@ async fn never_reading_subscriber_is_closed_as_slow_while_others_keep_receiving(
     let server = start(cfg).await;
 
     // The slow subscriber: a tiny receive buffer and it never reads after subscribing.
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(server.local_addr()).await.unwrap();
-    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), stream)
-        .await
-        .unwrap();
-    let mut slow = RawConn { ws };
-    slow.send(ClientFrame::Hello {
-        version: 1,
-        token: None,
-    })
-    .await;
-    assert!(matches!(slow.frame().await, ServerFrame::Welcome(_)));
+    let mut slow = RawConn::open_slow(&server).await;
     slow.subscribe(1, "feed:1").await;
 
     let fast = client(&server).await;

@@ -282,24 +282,10 @@ async fn a_bad_datagram_closes_the_session_and_nobody_else() {
 
 #[tokio::test]
 async fn a_slow_websocket_subscriber_of_a_volatile_room_loses_old_events_not_its_session() {
-    use tokio::net::TcpSocket;
     let mut cfg = volatile_config();
     cfg.outbound_queue_bytes = 64 * 1024;
     let server = start(cfg).await;
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(server.local_addr()).await.unwrap();
-    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), stream)
-        .await
-        .unwrap();
-    let mut slow = RawConn { ws };
-    slow.send(ClientFrame::Hello {
-        version: 1,
-        token: None,
-    })
-    .await;
-    assert!(matches!(slow.frame().await, ServerFrame::Welcome(_)));
+    let mut slow = RawConn::open_slow(&server).await;
     slow.subscribe(1, "gps:fleet").await;
     let mut publisher = RawConn::open(&server).await;
     let chunk = Payload::encode(&vec![0u8; 16 * 1024])

@@ -58,9 +58,20 @@ impl RawConn {
         RawConn { ws }
     }
 
-    /// Connects and completes Hello/Welcome.
-    pub async fn open(server: &Server) -> RawConn {
-        let mut conn = RawConn::connect(server).await;
+    /// Connects with a tiny socket receive buffer (4 KiB) and completes Hello/Welcome: a
+    /// session that can be made to fall behind by simply not reading it.
+    pub async fn open_slow(server: &Server) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(server.local_addr()).await.unwrap();
+        let stream = MaybeTlsStream::Plain(stream);
+        let (ws, _) = tokio_tungstenite::client_async(server.ws_url(), stream)
+            .await
+            .unwrap();
+        RawConn::hello(RawConn { ws }).await
+    }
+
+    async fn hello(mut conn: RawConn) -> RawConn {
         conn.send(ClientFrame::Hello {
             version: 1,
             token: None,
@@ -70,6 +81,11 @@ impl RawConn {
             Seen::Frame(ServerFrame::Welcome(_)) => conn,
             other => panic!("expected Welcome, got {other:?}"),
         }
+    }
+
+    /// Connects and completes Hello/Welcome.
+    pub async fn open(server: &Server) -> RawConn {
+        RawConn::hello(RawConn::connect(server).await).await
     }
 
     pub async fn send(&mut self, frame: ClientFrame) {
