@@ -12,7 +12,12 @@ use axum::{
 };
 use tracing::debug;
 
-use crate::{server::Shared, session, transport::ws};
+use crate::{
+    admission::{self, Refusal, SessionRequest},
+    server::Shared,
+    session,
+    transport::ws,
+};
 
 /// Builds the router over the broker's shared state.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -56,8 +61,17 @@ async fn cert_hash(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    if shared.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    let origin = request
+        .headers()
+        .get(axum::http::header::ORIGIN)
+        .and_then(|v| v.to_str().ok());
+    match admission::admit(&shared, &SessionRequest::new("ws", path_and_query, origin)) {
+        Ok(()) => {}
+        Err(Refusal::NotFound) => return StatusCode::NOT_FOUND.into_response(),
+        Err(Refusal::Draining) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+        }
     }
     let (response, on_upgrade) = match ws::accept(request) {
         Ok(accepted) => accepted,

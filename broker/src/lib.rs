@@ -1,12 +1,14 @@
 //! roomcast-broker: the edge broker.
 //!
-//! Modules, each owning one thing: [`transport`] (session I/O over WebSocket and
+//! Modules, each owning one thing: [`admission`] (judging session requests before anything
+//! is allocated), [`transport`] (session I/O over WebSocket and
 //! WebTransport), [`certs`] (TLS identities for QUIC), [`session`]
 //! (drives the protocol state machine, owns the outbound queue), [`outbox`] (the bounded
 //! per-session queue), [`hub`] (rooms and fan-out), [`config`], [`metrics`], [`api`] (HTTP
 //! routes) and [`server`] (listeners, tasks, drain). The embedded single-node mode needs no
 //! external service. See docs/ARCHITECTURE.md.
 
+pub mod admission;
 pub mod api;
 pub mod certs;
 pub mod config;

@@ -34,6 +34,7 @@ use wtransport::{
 };
 
 use crate::{
+    admission::{self, Refusal, SessionRequest},
     api,
     certs::{self, CertInfo},
     config::Config,
@@ -467,12 +468,14 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
                 Ok(request) => request,
                 Err(e) => return debug!(error = %e, "QUIC handshake failed"),
             };
-            let path = request.path().split('?').next().unwrap_or_default();
-            if path != "/wt" {
-                return request.not_found().await;
-            }
-            if task_shared.shutdown.is_cancelled() {
-                return request.too_many_requests().await;
+            let judged = admission::admit(
+                &task_shared,
+                &SessionRequest::new("wt", request.path(), request.origin()),
+            );
+            match judged {
+                Ok(()) => {}
+                Err(Refusal::NotFound) => return request.not_found().await,
+                Err(Refusal::Draining) => return request.too_many_requests().await,
             }
             let connection = match request.accept().await {
                 Ok(connection) => connection,

@@ -136,6 +136,23 @@ async fn bystander_still_works(server: &roomcast_broker::Server, sub: &mut RawCo
 }
 
 #[tokio::test]
+async fn session_requests_for_other_paths_are_refused() {
+    let server = start(config()).await;
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes([wtransport::tls::Sha256Digest::new(cert_hash(&server))])
+        .build();
+    let endpoint = wtransport::Endpoint::client(config).unwrap();
+    let url = format!("https://127.0.0.1:{}/elsewhere", server.local_addr().port());
+    let refused = tokio::time::timeout(WAIT, endpoint.connect(url))
+        .await
+        .unwrap();
+    assert!(refused.is_err(), "a session at /elsewhere was accepted");
+    // The right path still works.
+    RawWt::open(&server).await;
+}
+
+#[tokio::test]
 async fn control_frame_over_max_size_closes_with_frame_too_large() {
     let mut cfg = config();
     cfg.max_frame_size = 1024;
