@@ -513,6 +513,21 @@ impl EventLayout {
     }
 }
 
+/// Stamp `index` of a payload made by [`payload`] as it arrives in an `Event`'s data (CBOR
+/// byte string head included): content bytes `8 * index..8 * index + 8` as a little-endian
+/// u64 (see [`PublishTemplate`]).
+pub(crate) fn payload_stamp(data: &[u8], index: usize) -> Option<u64> {
+    let head = match *data.first()? {
+        b if b & 0x1f < 24 => 1,
+        0x58 => 2,
+        0x59 => 3,
+        _ => return None,
+    };
+    let at = head + 8 * index;
+    let bytes = data.get(at..at + 8)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
 fn payload_content_len(payload: &Bytes) -> usize {
     match payload.first() {
         Some(&b) if b & 0x1f < 24 => (b & 0x1f) as usize,
@@ -695,6 +710,28 @@ mod tests {
             ClientFrame::decode(&body).unwrap(),
             ClientFrame::Ping { id: None }
         );
+    }
+
+    #[test]
+    fn payload_stamp_reads_what_the_template_wrote() {
+        for size in [17usize, 100, 1000] {
+            let data = payload(size, 0x2a);
+            let template = PublishTemplate::new("bench:x", "tick", &data).unwrap();
+            let mut out = Vec::new();
+            template.put(&mut out, &[11, 22], [0; 4]);
+            let mut cursor = Cursor::new(&out[..]);
+            let (_, len) = FrameHeader::parse(&mut cursor).unwrap().unwrap();
+            let start = cursor.position() as usize;
+            let body = &out[start..start + len as usize];
+            let ClientFrame::Publish { data, .. } = ClientFrame::decode(body).unwrap() else {
+                panic!("not a publish");
+            };
+            assert_eq!(data.len(), size);
+            assert_eq!(payload_stamp(&data, 0), Some(11));
+            assert_eq!(payload_stamp(&data, 1), Some(22));
+            assert_eq!(payload_stamp(&data, size / 8), None);
+        }
+        assert_eq!(payload_stamp(&[], 0), None);
     }
 
     #[test]

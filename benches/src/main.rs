@@ -2,12 +2,13 @@
 //!
 //! Scenarios: `fanout` (closed-loop fan-out to N subscribers of one room), `latency`
 //! (publish→deliver latency at a fixed publish rate), `connections` (many idle sessions, the
-//! broker's memory per session) and `publishers` (many publishers, each into its own
-//! watched room). Each scenario lives in its own module; `common` holds sessions and wire
-//! helpers, `measure` clocks, histograms and schedules, `timed` the subscribers that time
-//! every delivery. Subscribers read events straight off the socket after the handshake and
-//! look only at what they measure, so the generator stays cheaper than the broker it
-//! measures. Every scenario stops by itself, prints progress on stderr once per second and
+//! broker's memory per session), `publishers` (many publishers, each into its own watched
+//! room) and `hol` (head-of-line blocking across rooms: a WebTransport subscriber of a heavy
+//! and a light room behind a lossy user-space UDP relay). Each scenario lives in its own
+//! module; `common` holds sessions and wire helpers, `measure` clocks, histograms and
+//! schedules, `timed` the subscribers that time every delivery. Subscribers read events
+//! straight off the socket after the handshake and look only at what they measure, so the
+//! generator stays cheaper than the broker it measures. Every scenario stops by itself, prints progress on stderr once per second and
 //! ends with a table, or one JSON line with `--json`.
 //!
 //! JSON units: durations in seconds (`*_s`), latencies in milliseconds (`*_ms` objects with
@@ -19,6 +20,7 @@
 mod common;
 mod connections;
 mod fanout;
+mod hol;
 mod latency;
 mod measure;
 mod publishers;
@@ -48,6 +50,9 @@ enum Scenario {
     Connections(connections::ConnectionsArgs),
     /// Many publishers, each into its own room with a few watchers (IoT style).
     Publishers(publishers::PublishersArgs),
+    /// Head-of-line blocking across rooms: one WebTransport subscriber of a heavy and a light
+    /// room behind a lossy UDP relay; the light room's latency.
+    Hol(hol::HolArgs),
 }
 
 #[tokio::main]
@@ -59,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Latency(args) => latency::run(args).await,
         Scenario::Connections(args) => connections::run(args).await,
         Scenario::Publishers(args) => publishers::run(args).await,
+        Scenario::Hol(args) => hol::run(args).await,
     };
     // Reader tasks are still parked on their sockets: leave without waiting for them.
     std::process::exit(match result {
