@@ -339,3 +339,30 @@ async fn a_slow_websocket_subscriber_of_a_volatile_room_loses_old_events_not_its
     );
     slow.ping(1).await;
 }
+
+#[tokio::test]
+async fn the_rust_client_receives_volatile_events_sent_as_datagrams() {
+    let server = start(volatile_config()).await;
+    let options = roomcast_client::ConnectOptions {
+        cert_hash: Some(cert_hash(&server)),
+        ..Default::default()
+    };
+    let client = roomcast_client::connect(&wt_url(&server), options)
+        .await
+        .expect("WebTransport client");
+    let mut positions = client.subscribe("gps:van-9").await.unwrap();
+    let publisher = roomcast_client::connect(&server.ws_url(), Default::default())
+        .await
+        .unwrap();
+    publisher
+        .publish("gps:van-9", "pos", &(52.5, 13.4))
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(WAIT, positions.next_event())
+        .await
+        .expect("the volatile event arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.decode::<(f64, f64)>().unwrap(), (52.5, 13.4));
+    assert_eq!(event.seq, 1);
+}

@@ -133,6 +133,7 @@ impl WtTransport {
             connection.clone(),
             sender.clone(),
         ));
+        tasks.spawn(read_datagrams(connection.clone(), sender.clone()));
         tasks.spawn(accept_room_streams(
             connection.clone(),
             sender,
@@ -426,6 +427,18 @@ fn session_closed(error: ConnectionError) -> Incoming {
             code: None,
             reason: format!("session ended: {other}"),
         },
+    }
+}
+
+/// Receives the broker's datagrams: events of volatile rooms, one whole frame each. When the
+/// frame queue is full the datagram is dropped (volatile events may be lost; `seq` shows the
+/// gap) rather than holding the reader.
+async fn read_datagrams(connection: Connection, frames: mpsc::Sender<Result<Incoming, String>>) {
+    while let Ok(datagram) = connection.receive_datagram().await {
+        match frames.try_send(Ok(Incoming::Frame(datagram.payload()))) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
     }
 }
 
