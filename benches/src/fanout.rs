@@ -23,7 +23,7 @@ use crate::{
         CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, into_tcp, min_payload,
         open_session, open_subscribers, payload, rss_bytes,
     },
-    measure::{CpuMark, Phase, Shards, Summary, Ticker, now_ns, round1},
+    measure::{CpuMark, Phase, Shards, Summary, Ticker, now_ns, push_resource_lines, round1},
     timed::Keepalive,
 };
 
@@ -305,18 +305,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     table += &format!("  frames/read      {frames_per_read:.2}\n");
     table += &format!("  latency          {}\n", lat.line());
     table += &format!("  closed subs      {closed}\n");
-    if let Some(cpu) = broker_cpu {
-        table += &format!("  broker CPU       {cpu:.0} %\n");
-    }
-    if let Some(cpu) = own_cpu {
-        table += &format!("  loadgen CPU      {cpu:.0} %\n");
-    }
-    if let Some(rss) = rss {
-        table += &format!(
-            "  broker RSS       {:.1} MiB\n",
-            rss as f64 / (1 << 20) as f64
-        );
-    }
+    push_resource_lines(&mut table, 17, broker_cpu, own_cpu, rss);
     let head = args.common.json_head("fanout", &nodes);
     let figures = json!({
         "subs": args.subs, "payload": args.payload, "window": args.window,

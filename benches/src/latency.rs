@@ -29,7 +29,7 @@ use crate::{
         CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, into_tcp, min_payload,
         open_session, open_subscribers, payload, rss_bytes,
     },
-    measure::{CpuMark, Summary, Ticker, due_ns, histogram, now_ns, round1},
+    measure::{CpuMark, Summary, Ticker, due_ns, histogram, now_ns, push_resource_lines, round1},
     timed::{Deliveries, FROM_SCHEDULE, FROM_SEND, Keepalive, timed_reader},
 };
 
@@ -269,18 +269,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
     table += &format!("  from schedule      {}\n", lat_sched.line());
     table += &format!("  publisher late by  {}\n", lag.line());
     table += &format!("  gaps / closed      {gaps} / {closed}\n");
-    if let Some(cpu) = broker_cpu {
-        table += &format!("  broker CPU         {cpu:.0} %\n");
-    }
-    if let Some(cpu) = own_cpu {
-        table += &format!("  loadgen CPU        {cpu:.0} %\n");
-    }
-    if let Some(rss) = rss {
-        table += &format!(
-            "  broker RSS         {:.1} MiB\n",
-            rss as f64 / (1 << 20) as f64
-        );
-    }
+    push_resource_lines(&mut table, 19, broker_cpu, own_cpu, rss);
     let head = args.common.json_head("latency", &nodes);
     let figures = json!({
         "subs": n, "rate": args.rate, "payload": args.payload, "warmup_s": args.warmup,

@@ -301,6 +301,27 @@ pub(crate) fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
+/// Appends the broker CPU, generator CPU and broker RSS lines of a final table (each only when
+/// known), labels padded to `width` columns.
+pub(crate) fn push_resource_lines(
+    table: &mut String,
+    width: usize,
+    broker_cpu: Option<f64>,
+    own_cpu: Option<f64>,
+    rss: Option<u64>,
+) {
+    if let Some(cpu) = broker_cpu {
+        table.push_str(&format!("  {:<width$}{cpu:.0} %\n", "broker CPU"));
+    }
+    if let Some(cpu) = own_cpu {
+        table.push_str(&format!("  {:<width$}{cpu:.0} %\n", "loadgen CPU"));
+    }
+    if let Some(rss) = rss {
+        let mib = rss as f64 / (1 << 20) as f64;
+        table.push_str(&format!("  {:<width$}{mib:.1} MiB\n", "broker RSS"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

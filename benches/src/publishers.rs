@@ -29,7 +29,10 @@ use crate::{
         CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, min_payload,
         open_many, payload, rss_bytes,
     },
-    measure::{CpuMark, Summary, Ticker, due_ns, histogram, instant_at, jitter_ns, now_ns, round1},
+    measure::{
+        CpuMark, Summary, Ticker, due_ns, histogram, instant_at, jitter_ns, now_ns,
+        push_resource_lines, round1,
+    },
     timed::{Deliveries, FROM_SCHEDULE, FROM_SEND, Keepalive, timed_reader},
 };
 
@@ -311,18 +314,7 @@ pub(crate) async fn run(args: PublishersArgs) -> anyhow::Result<()> {
     table += &format!("  from schedule      {}\n", lat_sched.line());
     table += &format!("  publisher late by  {}\n", lag.line());
     table += &format!("  gaps / closed      {gaps} / {closed}  (failed devices {failed})\n");
-    if let Some(cpu) = broker_cpu {
-        table += &format!("  broker CPU         {cpu:.0} %\n");
-    }
-    if let Some(cpu) = own_cpu {
-        table += &format!("  loadgen CPU        {cpu:.0} %\n");
-    }
-    if let Some(rss) = rss {
-        table += &format!(
-            "  broker RSS         {:.1} MiB\n",
-            rss as f64 / (1 << 20) as f64
-        );
-    }
+    push_resource_lines(&mut table, 19, broker_cpu, own_cpu, rss);
     let head = args.common.json_head("publishers", &nodes);
     let figures = json!({
         "devices": args.devices, "rate_per_device": args.rate_per_device,
