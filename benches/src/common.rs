@@ -367,6 +367,31 @@ fn ping_frame() -> Vec<u8> {
     out
 }
 
+/// Blocks until `due` (nanoseconds on the generator's clock), writing a `Ping` whenever the
+/// socket has been silent for `ping_ns`, so the broker's idle timer never fires between
+/// publishes of a slow schedule.
+pub(crate) fn wait_until_due(
+    tcp: &mut std::net::TcpStream,
+    due: u64,
+    ping_ns: u64,
+    last_write: &mut u64,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    loop {
+        let now = crate::measure::now_ns();
+        if now >= due {
+            return Ok(());
+        }
+        if now - *last_write >= ping_ns {
+            tcp.write_all(&PING)?;
+            *last_write = now;
+            continue;
+        }
+        let wake = due.min(*last_write + ping_ns);
+        std::thread::sleep(std::time::Duration::from_nanos(wake - now));
+    }
+}
+
 /// Mask keys for client frames: xorshift64*, cheap and good enough for a load generator.
 pub(crate) struct MaskKeys(u64);
 

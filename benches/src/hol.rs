@@ -46,8 +46,8 @@ use wtransport::{
 use self::relay::{DirectionCounts, LinkConfig, Relay};
 use crate::{
     common::{
-        CommonArgs, MaskKeys, Nodes, PING, PublishTemplate, into_tcp, min_payload, open_session,
-        payload, payload_stamp,
+        CommonArgs, MaskKeys, Nodes, PublishTemplate, into_tcp, min_payload, open_session, payload,
+        payload_stamp, wait_until_due,
     },
     measure::{CpuMark, Phase, Summary, Ticker, due_ns, histogram, now_ns, round1},
     timed::Keepalive,
@@ -471,19 +471,8 @@ fn publish_on_schedule(
             return;
         }
         let due = start + schedule.next_due();
-        loop {
-            let now = now_ns();
-            if now >= due {
-                break;
-            }
-            if now - last_write >= ping_ns {
-                if let Err(e) = tcp.write_all(&PING) {
-                    return fail(e);
-                }
-                last_write = now;
-                continue;
-            }
-            std::thread::sleep(Duration::from_nanos(due.min(last_write + ping_ns) - now));
+        if let Err(e) = wait_until_due(&mut tcp, due, ping_ns, &mut last_write) {
+            return fail(e);
         }
         let sent = now_ns();
         out.clear();

@@ -26,8 +26,8 @@ use serde_json::json;
 
 use crate::{
     common::{
-        CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, into_tcp, min_payload,
-        open_session, open_subscribers, payload, rss_bytes,
+        CommonArgs, EventLayout, MaskKeys, PublishTemplate, RawFrames, into_tcp, min_payload,
+        open_session, open_subscribers, payload, rss_bytes, wait_until_due,
     },
     measure::{CpuMark, Summary, Ticker, due_ns, histogram, now_ns, push_resource_lines, round1},
     timed::{Deliveries, FROM_SCHEDULE, FROM_SEND, Keepalive, timed_reader},
@@ -101,21 +101,8 @@ fn publish_on_schedule(
             return;
         }
         let due = start + due_ns(k, rate);
-        loop {
-            let now = now_ns();
-            if now >= due {
-                break;
-            }
-            if now - last_write >= ping_ns {
-                // Only at rates below one publish per ping interval.
-                if let Err(e) = tcp.write_all(&PING) {
-                    return fail(e);
-                }
-                last_write = now;
-                continue;
-            }
-            let wake = due.min(last_write + ping_ns);
-            std::thread::sleep(Duration::from_nanos(wake - now));
+        if let Err(e) = wait_until_due(&mut tcp, due, ping_ns, &mut last_write) {
+            return fail(e);
         }
         let sent = now_ns();
         out.clear();
