@@ -486,6 +486,7 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
                 max_frame: config.max_frame_size,
                 hello_timeout: config.hello_timeout,
                 single_stream: config.wt_single_stream,
+                max_backlog: config.outbound_queue_bytes,
             };
             match wt::open(connection, settings).await {
                 Ok((reader, writer)) => {

@@ -126,8 +126,11 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         batch.push(Outgoing::control(close_frame(code, &reason).encode()));
         let writer = &mut self.writer;
         let flush = async {
-            writer.send_batch(&mut batch).await?;
-            writer.close(code).await
+            match writer.send_batch(&mut batch).await {
+                // Over the cap or not, the Close frame is queued; `close` writes what it can.
+                Ok(()) | Err(TransportError::Backlogged) => writer.close(code).await,
+                Err(e) => Err(e),
+            }
         };
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
     }
@@ -194,7 +197,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     Err(TransportError::Protocol(why)) => {
                         return End::Close(Code::ProtocolError, why);
                     }
-                    Err(TransportError::Io(_)) => return End::Gone,
+                    Err(TransportError::Io(_) | TransportError::Backlogged) => return End::Gone,
                 },
                 () = &mut deadline => {
                     let action = core.state.handle_timeout(Instant::now());
@@ -204,14 +207,20 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     deadline.as_mut().reset(core.state.poll_timeout().into());
                     false
                 }
+                written = writer.write_backlog(), if writer.has_backlog() => {
+                    if written.is_err() {
+                        return End::Gone;
+                    }
+                    false
+                }
             };
             if write_now {
                 tokio::select! {
-                    result = writer.send_batch(&mut batch) => {
-                        if result.is_err() {
-                            return End::Gone;
-                        }
-                    }
+                    result = writer.send_batch(&mut batch) => match result {
+                        Ok(()) => {}
+                        Err(TransportError::Backlogged) => return slow_consumer(),
+                        Err(_) => return End::Gone,
+                    },
                     () = &mut overflowed => return slow_consumer(),
                     () = &mut cancelled => return End::Gone,
                 }

@@ -366,3 +366,79 @@ async fn the_rust_client_receives_volatile_events_sent_as_datagrams() {
     assert_eq!(event.decode::<(f64, f64)>().unwrap(), (52.5, 13.4));
     assert_eq!(event.seq, 1);
 }
+
+/// A payload of about `size` bytes (a CBOR text string) tagged with `n`.
+fn sized(n: u64, size: usize) -> Bytes {
+    Payload::encode(&(n, "x".repeat(size)))
+        .unwrap()
+        .as_bytes()
+        .clone()
+}
+
+/// Publishes `count` events of about `size` bytes to `room` and waits for each Ack.
+async fn publish_many(publisher: &mut RawConn, room: &str, count: u64, size: usize) {
+    for n in 1..=count {
+        publisher
+            .send(publish(room, "blob", sized(n, size), true))
+            .await;
+        assert!(matches!(publisher.frame().await, ServerFrame::Ack { .. }));
+    }
+}
+
+#[tokio::test]
+async fn a_room_stream_the_client_does_not_read_does_not_hold_up_other_rooms() {
+    let server = start(config()).await;
+    // The client grants 8 KiB per stream, so room A's stream blocks once 8 KiB are unread.
+    let mut wt = RawWt::open_with(&server, Some(8 * 1024)).await;
+    let mut room_a = wt.subscribe(1, "bulk:a").await;
+    let mut room_b = wt.subscribe(2, "live:b").await;
+    let mut publisher = RawConn::open(&server).await;
+    // 64 KiB for A: far beyond its stream window, well under the session's backlog cap.
+    publish_many(&mut publisher, "bulk:a", 64, 1024).await;
+    // B's events flow while A's stream is stuck.
+    for n in 1..=3 {
+        publisher
+            .send(publish("live:b", "px", number(n), true))
+            .await;
+        assert!(matches!(publisher.frame().await, ServerFrame::Ack { .. }));
+        match room_b.frame().await {
+            ServerFrame::Event(e) => assert_eq!((e.room.as_str(), e.seq), ("live:b", n)),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Once the client reads A, all of A arrives, in order.
+    for n in 1..=64u64 {
+        match room_a.frame().await {
+            ServerFrame::Event(e) => {
+                assert_eq!((e.room.as_str(), e.seq), ("bulk:a", n));
+                let (tag, _): (u64, String) = e.data.decode().unwrap();
+                assert_eq!(tag, n);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    wt.send(ClientFrame::Ping { id: Some(1) }).await;
+    assert_eq!(wt.control.frame().await, ServerFrame::Pong { id: Some(1) });
+}
+
+#[tokio::test]
+async fn a_stuck_room_stream_beyond_the_queue_cap_closes_only_that_session_as_slow() {
+    let mut cfg = config();
+    cfg.outbound_queue_bytes = 32 * 1024;
+    let server = start(cfg).await;
+    let mut stuck = RawWt::open_with(&server, Some(8 * 1024)).await;
+    let _room = stuck.subscribe(1, "bulk:a").await;
+    let mut reader = RawWt::open(&server).await;
+    let mut readers_room = reader.subscribe(1, "bulk:a").await;
+    let mut publisher = RawConn::open(&server).await;
+    // 96 KiB: the stuck session's unread bytes pass 8 KiB window + 32 KiB cap.
+    publish_many(&mut publisher, "bulk:a", 96, 1024).await;
+    stuck.expect_close(Code::SlowConsumer).await;
+    // The session that reads gets everything.
+    for n in 1..=96u64 {
+        match readers_room.frame().await {
+            ServerFrame::Event(e) => assert_eq!(e.seq, n),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -20,6 +20,9 @@ pub enum TransportError {
     /// The peer broke the transport's own rules (e.g. a WebSocket text message).
     #[error("transport protocol violation: {0}")]
     Protocol(String),
+    /// Frames written but not yet accepted by the transport exceed the session's cap.
+    #[error("the transport's write backlog exceeds its cap")]
+    Backlogged,
     /// The connection failed or was reset.
     #[error("transport I/O: {0}")]
     Io(String),
@@ -46,12 +49,25 @@ pub trait FrameReader: Send {
 
 /// Sending half of a session transport.
 pub trait FrameWriter: Send {
-    /// Writes every frame in `batch` (emptying it), each on its lane's channel where the
-    /// transport has several, ideally in one system call per channel.
+    /// Takes every frame in `batch` (emptying it), each for its lane's channel where the
+    /// transport has several, and writes them, ideally in one system call per channel.
+    /// A writer may return before all is written and keep the rest as its backlog.
     fn send_batch(
         &mut self,
         batch: &mut Vec<Outgoing>,
     ) -> impl Future<Output = Result<(), TransportError>> + Send;
+
+    /// Whether frames of earlier batches still wait for the transport (writers that return
+    /// from `send_batch` before everything was written, so that one blocked channel does not
+    /// hold up the others).
+    fn has_backlog(&self) -> bool {
+        false
+    }
+
+    /// Writes the backlog. Cancel-safe: progress is kept when the future is dropped.
+    fn write_backlog(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send {
+        async { Ok(()) }
+    }
 
     /// Writes transport-level bytes produced as [`Incoming::Control`].
     fn send_control(

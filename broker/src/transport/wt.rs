@@ -9,7 +9,11 @@
 //! as QUIC datagrams (one frame per datagram) when they fit, and clients may send frames (e.g.
 //! publishes from trackers) as datagrams. No protocol logic lives here.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -27,6 +31,9 @@ use crate::outbox::{Lane, Outgoing};
 /// before closing it itself.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// How long room streams may take to write their backlog when the session closes.
+const ROOM_FLUSH_ON_CLOSE: Duration = Duration::from_millis(500);
+
 /// Most room streams one session holds open at once; further rooms share the control stream.
 const MAX_ROOM_STREAMS: usize = 1024;
 
@@ -39,6 +46,8 @@ pub struct WtSettings {
     pub hello_timeout: Duration,
     /// Put every room on the control stream (measurement knob).
     pub single_stream: bool,
+    /// Most bytes written but not yet accepted by QUIC before the session is a slow consumer.
+    pub max_backlog: usize,
 }
 
 /// Waits for the client's control stream and splits the session into reader and writer.
@@ -51,6 +60,7 @@ pub async fn open(
         max_frame,
         hello_timeout,
         single_stream,
+        max_backlog,
     } = settings;
     let (send, recv) = match tokio::time::timeout(hello_timeout, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,
@@ -64,9 +74,11 @@ pub async fn open(
         },
         WtWriter {
             connection,
-            control: send,
+            control: Channel::new(send),
             rooms: HashMap::new(),
-            pending: Vec::new(),
+            closing: Vec::new(),
+            backlog: AtomicUsize::new(0),
+            max_backlog,
             single_stream,
         },
     ))
@@ -132,10 +144,95 @@ impl FrameReader for WtReader {
     }
 }
 
+/// Above this capacity a drained channel buffer is released rather than kept for reuse.
+const RETAINED_BUFFER: usize = 16 * 1024;
+
+/// One stream being written: length-prefixed frames not yet accepted by QUIC.
+///
+/// Writes never wait on one stream while another could progress: bytes QUIC does not take
+/// right away stay here (the backlog) and are written by [`WtWriter::write_backlog`] for all
+/// streams at once.
+struct Channel {
+    stream: SendStream,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already accepted by the stream.
+    written: usize,
+}
+
+impl Channel {
+    fn new(stream: SendStream) -> Self {
+        Channel {
+            stream,
+            buf: Vec::new(),
+            written: 0,
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.buf.len() - self.written
+    }
+
+    /// Appends one frame with its length prefix; returns the bytes added.
+    fn push(&mut self, frame: &[u8]) -> usize {
+        let before = self.buf.len();
+        write_prefix(frame.len(), &mut self.buf);
+        self.buf.extend_from_slice(frame);
+        self.buf.len() - before
+    }
+
+    /// Writes what the stream accepts without waiting; returns the bytes written.
+    fn write_now(&mut self) -> Result<usize, TransportError> {
+        let start = self.written;
+        while self.written < self.buf.len() {
+            match self.stream.write(&self.buf[self.written..]).now_or_never() {
+                Some(Ok(n)) => self.written += n,
+                Some(Err(e)) => return Err(io_error(e)),
+                None => break,
+            }
+        }
+        let done = self.written - start;
+        self.settle();
+        Ok(done)
+    }
+
+    /// Writes the whole backlog, waiting for stream credit as needed. Cancel-safe: progress
+    /// is recorded after every write.
+    async fn write_backlog(&mut self, total: &AtomicUsize) -> Result<(), TransportError> {
+        while self.written < self.buf.len() {
+            let n = self
+                .stream
+                .write(&self.buf[self.written..])
+                .await
+                .map_err(io_error)?;
+            self.written += n;
+            total.fetch_sub(n, Ordering::Relaxed);
+        }
+        self.settle();
+        Ok(())
+    }
+
+    /// Empties a fully written buffer, releasing a large one.
+    fn settle(&mut self) {
+        if self.written == self.buf.len() {
+            self.written = 0;
+            if self.buf.capacity() > RETAINED_BUFFER {
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
+        }
+    }
+
+    /// Ends the stream (FIN after what was written); QUIC delivers the rest on its own.
+    fn finish(mut self) {
+        let _ = self.stream.quic_stream_mut().finish();
+    }
+}
+
 /// Where a room's frames go.
 enum RoomChannel {
     /// Its own unidirectional stream.
-    Stream(SendStream),
+    Stream(Channel),
     /// The control stream (no stream credit when the room opened).
     Control,
 }
@@ -143,28 +240,21 @@ enum RoomChannel {
 /// Sending half: the control stream and one stream per subscribed room.
 pub struct WtWriter {
     connection: Connection,
-    control: SendStream,
+    control: Channel,
     rooms: HashMap<u64, RoomChannel>,
-    /// Bytes per channel for the batch being written (`None` = control), in first-use order.
-    pending: Vec<(Option<u64>, Vec<u8>)>,
+    /// Streams of left rooms whose last bytes (ending with `Unsubscribed`) are not yet written;
+    /// each gets its FIN once they are.
+    closing: Vec<Channel>,
+    /// Bytes queued in all channels and not yet accepted by QUIC (atomic only so that the
+    /// concurrent writes of one task can share it).
+    backlog: AtomicUsize,
+    /// Largest backlog before the session counts as a slow consumer.
+    max_backlog: usize,
     /// Every room on the control stream.
     single_stream: bool,
 }
 
 impl WtWriter {
-    fn append(&mut self, channel: Option<u64>, frame: &Bytes) {
-        let index = match self.pending.iter().position(|(c, _)| *c == channel) {
-            Some(i) => i,
-            None => {
-                self.pending.push((channel, Vec::new()));
-                self.pending.len() - 1
-            }
-        };
-        let buf = &mut self.pending[index].1;
-        write_prefix(frame.len(), buf);
-        buf.extend_from_slice(frame);
-    }
-
     /// Opens the room's stream if the client grants credit right now.
     async fn open_room(&mut self, id: u64) {
         if self.rooms.contains_key(&id) {
@@ -173,7 +263,7 @@ impl WtWriter {
         let channel = if !self.single_stream && self.rooms.len() < MAX_ROOM_STREAMS {
             match self.connection.open_uni().now_or_never() {
                 Some(Ok(opening)) => match opening.await {
-                    Ok(stream) => RoomChannel::Stream(stream),
+                    Ok(stream) => RoomChannel::Stream(Channel::new(stream)),
                     Err(_) => RoomChannel::Control,
                 },
                 _ => RoomChannel::Control,
@@ -184,10 +274,41 @@ impl WtWriter {
         self.rooms.insert(id, channel);
     }
 
-    fn channel_of(&self, id: u64) -> Option<u64> {
-        match self.rooms.get(&id) {
-            Some(RoomChannel::Stream(_)) => Some(id),
-            _ => None,
+    /// The channel carrying room `id` (the control stream if it has no stream of its own).
+    fn room_channel(&mut self, id: u64) -> &mut Channel {
+        match self.rooms.get_mut(&id) {
+            Some(RoomChannel::Stream(channel)) => channel,
+            _ => &mut self.control,
+        }
+    }
+
+    /// Writes, on every channel with a backlog, what QUIC accepts without waiting.
+    fn write_now(&mut self) -> Result<(), TransportError> {
+        let mut written = self.control.write_now()?;
+        for room in self.rooms.values_mut() {
+            if let RoomChannel::Stream(channel) = room
+                && channel.backlog() > 0
+            {
+                written += channel.write_now()?;
+            }
+        }
+        for channel in &mut self.closing {
+            written += channel.write_now()?;
+        }
+        self.backlog.fetch_sub(written, Ordering::Relaxed);
+        self.finish_closed();
+        Ok(())
+    }
+
+    /// Sends FIN on left rooms' streams that have written everything.
+    fn finish_closed(&mut self) {
+        let mut i = 0;
+        while i < self.closing.len() {
+            if self.closing[i].backlog() == 0 {
+                self.closing.swap_remove(i).finish();
+            } else {
+                i += 1;
+            }
         }
     }
 }
@@ -197,16 +318,17 @@ fn io_error(e: impl std::fmt::Display) -> TransportError {
 }
 
 impl FrameWriter for WtWriter {
+    /// Queues the batch on its channels and writes what QUIC takes right away; the rest is
+    /// the backlog, written by [`FrameWriter::write_backlog`] while the session goes on.
     async fn send_batch(&mut self, batch: &mut Vec<Outgoing>) -> Result<(), TransportError> {
-        let mut finished = Vec::new();
         for Outgoing { frame, lane } in batch.drain(..) {
-            let channel = match lane {
-                Lane::Control => None,
+            let added = match lane {
+                Lane::Control => self.control.push(&frame),
                 Lane::RoomOpen(id) => {
                     self.open_room(id).await;
-                    self.channel_of(id)
+                    self.room_channel(id).push(&frame)
                 }
-                Lane::Room(id) => self.channel_of(id),
+                Lane::Room(id) => self.room_channel(id).push(&frame),
                 Lane::Volatile(id) => {
                     // A datagram when it fits (loss allowed); else the room's stream.
                     let fits = self
@@ -216,33 +338,55 @@ impl FrameWriter for WtWriter {
                     if fits && self.connection.send_datagram(frame.clone()).is_ok() {
                         continue;
                     }
-                    self.channel_of(id)
+                    self.room_channel(id).push(&frame)
                 }
-                Lane::RoomClose(id) => {
-                    finished.push(id);
-                    self.channel_of(id)
-                }
-            };
-            self.append(channel, &frame);
-        }
-        let mut pending = std::mem::take(&mut self.pending);
-        for (channel, bytes) in pending.drain(..) {
-            let stream = match channel {
-                None => &mut self.control,
-                Some(id) => match self.rooms.get_mut(&id) {
-                    Some(RoomChannel::Stream(stream)) => stream,
-                    _ => &mut self.control,
+                Lane::RoomClose(id) => match self.rooms.remove(&id) {
+                    Some(RoomChannel::Stream(mut channel)) => {
+                        let added = channel.push(&frame);
+                        self.closing.push(channel);
+                        added
+                    }
+                    _ => self.control.push(&frame),
                 },
             };
-            stream.write_all(&bytes).await.map_err(io_error)?;
+            self.backlog.fetch_add(added, Ordering::Relaxed);
         }
-        self.pending = pending;
-        for id in finished {
-            if let Some(RoomChannel::Stream(mut stream)) = self.rooms.remove(&id) {
-                let _ = stream.finish().await;
-            }
+        self.write_now()?;
+        if self.backlog.load(Ordering::Relaxed) > self.max_backlog {
+            return Err(TransportError::Backlogged);
         }
         Ok(())
+    }
+
+    fn has_backlog(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed) > 0
+    }
+
+    async fn write_backlog(&mut self) -> Result<(), TransportError> {
+        let WtWriter {
+            control,
+            rooms,
+            closing,
+            backlog,
+            ..
+        } = self;
+        let mut writes = Vec::new();
+        if control.backlog() > 0 {
+            writes.push(control.write_backlog(backlog));
+        }
+        for room in rooms.values_mut() {
+            if let RoomChannel::Stream(channel) = room
+                && channel.backlog() > 0
+            {
+                writes.push(channel.write_backlog(backlog));
+            }
+        }
+        for channel in closing.iter_mut() {
+            writes.push(channel.write_backlog(backlog));
+        }
+        let result = futures_util::future::try_join_all(writes).await.map(|_| ());
+        self.finish_closed();
+        result
     }
 
     async fn send_control(&mut self, _raw: Bytes) -> Result<(), TransportError> {
@@ -251,7 +395,13 @@ impl FrameWriter for WtWriter {
     }
 
     async fn close(&mut self, code: Code) -> Result<(), TransportError> {
-        let _ = self.control.finish().await;
+        // Room streams get a moment to flush (none for a slow consumer, whose backlog is the
+        // problem); the control stream, which carries the Close frame, is written in full.
+        if code != Code::SlowConsumer {
+            let _ = tokio::time::timeout(ROOM_FLUSH_ON_CLOSE, self.write_backlog()).await;
+        }
+        self.control.write_backlog(&self.backlog).await?;
+        let _ = self.control.stream.finish().await;
         // Let the client read the Close frame and close first; then close anyway.
         let _ = tokio::time::timeout(CLOSE_GRACE, self.connection.closed()).await;
         close_connection(&self.connection, code);

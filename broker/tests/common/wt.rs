@@ -30,10 +30,27 @@ pub fn cert_hash(server: &Server) -> [u8; 32] {
 
 /// Opens a WebTransport session pinned to `hash`.
 pub async fn session(server: &Server, hash: [u8; 32]) -> Result<Connection, String> {
-    let config = ClientConfig::builder()
+    session_with(server, hash, None).await
+}
+
+/// Opens a WebTransport session pinned to `hash`, granting the broker at most
+/// `stream_window` unread bytes per stream when given.
+pub async fn session_with(
+    server: &Server,
+    hash: [u8; 32],
+    stream_window: Option<u32>,
+) -> Result<Connection, String> {
+    let builder = ClientConfig::builder()
         .with_bind_default()
-        .with_server_certificate_hashes([Sha256Digest::new(hash)])
-        .build();
+        .with_server_certificate_hashes([Sha256Digest::new(hash)]);
+    let config = match stream_window {
+        None => builder.build(),
+        Some(window) => {
+            let mut transport = wtransport::config::QuicTransportConfig::default();
+            transport.stream_receive_window(window.into());
+            builder.with_custom_transport(transport).build()
+        }
+    };
     let endpoint = Endpoint::client(config).map_err(|e| e.to_string())?;
     tokio::time::timeout(WAIT, endpoint.connect(wt_url(server)))
         .await
@@ -88,7 +105,15 @@ pub struct RawWt {
 impl RawWt {
     /// Connects and opens the control stream, without Hello.
     pub async fn connect(server: &Server) -> RawWt {
-        let connection = session(server, cert_hash(server)).await.expect("session");
+        RawWt::connect_with(server, None).await
+    }
+
+    /// Connects with at most `stream_window` unread bytes per stream (when given) and opens
+    /// the control stream, without Hello.
+    pub async fn connect_with(server: &Server, stream_window: Option<u32>) -> RawWt {
+        let connection = session_with(server, cert_hash(server), stream_window)
+            .await
+            .expect("session");
         let (send, recv) = connection.open_bi().await.unwrap().await.unwrap();
         RawWt {
             connection,
@@ -99,7 +124,12 @@ impl RawWt {
 
     /// Connects and completes Hello/Welcome.
     pub async fn open(server: &Server) -> RawWt {
-        let mut conn = RawWt::connect(server).await;
+        RawWt::open_with(server, None).await
+    }
+
+    /// Like [`RawWt::open`] with at most `stream_window` unread bytes per stream.
+    pub async fn open_with(server: &Server, stream_window: Option<u32>) -> RawWt {
+        let mut conn = RawWt::connect_with(server, stream_window).await;
         conn.send(ClientFrame::Hello {
             version: 1,
             token: None,
