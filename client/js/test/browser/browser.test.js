@@ -1,0 +1,286 @@
+// The browser client in a real browser against a real broker: Debian's Chromium, headless,
+// driven by playwright-core; brokers and the Rust client (`roomcast-cli`) run as processes on
+// 127.0.0.1 with ports chosen by the kernel. One browser launch, one page per case.
+//
+// Needs the debug binaries (`cargo build -p roomcast-broker --bin roomcast` and
+// `cargo build -p roomcast-client --bin roomcast-cli`) and /usr/bin/chromium; a missing one is
+// a failure with a hint, never a skip.
+
+import { after, before, describe, test } from 'node:test';
+import assert from 'node:assert/strict';
+
+import { join } from 'node:path';
+
+import {
+  REPO_DIR,
+  cliPublish,
+  cliSubscribe,
+  launchChromium,
+  requireChromium,
+  startBroker,
+  startPackageServer,
+  stopAll,
+} from './harness.js';
+
+let browser;
+let broker; // WebTransport on, rooms ticker:* volatile
+let brokerNoWt; // --no-webtransport
+let site; // the package server
+let demo; // --dev-ui examples/browser
+
+before(async () => {
+  requireChromium();
+  [broker, brokerNoWt, site, demo] = await Promise.all([
+    startBroker(['--volatile-namespaces', 'ticker,gps']),
+    startBroker(['--no-webtransport']),
+    startPackageServer(),
+    startBroker(['--dev-ui', join(REPO_DIR, 'examples', 'browser'), '--volatile-namespaces', 'ticker']),
+  ]);
+  browser = await launchChromium();
+});
+
+after(async () => {
+  await browser?.close();
+  await stopAll();
+});
+
+/** A fresh page with the package loaded as `window.roomcast`; page errors fail the case. */
+async function openPage(t) {
+  const context = await browser.newContext();
+  const page = await context.newPage();
+  const problems = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  page.on('console', (m) => {
+    if (m.type() === 'error') problems.push(`console error: ${m.text()}`);
+  });
+  await page.goto(`${site}/`);
+  await page.waitForFunction(() => document.title === 'ready');
+  t.after(async () => {
+    await context.close();
+  });
+  return { page, problems };
+}
+
+/**
+ * In the page: connect with `options`, subscribe to `room` collecting events in
+ * `window.events`; returns what the client reports about its transport.
+ */
+function connectAndSubscribe(page, url, options, room, subscribeOptions = {}) {
+  return page.evaluate(
+    async ({ url, options, room, subscribeOptions }) => {
+      const states = [];
+      window.events = [];
+      const client = await window.roomcast.connect(url, { ...options, onState: (s) => states.push(s.state) });
+      window.client = client;
+      const sub = await client.subscribe(room, (e) => window.events.push(e), subscribeOptions);
+      return { transport: client.transport, fallbacks: client.fallbacks, startSeq: sub.startSeq, states };
+    },
+    { url, options, room, subscribeOptions },
+  );
+}
+
+/** Waits until the page holds `n` events, then returns them (without the raw bytes). */
+async function eventsInPage(page, n) {
+  await page.waitForFunction((n) => window.events.length >= n, n);
+  return page.evaluate(() => window.events.map(({ room, event, data, seq, via }) => ({ room, event, data, seq, via })));
+}
+
+describe('browser client', () => {
+  test('WebTransport: the page receives events published by the Rust client', async (t) => {
+    const { page, problems } = await openPage(t);
+    const info = await connectAndSubscribe(page, broker.http, { certHash: broker.certHash }, 'orders:wt-in');
+    assert.equal(info.transport, 'webtransport', `fell back: ${JSON.stringify(info.fallbacks)}`);
+    assert.deepEqual(info.fallbacks, []);
+    assert.deepEqual(info.states, ['connecting', 'connected']);
+    assert.equal(info.startSeq, 0);
+    for (let i = 1; i <= 3; i++) await cliPublish(broker.ws, 'orders:wt-in', 'status', { state: 'shipped', n: i });
+    const events = await eventsInPage(page, 3);
+    assert.deepEqual(
+      events,
+      [1, 2, 3].map((n) => ({ room: 'orders:wt-in', event: 'status', data: { state: 'shipped', n }, seq: n, via: 'stream' })),
+    );
+    const stats = await page.evaluate(() => window.client.stats);
+    assert.equal(stats.received.websocket, 0);
+    assert.ok(stats.received.stream >= 5, `Welcome, Subscribed and 3 Events on streams: ${JSON.stringify(stats)}`);
+    assert.deepEqual(problems, []);
+  });
+
+  test('WebTransport: events published by the page reach the Rust client', async (t) => {
+    const { page, problems } = await openPage(t);
+    const sub = cliSubscribe(broker.wt, 'orders:wt-out', 2, ['--cert-hash', broker.certHash]);
+    await sub.ready;
+    const acks = await page.evaluate(
+      async ({ url, certHash }) => {
+        const client = await window.roomcast.connect(url, { certHash });
+        const acks = [];
+        acks.push(await client.publish('orders:wt-out', 'status', { state: 'packed' }));
+        acks.push(await client.publish('orders:wt-out', 'price', [5252, 1340, 'EUR']));
+        return { transport: client.transport, acks };
+      },
+      { url: broker.http, certHash: broker.certHash },
+    );
+    assert.equal(acks.transport, 'webtransport');
+    assert.deepEqual(acks.acks, [{ seq: 1 }, { seq: 2 }]);
+    const out = await sub.done;
+    assert.equal(out.code, 0, out.stderr);
+    assert.deepEqual(
+      out.stdout.trim().split('\n').map((l) => JSON.parse(l)),
+      [
+        { room: 'orders:wt-out', event: 'status', data: { state: 'packed' }, seq: 1 },
+        { room: 'orders:wt-out', event: 'price', data: [5252, 1340, 'EUR'], seq: 2 },
+      ],
+    );
+    assert.deepEqual(problems, []);
+  });
+
+  test('WebTransport datagrams: a volatile room\'s events arrive as datagrams', async (t) => {
+    const { page, problems } = await openPage(t);
+    const info = await connectAndSubscribe(page, broker.http, { certHash: broker.certHash }, 'ticker:btc', { latestOnly: true });
+    assert.equal(info.transport, 'webtransport');
+    // Datagrams may be lost (not on loopback in practice): publish until three have arrived.
+    let published = 0;
+    for (; published < 30; published++) {
+      if ((await page.evaluate(() => window.events.length)) >= 3) break;
+      await cliPublish(broker.ws, 'ticker:btc', 'price', { bid: 64000 + published, ask: 64001 + published });
+    }
+    const events = await eventsInPage(page, 3);
+    for (const e of events) {
+      assert.equal(e.via, 'datagram', `event ${e.seq} came on a stream`);
+      assert.equal(e.data.ask - e.data.bid, 1);
+    }
+    const seqs = events.map((e) => e.seq);
+    assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b), 'latestOnly delivers increasing seqs');
+    const stats = await page.evaluate(() => window.client.stats);
+    assert.equal(stats.received.datagram, events.length + stats.staleDropped);
+    // The page publishes into the volatile room as a datagram; the Ack comes on the control
+    // stream. A lost datagram would leave the Ack missing, so it tries a few times.
+    const sent = await page.evaluate(async () => {
+      const client = window.client;
+      for (let i = 0; i < 5; i++) {
+        const ack = client.publish('ticker:btc', 'price', { bid: 1, ask: 2 }, { datagram: true });
+        const winner = await Promise.race([ack, new Promise((r) => setTimeout(() => r('lost'), 2000))]);
+        if (winner !== 'lost') return { ack: winner, sentDatagrams: client.stats.sent.datagram };
+      }
+      return { ack: null, sentDatagrams: client.stats.sent.datagram };
+    });
+    assert.ok(sent.ack && typeof sent.ack.seq === 'number', 'the datagram publish was acknowledged with a seq');
+    assert.ok(sent.sentDatagrams >= 1);
+    await page.waitForFunction((seq) => window.events.some((e) => e.seq === seq), sent.ack.seq);
+    assert.deepEqual(problems, []);
+  });
+
+  test('fallback: a browser without WebTransport uses WebSocket', async (t) => {
+    const { page, problems } = await openPage(t);
+    await page.evaluate(() => {
+      delete window.WebTransport;
+    });
+    const info = await connectAndSubscribe(page, broker.http, { certHash: broker.certHash }, 'orders:no-wt-api');
+    assert.equal(info.transport, 'websocket');
+    assert.deepEqual(info.fallbacks, [{ transport: 'webtransport', error: 'this browser has no WebTransport' }]);
+    await cliPublish(broker.wt, 'orders:no-wt-api', 'status', 'delivered', ['--cert-hash', broker.certHash]);
+    assert.deepEqual(await eventsInPage(page, 1), [
+      { room: 'orders:no-wt-api', event: 'status', data: 'delivered', seq: 1, via: 'websocket' },
+    ]);
+    assert.deepEqual(problems, []);
+  });
+
+  test('fallback: a broker without WebTransport (nothing on UDP) is reached over WebSocket', async (t) => {
+    const { page } = await openPage(t);
+    // The hash of the other broker's certificate: what a stale page would hold.
+    const info = await connectAndSubscribe(page, brokerNoWt.http, { certHash: broker.certHash }, 'orders:no-wt');
+    assert.equal(info.transport, 'websocket');
+    assert.equal(info.fallbacks.length, 1);
+    assert.equal(info.fallbacks[0].transport, 'webtransport');
+    assert.deepEqual(info.states, ['connecting', 'connecting', 'connected']);
+    await cliPublish(brokerNoWt.ws, 'orders:no-wt', 'status', { state: 'shipped' });
+    assert.deepEqual(await eventsInPage(page, 1), [
+      { room: 'orders:no-wt', event: 'status', data: { state: 'shipped' }, seq: 1, via: 'websocket' },
+    ]);
+    const published = await page.evaluate(() => window.client.publish('orders:no-wt', 'status', 'ok'));
+    assert.deepEqual(published, { seq: 2 });
+  });
+
+  for (const transport of ['webtransport', 'websocket']) {
+    test(`errors over ${transport}: bad names reject with the broker's code`, async (t) => {
+      const { page, problems } = await openPage(t);
+      const result = await page.evaluate(
+        async ({ url, certHash, transport }) => {
+          const client = await window.roomcast.connect(url, { certHash, transports: [transport] });
+          const outcome = async (promise) => {
+            try {
+              return { ok: await promise };
+            } catch (e) {
+              return { error: { name: e.name, code: e.code, codeName: e.codeName, isError: e instanceof Error } };
+            }
+          };
+          return {
+            transport: client.transport,
+            subscribe: await outcome(client.subscribe('Orders:1', () => {})),
+            publishRoom: await outcome(client.publish('orders', 'status', 1)),
+            publishEvent: await outcome(client.publish('orders:1', 'bad event', 1)),
+            // The session goes on after request errors.
+            after: await outcome(client.publish('orders:1', 'status', 1)),
+            state: client.state,
+          };
+        },
+        { url: broker.http, certHash: broker.certHash, transport },
+      );
+      const refused = (code, codeName) => ({ error: { name: 'RoomcastError', code, codeName, isError: true } });
+      assert.equal(result.transport, transport);
+      assert.deepEqual(result.subscribe, refused(4101, 'invalid_room'));
+      assert.deepEqual(result.publishRoom, refused(4101, 'invalid_room'));
+      assert.deepEqual(result.publishEvent, refused(4102, 'invalid_event'));
+      assert.deepEqual(result.after, { ok: {} });
+      assert.equal(result.state, 'connected');
+      assert.deepEqual(problems, []);
+    });
+  }
+
+  test('state events: the broker ending the session is reported with its code', async (t) => {
+    const { page } = await openPage(t);
+    const own = await startBroker([]);
+    t.after(() => own.stop());
+    const pending = page.evaluate(
+      async ({ url, certHash }) => {
+        const states = [];
+        const client = await window.roomcast.connect(url, { certHash, onState: (s) => states.push(s) });
+        window.ready = true;
+        const closed = await client.closed;
+        return { states, closed };
+      },
+      { url: own.http, certHash: own.certHash },
+    );
+    await page.waitForFunction(() => window.ready === true);
+    const stopped = own.stop(); // SIGTERM: the broker drains, sending Close shutting_down
+    const { states, closed } = await pending;
+    await stopped;
+    assert.equal(closed.code, 4001, JSON.stringify(closed)); // shutting_down
+    assert.equal(closed.reconnect, true);
+    assert.match(closed.reason, /shutting down/);
+    assert.deepEqual(states.map((s) => s.state), ['connecting', 'connected', 'disconnected']);
+  });
+
+  test('demo page (--dev-ui examples/browser) updates live', async (t) => {
+    const context = await browser.newContext();
+    t.after(() => context.close());
+    const page = await context.newPage();
+    const problems = [];
+    page.on('pageerror', (e) => problems.push(e.message));
+    await page.goto(`${demo.http}/`);
+    await page.waitForSelector('body[data-ready="true"]');
+    // /dev-ui.js gave the page the certificate hash, so it is on WebTransport.
+    assert.equal(await page.getAttribute('#connection', 'data-transport'), 'webtransport');
+    await cliPublish(demo.ws, 'orders:board', 'new', { id: 'T-1', symbol: 'ETH-EUR', side: 'buy', qty: 1.5, price: 3100 });
+    await cliPublish(demo.ws, 'orders:board', 'status', { id: 'T-1', status: 'filled' });
+    await page.waitForSelector('#order-T-1 .status.filled');
+    for (let i = 0; i < 30; i++) {
+      await cliPublish(demo.ws, 'ticker:BTC-EUR', 'price', { last: 64000 + i, bid: 63999 + i, ask: 64001 + i });
+      if (await page.$('#ticker-BTC-EUR[data-via="datagram"]')) break;
+    }
+    await page.waitForSelector('#ticker-BTC-EUR[data-via="datagram"]');
+    assert.match(await page.textContent('#ticker-BTC-EUR .price'), /^64,0\d\d\.00$/);
+    await page.click('#order-form button[type="submit"]');
+    await page.waitForSelector('#order-result:has-text("ack seq")');
+    assert.deepEqual(problems, []);
+  });
+});
