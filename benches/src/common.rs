@@ -75,6 +75,10 @@ pub(crate) struct CommonArgs {
     /// them, publishers connect to the first. Replaces --url.
     #[arg(long, value_delimiter = ',')]
     pub(crate) nodes: Vec<String>,
+    /// URL the publishers connect to instead of the first node (e.g. publish on node A with
+    /// every subscriber on node B: `--nodes B --publisher-url A`).
+    #[arg(long)]
+    pub(crate) publisher_url: Option<String>,
     /// Transport: `ws`, or `wt` / `wt-datagram` (WebTransport, not available yet).
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     pub(crate) transport: Transport,
@@ -104,7 +108,9 @@ impl CommonArgs {
         if self.transport != Transport::Ws {
             bail!("WebTransport arrives with issue 3");
         }
-        Nodes::new(&self.url, &self.nodes)
+        let mut nodes = Nodes::new(&self.url, &self.nodes)?;
+        nodes.publisher = self.publisher_url.clone();
+        Ok(nodes)
     }
 
     /// The fields every JSON line starts with: scenario, transport, nodes, time stamp, tags.
@@ -113,6 +119,9 @@ impl CommonArgs {
         head.insert("scenario".into(), json!(scenario));
         head.insert("transport".into(), json!(self.transport.name()));
         head.insert("nodes".into(), json!(nodes.urls));
+        if let Some(publisher) = &nodes.publisher {
+            head.insert("publisher".into(), json!(publisher));
+        }
         let ts = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -143,6 +152,8 @@ impl CommonArgs {
 #[derive(Debug, Clone)]
 pub(crate) struct Nodes {
     urls: Vec<String>,
+    /// Where publishers connect, when not the first node.
+    publisher: Option<String>,
 }
 
 impl Nodes {
@@ -160,7 +171,10 @@ impl Nodes {
         if urls.is_empty() {
             bail!("--nodes names no URL");
         }
-        Ok(Nodes { urls })
+        Ok(Nodes {
+            urls,
+            publisher: None,
+        })
     }
 
     /// The URL subscriber `i` connects to (round-robin over the nodes).
@@ -168,9 +182,9 @@ impl Nodes {
         &self.urls[i % self.urls.len()]
     }
 
-    /// The URL publishers connect to (the first node).
+    /// The URL publishers connect to (`--publisher-url`, else the first node).
     pub(crate) fn publisher(&self) -> &str {
-        &self.urls[0]
+        self.publisher.as_deref().unwrap_or(&self.urls[0])
     }
 }
 

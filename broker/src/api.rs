@@ -1,5 +1,7 @@
-//! The HTTP surface on the TCP port: `GET /ws` (WebSocket upgrade), `GET /healthz`,
-//! `GET /metrics` and `GET /cert-hash` (the QUIC certificate's SHA-256, for pinning). Handlers only route; sessions live in [`crate::session`].
+//! The HTTP surface on the TCP port: `GET /ws` (WebSocket upgrade), `GET /healthz` (the
+//! process is alive), `GET /readyz` (the node should get traffic: not draining and, in cluster
+//! mode, connected to NATS), `GET /metrics`, `GET /cert-hash` (the QUIC certificate's SHA-256,
+//! for pinning) and `POST /api/publish` (backend publishing with an API key). Handlers only route; sessions live in [`crate::session`].
 
 use std::sync::Arc;
 
@@ -8,7 +10,7 @@ use axum::{
     extract::{Request, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
 use tracing::debug;
 
@@ -24,8 +26,16 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/ws", get(websocket))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route(
+            "/api/publish",
+            post(publish::publish).layer(axum::extract::DefaultBodyLimit::max(
+                shared.config.max_frame_size,
+            )),
+        )
         .route("/metrics", get(metrics))
         .route("/cert-hash", get(cert_hash))
+        .merge(crate::dev_ui::router(&shared))
         .with_state(shared)
 }
 
@@ -34,6 +44,16 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
     } else {
         "ok\n".into_response()
+    }
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    if shared.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if !shared.is_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n").into_response()
+    } else {
+        "ready\n".into_response()
     }
 }
 
@@ -87,4 +107,152 @@ async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Respo
         }
     });
     response
+}
+
+/// `POST /api/publish`: an application backend publishes an event to a room, through the same
+/// bridge as client publishes (so in cluster mode it reaches every node).
+mod publish {
+    use std::sync::Arc;
+
+    use axum::{
+        body::Bytes,
+        extract::State,
+        http::{HeaderMap, StatusCode, header},
+        response::{IntoResponse, Response},
+    };
+    use roomcast_protocol::{Code, EventName, Payload, RoomName};
+    use sha2::{Digest, Sha256};
+
+    use crate::server::Shared;
+
+    /// The JSON body: `data` is any JSON value, sent to subscribers as its CBOR encoding.
+    #[derive(serde::Deserialize)]
+    struct JsonBody {
+        room: String,
+        event: String,
+        data: serde_json::Value,
+    }
+
+    /// The CBOR body: a map with text keys; `data` is any CBOR item.
+    #[derive(serde::Deserialize)]
+    struct CborBody {
+        room: String,
+        event: String,
+        data: ciborium::Value,
+    }
+
+    fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+        (status, axum::Json(body)).into_response()
+    }
+
+    fn refuse(status: StatusCode, code: Code, message: &str) -> Response {
+        answer(
+            status,
+            serde_json::json!({"code": code.value(), "error": code.as_str(), "message": message}),
+        )
+    }
+
+    fn bad_request(message: &str) -> Response {
+        answer(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": "bad_request", "message": message}),
+        )
+    }
+
+    /// Compares the presented key with the configured one without an early exit on the first
+    /// differing byte (both sides are hashed to the same length first).
+    fn key_matches(presented: &str, expected: &str) -> bool {
+        let (a, b) = (Sha256::digest(presented), Sha256::digest(expected));
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+    }
+
+    pub(super) async fn publish(
+        State(shared): State<Arc<Shared>>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let Some(expected) = &shared.config.api_key else {
+            return (
+                StatusCode::NOT_FOUND,
+                "publishing over HTTP is off (no --api-key)\n",
+            )
+                .into_response();
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !presented.is_some_and(|key| key_matches(key, &expected.0)) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong API key\n",
+            )
+                .into_response();
+        }
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let (room, event, data) = match content_type.as_str() {
+            "application/json" => match serde_json::from_slice::<JsonBody>(&body) {
+                Ok(b) => (b.room, b.event, Payload::encode(&b.data)),
+                Err(e) => return bad_request(&format!("JSON body: {e}")),
+            },
+            "application/cbor" => match ciborium::from_reader::<CborBody, _>(&body[..]) {
+                Ok(b) => (b.room, b.event, Payload::encode(&b.data)),
+                Err(e) => return bad_request(&format!("CBOR body: {e}")),
+            },
+            _ => {
+                return (
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "Content-Type must be application/json or application/cbor\n",
+                )
+                    .into_response();
+            }
+        };
+        let room = match RoomName::new(&room) {
+            Ok(room) => room,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidRoom, &e.to_string()),
+        };
+        let event = match EventName::new(&event) {
+            Ok(event) => event,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidEvent, &e.to_string()),
+        };
+        // One encode of `data`, then the same checks as a client's payload (depth cap).
+        let limits = shared.config.session().payload;
+        let data = match data
+            .and_then(|p| Payload::new(p.as_bytes().clone(), limits).map_err(|e| e.to_string()))
+        {
+            Ok(data) => data,
+            Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidPayload, &e),
+        };
+        match shared.bridge.publish(&shared.hub, &room, &event, &data) {
+            Ok(delivery) => {
+                shared.metrics.events_in.inc();
+                shared.metrics.events_out.inc_by(delivery.delivered as u64);
+                let mut body = serde_json::json!({"ok": true});
+                if let Some(seq) = delivery.seq {
+                    body["seq"] = seq.into();
+                }
+                answer(StatusCode::OK, body)
+            }
+            Err(e) => {
+                shared.metrics.count_code(Code::Unavailable);
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::Unavailable,
+                    &e.to_string(),
+                )
+            }
+        }
+    }
 }

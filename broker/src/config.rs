@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use roomcast_protocol::{PayloadLimits, SessionConfig};
 
-use crate::transport::ws::WsSettings;
+use crate::{cluster::subject::SubjectPrefix, transport::ws::WsSettings};
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_NO_WEBTRANSPORT")]
     pub no_webtransport: bool,
 
+    /// Development only: serve the static files of this folder at `/` (e.g. `examples/browser`)
+    /// and, at `/dev-ui.js`, the WebTransport certificate hash for the page to pin.
+    #[arg(long, env = "ROOMCAST_DEV_UI", value_name = "DIR")]
+    pub dev_ui: Option<PathBuf>,
+
     /// PEM certificate chain for QUIC. Without it (and `--tls-key`) the broker generates an
     /// in-memory development certificate valid 13 days and serves its hash at `/cert-hash`.
     #[arg(long, env = "ROOMCAST_TLS_CERT", requires = "tls_key")]
@@ -80,6 +85,123 @@ pub struct Config {
     /// one is being read).
     #[arg(long, env = "ROOMCAST_WS_READ_BUFFER", default_value_t = 512)]
     pub ws_read_buffer: usize,
+
+    /// API key for `POST /api/publish` (sent as `Authorization: Bearer <key>`). Without it the
+    /// publish endpoint is off (404).
+    #[arg(long, env = "ROOMCAST_API_KEY")]
+    pub api_key: Option<Secret>,
+
+    /// Cluster mode over NATS (off unless `--nats` is given).
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
+}
+
+/// A configuration value that must not appear in logs or `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Cluster mode: rooms map to NATS subjects and events travel between nodes through NATS.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Cluster (NATS)")]
+pub struct ClusterConfig {
+    /// NATS server URLs, comma-separated (e.g. `nats://10.0.0.1:4222,nats://10.0.0.2:4222`;
+    /// `tls://` forces TLS). Turns cluster mode on; without it the broker is a single node.
+    #[arg(long = "nats", env = "ROOMCAST_NATS", value_delimiter = ',')]
+    pub nats: Vec<String>,
+
+    /// This node's id, sent as the `Roomcast-Origin` header and as the NATS connection name.
+    /// Default: `node-` and a random hex number chosen at start.
+    #[arg(long, env = "ROOMCAST_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// First tokens of every room subject (`<prefix>.<namespace>.<encoded rest>`).
+    #[arg(long, env = "ROOMCAST_NATS_SUBJECT_PREFIX", default_value = "roomcast")]
+    pub nats_subject_prefix: SubjectPrefix,
+
+    /// NATS authentication token.
+    #[arg(long, env = "ROOMCAST_NATS_TOKEN")]
+    pub nats_token: Option<Secret>,
+
+    /// NATS user name (with `--nats-password`).
+    #[arg(long, env = "ROOMCAST_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+
+    /// NATS password (with `--nats-user`).
+    #[arg(long, env = "ROOMCAST_NATS_PASSWORD", requires = "nats_user")]
+    pub nats_password: Option<Secret>,
+
+    /// NATS credentials file (JWT and NKey seed, as written by `nsc`).
+    #[arg(long, env = "ROOMCAST_NATS_CREDENTIALS")]
+    pub nats_credentials: Option<PathBuf>,
+
+    /// PEM file of CA certificates to trust for the NATS server; implies TLS.
+    #[arg(long, env = "ROOMCAST_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+
+    /// PEM client certificate for NATS mutual TLS (with `--nats-tls-key`).
+    #[arg(long, env = "ROOMCAST_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--nats-tls-cert`.
+    #[arg(long, env = "ROOMCAST_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+
+    /// Require TLS to NATS even without `--nats-ca` (system roots).
+    #[arg(long, env = "ROOMCAST_NATS_REQUIRE_TLS")]
+    pub nats_require_tls: bool,
+
+    /// How long a node keeps a room's subscription after the room's last local subscriber
+    /// left, so a quick re-subscribe does not cost an UNSUB/SUB round.
+    #[arg(long, env = "ROOMCAST_NATS_INTEREST_LINGER", default_value = "1s", value_parser = duration)]
+    pub nats_interest_linger: Duration,
+
+    /// Events waiting to be handed to NATS, in messages. A publish that finds it full gets
+    /// `unavailable`. Memory: at most this many events (each at most `--max-frame-size`).
+    #[arg(long, env = "ROOMCAST_NATS_PUBLISH_QUEUE", default_value_t = 8192)]
+    pub nats_publish_queue: usize,
+
+    /// Messages NATS may buffer per room subscription before the node is a NATS slow consumer
+    /// (messages dropped, counted in `roomcast_nats_slow_consumers_total`).
+    #[arg(
+        long,
+        env = "ROOMCAST_NATS_SUBSCRIPTION_CAPACITY",
+        default_value_t = 4096
+    )]
+    pub nats_subscription_capacity: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats: Vec::new(),
+            node_id: None,
+            nats_subject_prefix: SubjectPrefix::default(),
+            nats_token: None,
+            nats_user: None,
+            nats_password: None,
+            nats_credentials: None,
+            nats_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_require_tls: false,
+            nats_interest_linger: Duration::from_secs(1),
+            nats_publish_queue: 8192,
+            nats_subscription_capacity: 4096,
+        }
+    }
 }
 
 impl Default for Config {
@@ -99,8 +221,11 @@ impl Default for Config {
             volatile_namespaces: Vec::new(),
             wt_single_stream: false,
             no_webtransport: false,
+            dev_ui: None,
             tls_cert: None,
             tls_key: None,
+            api_key: None,
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -159,5 +284,35 @@ mod tests {
         .config;
         assert_eq!(parsed.listen.port(), 0);
         assert_eq!(parsed.idle_timeout, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn cluster_flags_parse_and_secrets_stay_out_of_debug() {
+        let parsed = Cli::parse_from([
+            "roomcast",
+            "--nats",
+            "nats://a:4222,nats://b:4222",
+            "--node-id",
+            "edge-fra-1",
+            "--nats-subject-prefix",
+            "eu.rc",
+            "--nats-token",
+            "hunter2",
+            "--api-key",
+            "k3y",
+        ])
+        .config;
+        assert_eq!(parsed.cluster.nats, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!(parsed.cluster.nats_subject_prefix.as_str(), "eu.rc");
+        assert_eq!(parsed.api_key, Some(Secret("k3y".into())));
+        let debug = format!("{parsed:?}");
+        assert!(
+            !debug.contains("hunter2") && !debug.contains("k3y"),
+            "{debug}"
+        );
+        assert!(
+            Cli::try_parse_from(["roomcast", "--nats-subject-prefix", "a.*"]).is_err(),
+            "wildcards are refused in the prefix"
+        );
     }
 }

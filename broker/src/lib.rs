@@ -4,14 +4,18 @@
 //! is allocated), [`transport`] (session I/O over WebSocket and
 //! WebTransport), [`certs`] (TLS identities for QUIC), [`session`]
 //! (drives the protocol state machine, owns the outbound queue), [`outbox`] (the bounded
-//! per-session queue), [`hub`] (rooms and fan-out), [`config`], [`metrics`], [`api`] (HTTP
-//! routes) and [`server`] (listeners, tasks, drain). The embedded single-node mode needs no
+//! per-session queue), [`hub`] (rooms and fan-out), [`cluster`] (the bridge between the hub and
+//! other nodes: in-process or NATS), [`config`], [`metrics`], [`api`] (HTTP
+//! routes), [`dev_ui`] (`--dev-ui`: a demo page and its certificate hash) and [`server`]
+//! (listeners, tasks, drain). The embedded single-node mode needs no
 //! external service. See docs/ARCHITECTURE.md.
 
 pub mod admission;
 pub mod api;
 pub mod certs;
+pub mod cluster;
 pub mod config;
+pub mod dev_ui;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;

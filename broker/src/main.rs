@@ -18,8 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the broker (embedded single-node mode).
-    Serve(Config),
+    /// Run the broker (single node; cluster mode over NATS with `--nats`).
+    Serve(Box<Config>),
     /// Certificate helpers.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -110,7 +110,11 @@ async fn main() -> anyhow::Result<()> {
                 ("ws", "http")
             };
             info!(%addr, "listening: WebSocket {ws}://{addr}/ws, health {http}://{addr}/healthz, metrics {http}://{addr}/metrics");
-            serve(listener, config, shutdown_signal()).await
+            if let Some(dir) = &config.dev_ui {
+                anyhow::ensure!(dir.is_dir(), "--dev-ui {}: not a folder", dir.display());
+                info!(dir = %dir.display(), "dev UI: open {http}://{addr}/ (development only)");
+            }
+            serve(listener, *config, shutdown_signal()).await
         }
         Command::Certs(CertsCommand::Dev { out }) => write_dev_cert(&out),
     }

@@ -42,6 +42,30 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     /// Error frames and close codes sent, by code.
     pub errors: Family<CodeLabel, Counter>,
+    /// Cluster mode: the metrics of the NATS bridge.
+    pub nats: NatsMetrics,
+}
+
+/// Metrics of the NATS bridge (all zero on a single node). Clones share the same values.
+#[derive(Clone, Default)]
+pub struct NatsMetrics {
+    /// 1 while connected to a NATS server, else 0.
+    pub connected: Gauge,
+    /// Times the NATS connection was lost.
+    pub disconnects: Counter,
+    /// Events handed to NATS.
+    pub published: Counter,
+    /// Events NATS refused after they were queued (the client was closed).
+    pub publish_failures: Counter,
+    /// Messages received from NATS on room subscriptions.
+    pub received: Counter,
+    /// Messages from NATS refused (missing or bad event header, bad payload, room mismatch).
+    pub invalid: Counter,
+    /// async-nats slow-consumer events: messages of a room subscription dropped because the
+    /// node did not keep up.
+    pub slow_consumers: Counter,
+    /// Room subjects this node is subscribed to.
+    pub subscriptions: Gauge,
 }
 
 impl Default for Metrics {
@@ -64,6 +88,7 @@ impl Metrics {
             events_out: Counter::default(),
             slow_consumers: Counter::default(),
             errors: Family::default(),
+            nats: NatsMetrics::default(),
         };
         registry.register("sessions", "Open sessions by transport", m.sessions.clone());
         registry.register(
@@ -96,6 +121,44 @@ impl Metrics {
             "errors",
             "Error and close codes sent, by code",
             m.errors.clone(),
+        );
+        let nats = &m.nats;
+        let sub = registry.sub_registry_with_prefix("nats");
+        sub.register(
+            "connected",
+            "1 while connected to NATS",
+            nats.connected.clone(),
+        );
+        sub.register(
+            "disconnects",
+            "NATS connection losses",
+            nats.disconnects.clone(),
+        );
+        sub.register("published", "Events handed to NATS", nats.published.clone());
+        sub.register(
+            "publish_failures",
+            "Queued events NATS refused",
+            nats.publish_failures.clone(),
+        );
+        sub.register(
+            "received",
+            "Messages received from NATS",
+            nats.received.clone(),
+        );
+        sub.register(
+            "invalid",
+            "Messages from NATS refused as invalid",
+            nats.invalid.clone(),
+        );
+        sub.register(
+            "slow_consumers",
+            "async-nats slow-consumer events (messages dropped)",
+            nats.slow_consumers.clone(),
+        );
+        sub.register(
+            "subscriptions",
+            "Room subjects subscribed",
+            nats.subscriptions.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -37,6 +37,7 @@ use crate::{
     admission::{self, Refusal, SessionRequest},
     api,
     certs::{self, CertInfo},
+    cluster::{Bridge, InProcess, nats::NatsBridge},
     config::Config,
     hub::{Hub, SessionKey},
     metrics::Metrics,
@@ -52,7 +53,11 @@ pub struct Shared {
     /// The configuration the broker started with.
     pub config: Config,
     /// The local room registry.
-    pub hub: Hub,
+    pub hub: Arc<Hub>,
+    /// Where publishes go: the local hub (single node) or NATS (cluster mode).
+    pub bridge: Arc<dyn Bridge>,
+    /// The NATS bridge in cluster mode.
+    pub nats: Option<Arc<NatsBridge>>,
     /// Metrics registry.
     pub metrics: Metrics,
     /// Cancelled when the broker starts shutting down.
@@ -74,10 +79,22 @@ impl Shared {
         let boot_id = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let metrics = Metrics::new();
+        let nats = (!config.cluster.nats.is_empty())
+            .then(|| Arc::new(NatsBridge::new(&config.cluster, &metrics, boot_id)));
+        let bridge: Arc<dyn Bridge> = match &nats {
+            Some(nats) => nats.clone(),
+            None => Arc::new(InProcess),
+        };
         Shared {
-            hub: Hub::with_volatile_namespaces(config.volatile_namespaces.clone()),
+            hub: Arc::new(Hub::with_interest(
+                config.volatile_namespaces.clone(),
+                bridge.interest(),
+            )),
+            bridge,
+            nats,
             config,
-            metrics: Metrics::new(),
+            metrics,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             boot_id,
@@ -90,6 +107,28 @@ impl Shared {
     /// A process-unique key for a new session.
     pub fn next_session_key(&self) -> SessionKey {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether the node should receive traffic: not shutting down, and (cluster mode)
+    /// connected to NATS.
+    pub fn is_ready(&self) -> bool {
+        !self.shutdown.is_cancelled() && self.bridge.is_ready()
+    }
+
+    /// Connects the cluster bridge (cluster mode only); its tasks end with the broker.
+    async fn start_cluster(&self) -> anyhow::Result<()> {
+        if let Some(nats) = &self.nats {
+            let session = self.config.session();
+            nats.start(
+                self.hub.clone(),
+                &self.metrics,
+                session.payload,
+                self.config.max_frame_size,
+                self.shutdown.clone(),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     /// Metrics text, with the registry gauges brought up to date.
@@ -109,6 +148,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::new(config));
+    shared.start_cluster().await?;
     let endpoints = start_webtransport(&shared, listener.local_addr()?).await?;
     serve_shared(listener, shared, endpoints, shutdown).await
 }
@@ -533,6 +573,7 @@ impl Server {
         let listener = bind_tcp(config.listen)?;
         let local_addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
+        shared.start_cluster().await?;
         let endpoints = start_webtransport(&shared, local_addr).await?;
         let task = tokio::spawn(serve_shared(
             listener,

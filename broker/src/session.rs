@@ -258,22 +258,40 @@ impl Core {
                 event,
                 data,
                 ack,
-            } => {
-                let delivery = self.shared.hub.publish(&room, &event, &data);
-                metrics.events_in.inc();
-                metrics.events_out.inc_by(delivery.delivered as u64);
-                if ack {
+            } => match self
+                .shared
+                .bridge
+                .publish(&self.shared.hub, &room, &event, &data)
+            {
+                Ok(delivery) => {
+                    metrics.events_in.inc();
+                    metrics.events_out.inc_by(delivery.delivered as u64);
+                    if ack {
+                        self.outbox.push(
+                            ServerFrame::Ack {
+                                id,
+                                seq: delivery.seq,
+                            }
+                            .encode(),
+                        )
+                    } else {
+                        Ok(())
+                    }
+                }
+                // Never silent loss: the publisher hears that the event went nowhere, whether
+                // or not it asked for an Ack.
+                Err(unavailable) => {
+                    metrics.count_code(Code::Unavailable);
                     self.outbox.push(
-                        ServerFrame::Ack {
-                            id,
-                            seq: delivery.seq,
+                        ServerFrame::Error {
+                            id: Some(id),
+                            code: Code::Unavailable,
+                            message: unavailable.to_string(),
                         }
                         .encode(),
                     )
-                } else {
-                    Ok(())
                 }
-            }
+            },
             Action::Close { code, reason } => return Some(End::Close(code, reason)),
         };
         match pushed {

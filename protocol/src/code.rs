@@ -63,6 +63,9 @@ codes! {
     NotSubscribed = 4105, "not_subscribed", false, false;
     /// The session already holds its maximum number of subscriptions.
     TooManySubscriptions = 4106, "too_many_subscriptions", false, false;
+    /// The broker cannot carry the request right now (cluster mode: not connected to NATS, or
+    /// its publish queue is full); nothing was done, the same request may succeed later.
+    Unavailable = 4503, "unavailable", false, true;
     // Close codes (Close frame, then the transport closes).
     /// Normal end of session (WebSocket 1000).
     Normal = 4000, "normal", true, false;

@@ -7,7 +7,9 @@
 //! one is dropped; fan-out never waits on a subscriber. Confirmations (`Subscribed`,
 //! `Unsubscribed`) are queued under the room lock so they are ordered with the room's events.
 //!
-//! The hub does not touch sockets, sessions' protocol state or the cluster.
+//! The hub does not touch sockets, sessions' protocol state or the cluster. It only tells an
+//! optional [`Interest`] listener (the cluster bridge) when a room appears and disappears,
+//! under the shard write lock, so those calls are ordered per room.
 
 use std::{
     collections::HashMap,
@@ -21,7 +23,10 @@ use std::{
 use bytes::Bytes;
 use roomcast_protocol::{EventName, Payload, RoomName, ServerFrame, frame::encode_event};
 
-use crate::outbox::{Lane, Outbox, Outgoing, PushError};
+use crate::{
+    cluster::Interest,
+    outbox::{Lane, Outbox, Outgoing, PushError},
+};
 
 /// Identifies a session inside this process.
 pub type SessionKey = u64;
@@ -64,6 +69,8 @@ pub struct Hub {
     next_room_id: AtomicU64,
     /// Namespaces whose events are volatile (latest value wins, loss allowed).
     volatile_namespaces: Vec<String>,
+    /// Told when a room gains its first and loses its last subscriber (cluster mode).
+    interest: Option<Arc<dyn Interest>>,
 }
 
 impl Default for Hub {
@@ -85,8 +92,15 @@ impl Hub {
     /// An empty hub whose rooms in `namespaces` are volatile: their events may travel as
     /// datagrams and are dropped oldest-first instead of closing a slow subscriber.
     pub fn with_volatile_namespaces(namespaces: Vec<String>) -> Self {
+        Hub::with_interest(namespaces, None)
+    }
+
+    /// Like [`Hub::with_volatile_namespaces`], telling `interest` (if any) when a room gets its
+    /// first subscriber and when it is dropped.
+    pub fn with_interest(namespaces: Vec<String>, interest: Option<Arc<dyn Interest>>) -> Self {
         Hub {
             volatile_namespaces: namespaces,
+            interest,
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
             rooms: AtomicUsize::new(0),
@@ -119,6 +133,9 @@ impl Hub {
         let mut shard = self.shard(room).write().unwrap_or_else(|e| e.into_inner());
         let state = shard.entry(room.clone()).or_insert_with(|| {
             self.rooms.fetch_add(1, Ordering::Relaxed);
+            if let Some(interest) = &self.interest {
+                interest.interest_on(room);
+            }
             Arc::new(Mutex::new(RoomState {
                 id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
                 volatile: self.is_volatile(room),
@@ -190,6 +207,9 @@ impl Hub {
         }
         if empty && shard.remove(room).is_some() {
             self.rooms.fetch_sub(1, Ordering::Relaxed);
+            if let Some(interest) = &self.interest {
+                interest.interest_off(room);
+            }
         }
         result
     }
@@ -349,6 +369,39 @@ mod tests {
         let frames = drain(&o);
         assert_eq!(frames.len(), 4);
         assert!(matches!(frames[3], ServerFrame::Unsubscribed { id: 3, .. }));
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, bool)>>);
+
+    impl Interest for Recorder {
+        fn interest_on(&self, room: &RoomName) {
+            self.0.lock().unwrap().push((room.to_string(), true));
+        }
+        fn interest_off(&self, room: &RoomName) {
+            self.0.lock().unwrap().push((room.to_string(), false));
+        }
+    }
+
+    #[test]
+    fn interest_follows_first_and_last_subscriber() {
+        let recorder = Arc::new(Recorder::default());
+        let hub = Hub::with_interest(Vec::new(), Some(recorder.clone()));
+        let (a, b) = (room("a:1"), room("b:1"));
+        let o1 = Arc::new(Outbox::new(1 << 20));
+        let o2 = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe(&a, 1, &o1, 1).unwrap();
+        hub.subscribe(&a, 2, &o2, 1).unwrap();
+        hub.subscribe(&a, 1, &o1, 2).unwrap(); // again: no new interest
+        hub.subscribe(&b, 1, &o1, 3).unwrap();
+        hub.unsubscribe(&a, 1, &o1, None).unwrap();
+        hub.unsubscribe(&a, 2, &o2, None).unwrap();
+        hub.unsubscribe(&a, 2, &o2, None).unwrap(); // room already gone: nothing more
+        hub.subscribe(&a, 2, &o2, 4).unwrap();
+        let seen = recorder.0.lock().unwrap().clone();
+        let want = [("a:1", true), ("b:1", true), ("a:1", false), ("a:1", true)];
+        let want: Vec<_> = want.iter().map(|(r, on)| (r.to_string(), *on)).collect();
+        assert_eq!(seen, want);
     }
 
     #[test]

@@ -1,0 +1,570 @@
+//! The NATS bridge: rooms as NATS subjects (async-nats, core NATS).
+//!
+//! Owns the node's NATS connection, the interest table (which room subjects this node wants),
+//! one reader task per subscribed room subject, and the bounded publish queue. It hands
+//! validated events to [`Hub::publish`] and nothing else: it does not touch sessions,
+//! transports or the hub's internals. The guarantees are written in the parent module.
+//!
+//! # Message format (docs/PROTOCOL.md §11)
+//!
+//! Subject: [`subject::subject_for`]. Payload: the event's `data`, exactly one CBOR data item
+//! (the bytes a client sends as `Publish.data`), never re-encoded. Headers:
+//!
+//! | header | required | value |
+//! |---|---|---|
+//! | `Roomcast-Event` | yes | the event name |
+//! | `Roomcast-Room` | no | the room name; when present it must name the subject's room |
+//! | `Roomcast-Origin` | no | the publishing node's id (`--node-id`), or any id of a backend |
+//!
+//! A message without a valid event name, with a room header naming another room, or whose
+//! payload is not one well-formed CBOR item within the size and depth caps is dropped and
+//! counted in `roomcast_nats_invalid_total`.
+//!
+//! # Interest
+//!
+//! The hub calls [`Interest::interest_on`]/[`Interest::interest_off`] (under its shard lock)
+//! when a room gains its first or loses its last local subscriber. Those calls only update the
+//! interest table (a mutex-protected map, one entry per room with local interest or lingering)
+//! and wake the reconciler task, which subscribes and unsubscribes. A room that lost its last
+//! subscriber keeps its subscription for the linger time; if it regains one meanwhile nothing
+//! happens on the wire. A node never has two live reader tasks for one room: the old reader is
+//! cancelled (and stops delivering) before a new subscription is made.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use async_nats::{
+    Client, ConnectOptions, Event, HeaderMap, Message, Subscriber, connection::State,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use roomcast_protocol::{EventName, Payload, PayloadLimits, RoomName};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Bridge, Interest, Unavailable, subject};
+use crate::{
+    config::ClusterConfig,
+    hub::{Delivery, Hub},
+    metrics::{Metrics, NatsMetrics},
+};
+
+/// Header carrying the event name (required).
+pub const HEADER_EVENT: &str = "Roomcast-Event";
+/// Header carrying the room name (optional; must match the subject's room).
+pub const HEADER_ROOM: &str = "Roomcast-Room";
+/// Header carrying the publishing node's id (informational).
+pub const HEADER_ORIGIN: &str = "Roomcast-Origin";
+
+/// Longest node id, in bytes.
+const MAX_NODE_ID: usize = 64;
+
+/// Why the NATS bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `--node-id` is not 1–64 bytes of visible ASCII.
+    #[error("--node-id must be 1-64 visible ASCII characters")]
+    BadNodeId,
+    /// The credentials file could not be read.
+    #[error("reading the NATS credentials file: {0}")]
+    Credentials(std::io::Error),
+    /// The NATS URLs or options were refused.
+    #[error("connecting to NATS: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+}
+
+/// One event waiting to be handed to NATS.
+struct Outbound {
+    room: RoomName,
+    event: EventName,
+    data: Bytes,
+}
+
+/// What the node wants for one room.
+struct Want {
+    /// A local subscriber exists.
+    on: bool,
+    /// When the room last lost its last local subscriber.
+    off_since: Instant,
+    /// The room is in `Table::changed`.
+    queued: bool,
+    /// The room is in the reconciler's linger queue.
+    lingering: bool,
+}
+
+#[derive(Default)]
+struct TableState {
+    rooms: HashMap<RoomName, Want>,
+    /// Rooms whose `Want` changed since the reconciler last looked (no duplicates).
+    changed: Vec<RoomName>,
+}
+
+/// The interest table the hub writes into.
+#[derive(Default)]
+struct Table {
+    state: Mutex<TableState>,
+    wake: Notify,
+}
+
+impl Table {
+    fn set(&self, room: &RoomName, on: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let TableState { rooms, changed } = &mut *state;
+        let want = rooms.entry(room.clone()).or_insert(Want {
+            on,
+            off_since: Instant::now(),
+            queued: false,
+            lingering: false,
+        });
+        want.on = on;
+        if !on {
+            want.off_since = Instant::now();
+        }
+        if !want.queued {
+            want.queued = true;
+            changed.push(room.clone());
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+}
+
+impl Interest for Table {
+    fn interest_on(&self, room: &RoomName) {
+        self.set(room, true);
+    }
+    fn interest_off(&self, room: &RoomName) {
+        self.set(room, false);
+    }
+}
+
+/// What incoming messages need to be checked and delivered.
+struct Inbound {
+    hub: Arc<Hub>,
+    limits: PayloadLimits,
+    max_payload: usize,
+    metrics: NatsMetrics,
+    events_out: prometheus_client::metrics::counter::Counter,
+}
+
+/// Cluster mode over NATS. Build with [`NatsBridge::new`] (before the hub, which needs its
+/// interest listener), then [`NatsBridge::start`] once the hub exists.
+pub struct NatsBridge {
+    config: ClusterConfig,
+    node_id: String,
+    table: Arc<Table>,
+    queue: mpsc::Sender<Outbound>,
+    queue_rx: Mutex<Option<mpsc::Receiver<Outbound>>>,
+    client: OnceLock<Client>,
+    /// Set by the event callback; with the client's own state it decides readiness.
+    connected: Arc<AtomicBool>,
+    metrics: NatsMetrics,
+}
+
+impl NatsBridge {
+    /// A bridge for `config` (cluster mode must be on); nothing connects yet.
+    pub fn new(config: &ClusterConfig, metrics: &Metrics, boot_id: u64) -> Self {
+        let (queue, queue_rx) = mpsc::channel(config.nats_publish_queue.max(1));
+        NatsBridge {
+            node_id: config
+                .node_id
+                .clone()
+                .unwrap_or_else(|| format!("node-{boot_id:x}")),
+            config: config.clone(),
+            table: Arc::default(),
+            queue,
+            queue_rx: Mutex::new(Some(queue_rx)),
+            client: OnceLock::new(),
+            connected: Arc::default(),
+            metrics: metrics.nats.clone(),
+        }
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Connects (in the background: the broker starts even while NATS is down, and `/readyz`
+    /// says not ready until the connection is up) and starts the publisher and reconciler
+    /// tasks, which end when `shutdown` is cancelled.
+    pub async fn start(
+        &self,
+        hub: Arc<Hub>,
+        metrics: &Metrics,
+        limits: PayloadLimits,
+        max_payload: usize,
+        shutdown: CancellationToken,
+    ) -> Result<(), StartError> {
+        let id = &self.node_id;
+        if id.is_empty()
+            || id.len() > MAX_NODE_ID
+            || !id.bytes().all(|b| (0x21..=0x7e).contains(&b))
+        {
+            return Err(StartError::BadNodeId);
+        }
+        let options = self.options().await?;
+        let client = options.connect(self.config.nats.clone()).await?;
+        info!(node_id = %self.node_id, servers = ?self.config.nats, prefix = self.config.nats_subject_prefix.as_str(), "cluster mode: NATS");
+        let _ = self.client.set(client.clone());
+        let queue = self
+            .queue_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(queue) = queue {
+            tokio::spawn(publisher(
+                client.clone(),
+                queue,
+                self.config.nats_subject_prefix.clone(),
+                self.node_id.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let inbound = Arc::new(Inbound {
+            hub,
+            limits,
+            max_payload,
+            metrics: self.metrics.clone(),
+            events_out: metrics.events_out.clone(),
+        });
+        tokio::spawn(reconcile(
+            client,
+            self.table.clone(),
+            inbound,
+            self.config.nats_subject_prefix.clone(),
+            self.config.nats_interest_linger,
+            shutdown,
+        ));
+        Ok(())
+    }
+
+    async fn options(&self) -> Result<ConnectOptions, StartError> {
+        let c = &self.config;
+        let mut options = match &c.nats_credentials {
+            Some(path) => ConnectOptions::with_credentials_file(path)
+                .await
+                .map_err(StartError::Credentials)?,
+            None => ConnectOptions::new(),
+        };
+        if let Some(token) = &c.nats_token {
+            options = options.token(token.0.clone());
+        }
+        if let (Some(user), Some(password)) = (&c.nats_user, &c.nats_password) {
+            options = options.user_and_password(user.clone(), password.0.clone());
+        }
+        if let Some(ca) = &c.nats_ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&c.nats_tls_cert, &c.nats_tls_key) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+        if c.nats_require_tls {
+            options = options.require_tls(true);
+        }
+        let connected = self.connected.clone();
+        let metrics = self.metrics.clone();
+        Ok(options
+            .name(format!("roomcast {}", self.node_id))
+            .retry_on_initial_connect()
+            .subscription_capacity(c.nats_subscription_capacity.max(1))
+            .connection_timeout(Duration::from_secs(5))
+            .ping_interval(Duration::from_secs(10))
+            // First retries at once, then backing off to at most 2 s: a restarted server is
+            // found quickly, a dead one is not hammered.
+            .reconnect_delay_callback(|attempts| {
+                let exp = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+                Duration::from_millis(10u64.saturating_mul(2u64.saturating_pow(exp)))
+                    .min(Duration::from_secs(2))
+            })
+            .event_callback(move |event| {
+                let connected = connected.clone();
+                let metrics = metrics.clone();
+                async move { on_event(event, &connected, &metrics) }
+            }))
+    }
+
+    fn client_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+            && self
+                .client
+                .get()
+                .is_some_and(|c| c.connection_state() == State::Connected)
+    }
+}
+
+fn on_event(event: Event, connected: &AtomicBool, metrics: &NatsMetrics) {
+    match event {
+        Event::Connected => {
+            connected.store(true, Ordering::Release);
+            metrics.connected.set(1);
+            info!("NATS connected");
+        }
+        Event::Disconnected => {
+            connected.store(false, Ordering::Release);
+            metrics.connected.set(0);
+            metrics.disconnects.inc();
+            warn!("NATS disconnected: publishes fail with `unavailable` until it reconnects");
+        }
+        Event::Closed => {
+            connected.store(false, Ordering::Release);
+            metrics.connected.set(0);
+            info!("NATS connection closed");
+        }
+        Event::SlowConsumer(sid) => {
+            metrics.slow_consumers.inc();
+            warn!(
+                sid,
+                "NATS slow consumer: messages of a room subscription were dropped (raise --nats-subscription-capacity or add nodes)"
+            );
+        }
+        Event::LameDuckMode => warn!("NATS server entered lame duck mode"),
+        Event::Draining => debug!("NATS draining"),
+        Event::ServerError(e) => warn!(error = %e, "NATS server error"),
+        Event::ClientError(e) => warn!(error = %e, "NATS client error"),
+    }
+}
+
+impl Interest for NatsBridge {
+    fn interest_on(&self, room: &RoomName) {
+        self.table.interest_on(room);
+    }
+    fn interest_off(&self, room: &RoomName) {
+        self.table.interest_off(room);
+    }
+}
+
+impl Bridge for NatsBridge {
+    fn publish(
+        &self,
+        _hub: &Hub,
+        room: &RoomName,
+        event: &EventName,
+        data: &Payload,
+    ) -> Result<Delivery, Unavailable> {
+        if !self.client_connected() {
+            return Err(Unavailable("not connected to NATS"));
+        }
+        let outbound = Outbound {
+            room: room.clone(),
+            event: event.clone(),
+            data: data.as_bytes().clone(),
+        };
+        match self.queue.try_send(outbound) {
+            Ok(()) => Ok(Delivery::default()),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Unavailable("the NATS publish queue is full"))
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Unavailable("NATS bridge stopped")),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.client_connected()
+    }
+
+    fn interest(&self) -> Option<Arc<dyn Interest>> {
+        Some(self.table.clone())
+    }
+}
+
+/// Hands queued events to NATS in queue order (one task: per-publisher order is kept).
+async fn publisher(
+    client: Client,
+    mut queue: mpsc::Receiver<Outbound>,
+    prefix: subject::SubjectPrefix,
+    node_id: String,
+    metrics: NatsMetrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let next = tokio::select! {
+            biased;
+            next = queue.recv() => next,
+            () = shutdown.cancelled() => None,
+        };
+        let Some(out) = next else { break };
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_EVENT, out.event.as_str());
+        headers.insert(HEADER_ROOM, out.room.as_str());
+        headers.insert(HEADER_ORIGIN, node_id.as_str());
+        let subject = subject::subject_for(&prefix, &out.room);
+        let sent = tokio::select! {
+            sent = client.publish_with_headers(subject, headers, out.data) => sent,
+            () = shutdown.cancelled() => break,
+        };
+        match sent {
+            Ok(()) => {
+                metrics.published.inc();
+            }
+            Err(e) => {
+                metrics.publish_failures.inc();
+                warn!(error = %e, room = %out.room, "NATS refused a publish");
+            }
+        }
+    }
+    // Give what was handed over a moment to reach the server.
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+}
+
+/// Keeps one subscription per room the table wants (plus linger), none for the others.
+async fn reconcile(
+    client: Client,
+    table: Arc<Table>,
+    inbound: Arc<Inbound>,
+    prefix: subject::SubjectPrefix,
+    linger: Duration,
+    shutdown: CancellationToken,
+) {
+    // Rooms with a live subscription, with the token that stops their reader.
+    let mut active: HashMap<RoomName, CancellationToken> = HashMap::new();
+    // Rooms waiting for their linger to end, in deadline order (linger is one constant).
+    let mut lingering: VecDeque<(Instant, RoomName)> = VecDeque::new();
+    loop {
+        let now = Instant::now();
+        let mut subscribe = Vec::new();
+        {
+            let mut state = table.state.lock().unwrap_or_else(|e| e.into_inner());
+            for room in std::mem::take(&mut state.changed) {
+                let Some(want) = state.rooms.get_mut(&room) else {
+                    continue;
+                };
+                want.queued = false;
+                if want.on {
+                    if !active.contains_key(&room) {
+                        subscribe.push(room);
+                    }
+                } else if active.contains_key(&room) {
+                    if !want.lingering {
+                        want.lingering = true;
+                        lingering.push_back((want.off_since + linger, room));
+                    }
+                } else {
+                    state.rooms.remove(&room);
+                }
+            }
+            // Lingers that ended: unsubscribe unless the room came back meanwhile.
+            while let Some((deadline, _)) = lingering.front() {
+                if *deadline > now {
+                    break;
+                }
+                let Some((_, room)) = lingering.pop_front() else {
+                    break;
+                };
+                match state.rooms.get_mut(&room) {
+                    Some(want) if want.on => want.lingering = false,
+                    Some(want) if want.off_since + linger > now => {
+                        // Left again later than this entry says: wait for the newer deadline.
+                        lingering.push_back((want.off_since + linger, room));
+                    }
+                    _ => {
+                        state.rooms.remove(&room);
+                        if let Some(stop) = active.remove(&room) {
+                            // The reader stops before any new subscription for the room exists.
+                            stop.cancel();
+                            debug!(%room, "NATS interest off");
+                        }
+                    }
+                }
+            }
+        }
+        for room in subscribe {
+            let subject = subject::subject_for(&prefix, &room);
+            let subscribed = tokio::select! {
+                subscribed = client.subscribe(subject) => subscribed,
+                () = shutdown.cancelled() => break,
+            };
+            match subscribed {
+                Ok(subscriber) => {
+                    debug!(%room, "NATS interest on");
+                    let stop = shutdown.child_token();
+                    tokio::spawn(read_room(
+                        room.clone(),
+                        subscriber,
+                        inbound.clone(),
+                        stop.clone(),
+                    ));
+                    active.insert(room, stop);
+                }
+                Err(e) => warn!(error = %e, %room, "NATS subscribe failed"),
+            }
+        }
+        inbound.metrics.subscriptions.set(active.len() as i64);
+        let next_deadline = lingering.front().map(|(d, _)| *d);
+        let sleep = async {
+            match next_deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = table.wake.notified() => {}
+            () = sleep => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    for stop in active.values() {
+        stop.cancel();
+    }
+}
+
+/// Delivers one room subject's messages to the hub, in arrival order, until stopped. Dropping
+/// the subscriber unsubscribes.
+async fn read_room(
+    room: RoomName,
+    mut subscriber: Subscriber,
+    inbound: Arc<Inbound>,
+    stop: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            message = subscriber.next() => message,
+        };
+        let Some(message) = message else { break };
+        inbound.metrics.received.inc();
+        match check(&room, message, inbound.limits, inbound.max_payload) {
+            Ok((event, data)) => {
+                let delivery = inbound.hub.publish(&room, &event, &data);
+                inbound.events_out.inc_by(delivery.delivered as u64);
+            }
+            Err(why) => {
+                inbound.metrics.invalid.inc();
+                debug!(%room, why, "dropped an invalid NATS message");
+            }
+        }
+    }
+}
+
+/// Validates a message from NATS: event header, optional room header, payload.
+fn check(
+    room: &RoomName,
+    message: Message,
+    limits: PayloadLimits,
+    max_payload: usize,
+) -> Result<(EventName, Payload), &'static str> {
+    let headers = message.headers.as_ref().ok_or("no headers")?;
+    let event = headers
+        .get(HEADER_EVENT)
+        .ok_or("no Roomcast-Event header")?;
+    let event = EventName::new(event.as_str()).map_err(|_| "bad Roomcast-Event header")?;
+    if let Some(named) = headers.get(HEADER_ROOM) {
+        if named.as_str() != room.as_str() {
+            return Err("Roomcast-Room names another room");
+        }
+    }
+    if message.payload.len() > max_payload {
+        return Err("payload larger than --max-frame-size");
+    }
+    let data = Payload::new(message.payload, limits).map_err(|_| "payload is not one CBOR item")?;
+    Ok((event, data))
+}
