@@ -487,6 +487,8 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
                 hello_timeout: config.hello_timeout,
                 single_stream: config.wt_single_stream,
                 max_backlog: config.outbound_queue_bytes,
+                datagrams_in: task_shared.metrics.datagrams_in.clone(),
+                datagrams_out: task_shared.metrics.datagrams_out.clone(),
             };
             match wt::open(connection, settings).await {
                 Ok((reader, writer)) => {

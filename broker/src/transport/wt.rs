@@ -17,6 +17,7 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::FutureExt;
+use prometheus_client::metrics::counter::Counter;
 use roomcast_protocol::{
     Code,
     stream::{FrameSplitter, write_prefix},
@@ -38,7 +39,7 @@ const ROOM_FLUSH_ON_CLOSE: Duration = Duration::from_millis(500);
 const MAX_ROOM_STREAMS: usize = 1024;
 
 /// Per-session WebTransport settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WtSettings {
     /// Largest frame accepted on the control stream, bytes.
     pub max_frame: usize,
@@ -48,6 +49,10 @@ pub struct WtSettings {
     pub single_stream: bool,
     /// Most bytes written but not yet accepted by QUIC before the session is a slow consumer.
     pub max_backlog: usize,
+    /// Counts datagrams received.
+    pub datagrams_in: Counter,
+    /// Counts datagrams sent.
+    pub datagrams_out: Counter,
 }
 
 /// Waits for the client's control stream and splits the session into reader and writer.
@@ -61,6 +66,8 @@ pub async fn open(
         hello_timeout,
         single_stream,
         max_backlog,
+        datagrams_in,
+        datagrams_out,
     } = settings;
     let (send, recv) = match tokio::time::timeout(hello_timeout, connection.accept_bi()).await {
         Ok(Ok(streams)) => streams,
@@ -71,6 +78,8 @@ pub async fn open(
             connection: connection.clone(),
             control: recv,
             splitter: FrameSplitter::new(max_frame),
+            max_frame,
+            datagrams_in,
         },
         WtWriter {
             connection,
@@ -80,6 +89,7 @@ pub async fn open(
             backlog: AtomicUsize::new(0),
             max_backlog,
             single_stream,
+            datagrams_out,
         },
     ))
 }
@@ -98,6 +108,8 @@ pub struct WtReader {
     connection: Connection,
     control: RecvStream,
     splitter: FrameSplitter,
+    max_frame: usize,
+    datagrams_in: Counter,
 }
 
 impl FrameReader for WtReader {
@@ -114,7 +126,15 @@ impl FrameReader for WtReader {
                     return match datagram {
                         // A datagram carries one whole frame (no length prefix); it goes
                         // through the same checks as the control stream's frames.
-                        Ok(datagram) => Ok(Incoming::Frame(datagram.payload())),
+                        Ok(datagram) => {
+                            self.datagrams_in.inc();
+                            let frame = datagram.payload();
+                            if frame.len() > self.max_frame {
+                                Err(TransportError::TooLarge)
+                            } else {
+                                Ok(Incoming::Frame(frame))
+                            }
+                        }
                         Err(_) => Ok(Incoming::Closed),
                     };
                 }
@@ -252,6 +272,7 @@ pub struct WtWriter {
     max_backlog: usize,
     /// Every room on the control stream.
     single_stream: bool,
+    datagrams_out: Counter,
 }
 
 impl WtWriter {
@@ -336,6 +357,7 @@ impl FrameWriter for WtWriter {
                         .max_datagram_size()
                         .is_some_and(|max| frame.len() <= max);
                     if fits && self.connection.send_datagram(frame.clone()).is_ok() {
+                        self.datagrams_out.inc();
                         continue;
                     }
                     self.room_channel(id).push(&frame)
