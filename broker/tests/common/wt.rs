@@ -48,6 +48,16 @@ pub async fn session_with(
     hash: [u8; 32],
     stream_window: Option<u32>,
 ) -> Result<Connection, String> {
+    let url = wt_url(server);
+    session_at(&url, hash, stream_window).await
+}
+
+/// Opens a WebTransport session to `url` pinned to `hash` (see [`session_with`]).
+pub async fn session_at(
+    url: &str,
+    hash: [u8; 32],
+    stream_window: Option<u32>,
+) -> Result<Connection, String> {
     let builder = ClientConfig::builder().with_bind_default();
     let config = match stream_window {
         None => builder
@@ -67,7 +77,7 @@ pub async fn session_with(
         }
     };
     let endpoint = Endpoint::client(config).map_err(|e| e.to_string())?;
-    tokio::time::timeout(WAIT, endpoint.connect(wt_url(server)))
+    tokio::time::timeout(WAIT, endpoint.connect(url))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())
