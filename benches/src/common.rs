@@ -48,9 +48,9 @@ pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub(crate) enum Transport {
     /// WebSocket over TCP (`ws://`).
     Ws,
-    /// WebTransport streams over QUIC (not yet available).
+    /// WebTransport over QUIC, events on room streams.
     Wt,
-    /// WebTransport datagrams over QUIC (not yet available).
+    /// WebTransport over QUIC, events as datagrams (a volatile room).
     WtDatagram,
 }
 
@@ -79,7 +79,9 @@ pub(crate) struct CommonArgs {
     /// every subscriber on node B: `--nodes B --publisher-url A`).
     #[arg(long)]
     pub(crate) publisher_url: Option<String>,
-    /// Transport: `ws`, or `wt` / `wt-datagram` (WebTransport, not available yet).
+    /// Transport of the subscribers: `ws`, `wt` (WebTransport room streams) or `wt-datagram`
+    /// (WebTransport datagrams); which ones a scenario supports is in its help. Publishers
+    /// always use WebSocket. WebTransport is reached at the same host and port as --url.
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     pub(crate) transport: Transport,
     /// Process id of the broker (the one at the first URL), to report its CPU and RSS from
@@ -103,10 +105,14 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 }
 
 impl CommonArgs {
-    /// Fails for transports that do not exist yet; returns the broker URLs to use.
-    pub(crate) fn nodes(&self) -> anyhow::Result<Nodes> {
-        if self.transport != Transport::Ws {
-            bail!("WebTransport arrives with issue 3");
+    /// The broker URLs to use; fails when the scenario does not support the transport.
+    pub(crate) fn nodes(&self, supported: &[Transport]) -> anyhow::Result<Nodes> {
+        if !supported.contains(&self.transport) {
+            let names: Vec<_> = supported.iter().map(|t| t.name()).collect();
+            bail!(
+                "this scenario supports --transport {} only",
+                names.join(", ")
+            );
         }
         let mut nodes = Nodes::new(&self.url, &self.nodes)?;
         nodes.publisher = self.publisher_url.clone();
@@ -180,6 +186,11 @@ impl Nodes {
     /// The URL subscriber `i` connects to (round-robin over the nodes).
     pub(crate) fn subscriber(&self, i: usize) -> &str {
         &self.urls[i % self.urls.len()]
+    }
+
+    /// Every node's URL.
+    pub(crate) fn all(&self) -> &[String] {
+        &self.urls
     }
 
     /// The URL publishers connect to (`--publisher-url`, else the first node).

@@ -28,10 +28,15 @@ use tokio::{
     sync::Semaphore,
 };
 
+use roomcast_protocol::ClientFrame;
+
 use crate::{
-    common::{CommonArgs, Nodes, PING, cpu_seconds, into_tcp, open_subscriber, rss_bytes},
+    common::{
+        CommonArgs, Nodes, PING, Transport, cpu_seconds, into_tcp, open_subscriber, rss_bytes,
+    },
     measure::{Phase, Summary, Ticker, histogram, raise_nofile, round1},
     timed::Keepalive,
+    wt::{WtDialers, WtSubscriber, send_frame},
 };
 
 /// Descriptors kept free for everything that is not a session socket.
@@ -128,6 +133,22 @@ fn listen_overflows() -> Option<u64> {
     values.split_whitespace().nth(at)?.parse().ok()
 }
 
+/// An open session about to be held.
+enum HeldSession {
+    Ws(TcpStream, Keepalive),
+    Wt(Box<WtSubscriber>, Keepalive),
+}
+
+impl Held {
+    fn ws(tcp: TcpStream, keepalive: Keepalive) -> HeldSession {
+        HeldSession::Ws(tcp, keepalive)
+    }
+
+    fn wt(session: WtSubscriber, keepalive: Keepalive) -> HeldSession {
+        HeldSession::Wt(Box::new(session), keepalive)
+    }
+}
+
 /// What the connect and hold tasks share.
 struct Held {
     /// Sessions open now.
@@ -143,12 +164,34 @@ struct Held {
     phase: Phase,
 }
 
+impl Held {
+    /// A held session ended.
+    fn session_ended(&self, first_node: bool) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        if first_node {
+            self.open_first.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !self.phase.done() {
+            self.closed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A session opened after `connect_ns`.
+    fn session_opened(&self, first_node: bool, connect_ns: u64) {
+        self.connect
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .saturating_record(connect_ns.max(1));
+        self.open.fetch_add(1, Ordering::Relaxed);
+        if first_node {
+            self.open_first.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Holds one idle session: pings it, and notices when the broker ends it.
 async fn hold(mut tcp: TcpStream, keepalive: Keepalive, first_node: bool, held: Arc<Held>) {
-    let mut pings = tokio::time::interval_at(
-        tokio::time::Instant::now() + keepalive.first,
-        keepalive.every,
-    );
+    let mut pings = keepalive.interval();
     let mut buf = [0u8; 256];
     loop {
         let alive = tokio::select! {
@@ -156,14 +199,29 @@ async fn hold(mut tcp: TcpStream, keepalive: Keepalive, first_node: bool, held: 
             _ = pings.tick() => tcp.write_all(&PING).await.is_ok(),
         };
         if !alive {
-            held.open.fetch_sub(1, Ordering::Relaxed);
-            if first_node {
-                held.open_first.fetch_sub(1, Ordering::Relaxed);
-            }
-            if !held.phase.done() {
-                held.closed.fetch_add(1, Ordering::Relaxed);
-            }
-            return;
+            return held.session_ended(first_node);
+        }
+    }
+}
+
+/// Holds one idle WebTransport session like [`hold`]; its room stream stays open (dropping
+/// it would ask the broker to stop the stream).
+async fn hold_wt(session: WtSubscriber, keepalive: Keepalive, first_node: bool, held: Arc<Held>) {
+    let WtSubscriber {
+        mut control,
+        mut control_recv,
+        room: _room,
+        connection: _connection,
+        ..
+    } = session;
+    let mut pings = keepalive.interval();
+    loop {
+        let alive = tokio::select! {
+            frame = control_recv.next() => frame.is_ok(),
+            _ = pings.tick() => send_frame(&mut control, &ClientFrame::Ping { id: None }).await.is_ok(),
+        };
+        if !alive {
+            return held.session_ended(first_node);
         }
     }
 }
@@ -173,6 +231,7 @@ async fn connect_all(
     args: Arc<ConnectionsArgs>,
     nodes: Nodes,
     sources: Vec<Ipv4Addr>,
+    wt: Option<Arc<WtDialers>>,
     held: Arc<Held>,
 ) {
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
@@ -183,26 +242,32 @@ async fn connect_all(
         let url = nodes.subscriber(i).to_owned();
         let first_node = url == nodes.publisher();
         let source = source_for(i, &sources);
+        let wt = wt.clone();
         joins.spawn(async move {
             let _permit = limit.acquire().await;
             let started = Instant::now();
+            let room = format!("conn:{i}");
             let opened = async {
-                let (ws, welcome) = open_subscriber(&url, &format!("conn:{i}"), source).await?;
-                anyhow::Ok((into_tcp(ws)?, welcome))
+                if let Some(dialers) = wt {
+                    let session = dialers.subscriber(i, &room).await?;
+                    let keepalive = Keepalive::for_session(i, n, &session.welcome);
+                    return anyhow::Ok(Held::wt(session, keepalive));
+                }
+                let (ws, welcome) = open_subscriber(&url, &room, source).await?;
+                let keepalive = Keepalive::for_session(i, n, &welcome);
+                anyhow::Ok(Held::ws(into_tcp(ws)?, keepalive))
             };
             match opened.await {
-                Ok((tcp, welcome)) => {
-                    let ns = started.elapsed().as_nanos() as u64;
-                    held.connect
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .saturating_record(ns.max(1));
-                    held.open.fetch_add(1, Ordering::Relaxed);
-                    if first_node {
-                        held.open_first.fetch_add(1, Ordering::Relaxed);
-                    }
-                    let keepalive = Keepalive::for_session(i, n, &welcome);
-                    tokio::spawn(hold(tcp, keepalive, first_node, held));
+                Ok(session) => {
+                    held.session_opened(first_node, started.elapsed().as_nanos() as u64);
+                    match session {
+                        HeldSession::Ws(tcp, keepalive) => {
+                            tokio::spawn(hold(tcp, keepalive, first_node, held))
+                        }
+                        HeldSession::Wt(session, keepalive) => {
+                            tokio::spawn(hold_wt(*session, keepalive, first_node, held))
+                        }
+                    };
                 }
                 Err(e) => {
                     if held.errors.fetch_add(1, Ordering::Relaxed) < 5 {
@@ -217,10 +282,14 @@ async fn connect_all(
 
 /// Runs the scenario and prints its result.
 pub(crate) async fn run(args: ConnectionsArgs) -> anyhow::Result<()> {
-    let nodes = args.common.nodes()?;
+    let nodes = args.common.nodes(&[Transport::Ws, Transport::Wt])?;
     let sources = parse_sources(&args.sources)?;
     let nofile = raise_nofile();
-    if args.conns as u64 + FD_RESERVE > nofile {
+    let wt = match args.common.transport {
+        Transport::Ws => None,
+        _ => Some(Arc::new(WtDialers::new(&nodes).await?)),
+    };
+    if wt.is_none() && args.conns as u64 + FD_RESERVE > nofile {
         bail!(
             "--conns {} needs {} open files but this process may open {nofile} (the hard \
              limit): one process cannot hold more; run several generators",
@@ -253,6 +322,7 @@ pub(crate) async fn run(args: ConnectionsArgs) -> anyhow::Result<()> {
         args.clone(),
         nodes.clone(),
         sources.clone(),
+        wt,
         held.clone(),
     ));
     let mut ticker = Ticker::new(0);

@@ -15,16 +15,22 @@ use std::{
 };
 
 use anyhow::bail;
+use roomcast_protocol::ClientFrame;
 use serde_json::json;
-use tokio::{io::AsyncWriteExt, net::TcpStream, sync::Notify};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::Notify,
+};
 
 use crate::{
     common::{
-        CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, into_tcp, min_payload,
-        open_session, open_subscribers, payload, rss_bytes,
+        CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, Transport, into_tcp,
+        min_payload, open_session, open_subscribers, payload, rss_bytes,
     },
     measure::{CpuMark, Phase, Shards, Summary, Ticker, now_ns, push_resource_lines, round1},
     timed::Keepalive,
+    wt::{WtSubscriber, open_wt_subscribers, send_frame},
 };
 
 /// Arguments of `roomcast-bench fanout`.
@@ -55,6 +61,12 @@ pub(crate) struct FanoutArgs {
 /// Slots tracking how many subscribers got each in-flight seq.
 const RING: usize = 4096;
 const ROOM: &str = "bench:fanout";
+/// The room of `--transport wt-datagram`: in namespace `gps`, which the broker must run as
+/// volatile (`--volatile-namespaces gps`) for its events to travel as datagrams.
+const VOLATILE_ROOM: &str = "gps:bench-fanout";
+/// With datagrams, a publish not received by every subscriber after this long counts as lost
+/// (so the closed loop goes on).
+const LOST_AFTER: Duration = Duration::from_millis(200);
 const EVENT: &str = "tick";
 
 struct Progress {
@@ -70,6 +82,8 @@ struct Progress {
     reads: AtomicU64,
     /// Subscriber sessions that ended before the run was done.
     closed: AtomicU64,
+    /// Publishes written off as lost (datagrams only).
+    lost: AtomicU64,
     done_notify: Notify,
     phase: Phase,
     stop: AtomicBool,
@@ -96,52 +110,87 @@ impl Mark {
     }
 }
 
-async fn count_events(
+/// One subscriber's count of the events it receives, whatever carried them.
+struct Tally {
     idx: usize,
-    mut frames: RawFrames,
     layout: EventLayout,
-    keepalive: Keepalive,
     progress: Arc<Progress>,
-) {
-    let mut local = 0u64;
-    let mut pending: Vec<[u64; 1]> = Vec::with_capacity(64);
-    let mut pings = tokio::time::interval_at(
-        tokio::time::Instant::now() + keepalive.first,
-        keepalive.every,
-    );
+    /// Events seen by this subscriber.
+    local: u64,
+    /// Latencies not yet merged into the shared histogram, ns.
+    pending: Vec<[u64; 1]>,
+    /// Clock of the current read batch (0: not read yet) and whether it is measured.
+    now: u64,
+    measuring: bool,
+}
+
+impl Tally {
+    fn new(idx: usize, layout: EventLayout, progress: Arc<Progress>) -> Self {
+        Tally {
+            idx,
+            layout,
+            progress,
+            local: 0,
+            pending: Vec::with_capacity(64),
+            now: 0,
+            measuring: false,
+        }
+    }
+
+    /// Counts one frame of a read batch.
+    fn frame(&mut self, frame: &[u8]) {
+        let Some(seq) = self.layout.seq(frame) else {
+            return;
+        };
+        let progress = &self.progress;
+        self.local += 1;
+        if self.local % 64 == 0 {
+            progress.delivered.fetch_add(64, Ordering::Relaxed);
+        }
+        if self.now == 0 {
+            self.now = now_ns();
+            self.measuring = progress.phase.measuring();
+        }
+        if self.measuring {
+            let sent = self.layout.stamp(frame, 0).unwrap_or(self.now);
+            self.pending.push([self.now.saturating_sub(sent)]);
+        }
+        let slot = &progress.counts[seq as usize % RING];
+        if slot.fetch_add(1, Ordering::AcqRel) + 1 == progress.subs {
+            slot.store(0, Ordering::Release);
+            progress.done.fetch_add(1, Ordering::AcqRel);
+            progress.done_notify.notify_one();
+        }
+    }
+
+    /// Ends a read batch: merges its latencies.
+    fn end_batch(&mut self) {
+        self.now = 0;
+        if !self.pending.is_empty() {
+            self.progress.latency.record(self.idx, &self.pending);
+            self.pending.clear();
+        }
+    }
+
+    /// The session ended.
+    fn closed(&self) {
+        if !self.progress.phase.done() {
+            self.progress.closed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Counts a WebSocket subscriber's events (raw socket reads).
+async fn count_events(mut frames: RawFrames, keepalive: Keepalive, mut tally: Tally) {
+    let mut pings = keepalive.interval();
     loop {
-        let mut now = 0u64;
-        let mut measuring = false;
         tokio::select! {
-            open = frames.read(|frame| {
-                let Some(seq) = layout.seq(frame) else { return };
-                local += 1;
-                if local % 64 == 0 {
-                    progress.delivered.fetch_add(64, Ordering::Relaxed);
-                }
-                if now == 0 {
-                    now = now_ns();
-                    measuring = progress.phase.measuring();
-                }
-                if measuring {
-                    let sent = layout.stamp(frame, 0).unwrap_or(now);
-                    pending.push([now.saturating_sub(sent)]);
-                }
-                let slot = &progress.counts[seq as usize % RING];
-                if slot.fetch_add(1, Ordering::AcqRel) + 1 == progress.subs {
-                    slot.store(0, Ordering::Release);
-                    progress.done.fetch_add(1, Ordering::AcqRel);
-                    progress.done_notify.notify_one();
-                }
-            }) => {
+            open = frames.read(|frame| tally.frame(frame)) => {
                 if !open {
-                    if !progress.phase.done() {
-                        progress.closed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return;
+                    return tally.closed();
                 }
                 if frames.reads % 64 == 0 {
-                    progress.reads.fetch_add(64, Ordering::Relaxed);
+                    tally.progress.reads.fetch_add(64, Ordering::Relaxed);
                 }
             }
             _ = pings.tick() => {
@@ -150,28 +199,89 @@ async fn count_events(
                 }
             }
         }
-        if !pending.is_empty() {
-            progress.latency.record(idx, &pending);
-            pending.clear();
+        tally.end_batch();
+    }
+}
+
+/// Counts a WebTransport subscriber's events: from its room stream, or from datagrams.
+async fn count_wt_events(
+    session: WtSubscriber,
+    datagrams: bool,
+    keepalive: Keepalive,
+    mut tally: Tally,
+) {
+    let WtSubscriber {
+        connection,
+        mut control,
+        control_recv: _control_recv,
+        room,
+        ..
+    } = session;
+    let (mut recv, mut splitter) = room.into_parts();
+    let mut pings = keepalive.interval();
+    let mut reads = 0u64;
+    loop {
+        tokio::select! {
+            read = recv.read_buf(splitter.buffer(16 * 1024)), if !datagrams => {
+                if !matches!(read, Ok(n) if n > 0) {
+                    return tally.closed();
+                }
+                loop {
+                    match splitter.next_frame() {
+                        Ok(Some(frame)) => tally.frame(&frame),
+                        Ok(None) => break,
+                        Err(_) => return tally.closed(),
+                    }
+                }
+            }
+            datagram = connection.receive_datagram(), if datagrams => match datagram {
+                Ok(datagram) => tally.frame(&datagram.payload()),
+                Err(_) => return tally.closed(),
+            },
+            _ = pings.tick() => {
+                if send_frame(&mut control, &ClientFrame::Ping { id: None }).await.is_err() {
+                    return;
+                }
+            }
         }
+        reads += 1;
+        if reads % 64 == 0 {
+            tally.progress.reads.fetch_add(64, Ordering::Relaxed);
+        }
+        tally.end_batch();
     }
 }
 
 /// The closed loop: whenever fewer than `window` publishes are in flight, writes the missing
 /// ones in one batch, each stamped with the batch's write time.
+///
+/// With `lossy` (datagrams), a publish that stays incomplete for [`LOST_AFTER`] while the
+/// window is full is written off as lost, oldest first.
 async fn publish_closed_loop(
     mut tcp: TcpStream,
     template: PublishTemplate,
     window: u64,
+    lossy: bool,
     progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
     let mut out = Vec::with_capacity(64 * 1024);
     let mut keys = MaskKeys::new(1);
     let mut published = 0u64;
+    let mut last_done = (0u64, Instant::now());
     while !progress.stop.load(Ordering::Relaxed) {
         let done = progress.done.load(Ordering::Acquire);
+        if done != last_done.0 {
+            last_done = (done, Instant::now());
+        }
         let room_left = window.saturating_sub(published - done);
         if room_left == 0 {
+            if lossy && last_done.1.elapsed() >= LOST_AFTER {
+                // Seqs start at 1: publish number `done + 1` is the oldest in flight.
+                progress.counts[(done + 1) as usize % RING].store(0, Ordering::Release);
+                progress.done.fetch_add(1, Ordering::AcqRel);
+                progress.lost.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let notified = progress.done_notify.notified();
             let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
             continue;
@@ -190,7 +300,9 @@ async fn publish_closed_loop(
 
 /// Runs the scenario and prints its result.
 pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
-    let nodes = args.common.nodes()?;
+    let nodes = args
+        .common
+        .nodes(&[Transport::Ws, Transport::Wt, Transport::WtDatagram])?;
     if args.window == 0 || args.window as usize >= RING {
         bail!("--window must be between 1 and {}", RING - 1);
     }
@@ -200,9 +312,15 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     if args.subs == 0 {
         bail!("--subs must be at least 1");
     }
+    let transport = args.common.transport;
+    let room = if transport == Transport::WtDatagram {
+        VOLATILE_ROOM
+    } else {
+        ROOM
+    };
     let data = payload(args.payload, 0x2a);
-    let layout = EventLayout::new(ROOM, EVENT, &data)?;
-    let template = PublishTemplate::new(ROOM, EVENT, &data)?;
+    let layout = EventLayout::new(room, EVENT, &data)?;
+    let template = PublishTemplate::new(room, EVENT, &data)?;
     let progress = Arc::new(Progress {
         subs: args.subs,
         counts: (0..RING).map(|_| AtomicU32::new(0)).collect(),
@@ -211,27 +329,44 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         delivered: AtomicU64::new(0),
         reads: AtomicU64::new(0),
         closed: AtomicU64::new(0),
+        lost: AtomicU64::new(0),
         done_notify: Notify::new(),
         phase: Phase::default(),
         stop: AtomicBool::new(false),
         latency: Shards::new(),
     });
-    eprintln!("[fanout] connecting {} subscribers", args.subs);
+    eprintln!(
+        "[fanout] connecting {} {} subscribers",
+        args.subs,
+        transport.name()
+    );
     let started = Instant::now();
     let n = args.subs as usize;
-    let sessions = open_subscribers(&nodes, n, args.concurrency, |_| ROOM.to_owned()).await?;
-    let connect_s = started.elapsed().as_secs_f64();
-    for (i, (tcp, welcome)) in sessions.into_iter().enumerate() {
-        let keepalive = Keepalive::for_session(i, n, &welcome);
-        let frames = RawFrames::new(tcp, 16 * 1024);
-        tokio::spawn(count_events(i, frames, layout, keepalive, progress.clone()));
+    if transport == Transport::Ws {
+        let sessions = open_subscribers(&nodes, n, args.concurrency, |_| room.to_owned()).await?;
+        for (i, (tcp, welcome)) in sessions.into_iter().enumerate() {
+            let keepalive = Keepalive::for_session(i, n, &welcome);
+            let frames = RawFrames::new(tcp, 16 * 1024);
+            let tally = Tally::new(i, layout, progress.clone());
+            tokio::spawn(count_events(frames, keepalive, tally));
+        }
+    } else {
+        let sessions = open_wt_subscribers(&nodes, n, args.concurrency, room).await?;
+        for (i, session) in sessions.into_iter().enumerate() {
+            let keepalive = Keepalive::for_session(i, n, &session.welcome);
+            let tally = Tally::new(i, layout, progress.clone());
+            let datagrams = transport == Transport::WtDatagram;
+            tokio::spawn(count_wt_events(session, datagrams, keepalive, tally));
+        }
     }
+    let connect_s = started.elapsed().as_secs_f64();
 
     let (publisher, _) = open_session(nodes.publisher(), None).await?;
     let publisher = tokio::spawn(publish_closed_loop(
         into_tcp(publisher)?,
         template,
         args.window,
+        transport == Transport::WtDatagram,
         progress.clone(),
     ));
     eprintln!(
@@ -290,6 +425,7 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let [lat] = progress.latency.merged();
     let lat = Summary::of(&lat);
     let closed = progress.closed.load(Ordering::Relaxed);
+    let lost = progress.lost.load(Ordering::Relaxed);
 
     let mut table = format!(
         "fanout {}: subs={} payload={}B window={} nodes={}\n",
@@ -305,13 +441,16 @@ pub(crate) async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     table += &format!("  frames/read      {frames_per_read:.2}\n");
     table += &format!("  latency          {}\n", lat.line());
     table += &format!("  closed subs      {closed}\n");
+    if transport == Transport::WtDatagram {
+        table += &format!("  lost publishes   {lost} (not received by every subscriber)\n");
+    }
     push_resource_lines(&mut table, 17, broker_cpu, own_cpu, rss);
     let head = args.common.json_head("fanout", &nodes);
     let figures = json!({
         "subs": args.subs, "payload": args.payload, "window": args.window,
         "warmup_s": args.warmup, "duration_s": elapsed, "connect_s": connect_s,
         "delivered_per_s": delivered.round(), "publish_per_s": publishes.round(),
-        "frames_per_read": (frames_per_read * 100.0).round() / 100.0, "closed_subs": closed,
+        "frames_per_read": (frames_per_read * 100.0).round() / 100.0, "closed_subs": closed, "lost_publishes": lost,
         "lat_ms": lat.json(), "broker_cpu_pct": broker_cpu.map(round1), "broker_rss": rss,
         "loadgen_cpu_pct": own_cpu.map(round1), "series": series,
     });

@@ -31,17 +31,10 @@ use std::{
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
-use roomcast_protocol::{
-    ClientFrame, PROTOCOL_VERSION, PayloadLimits, ServerFrame,
-    frame::Welcome,
-    stream::{FrameSplitter, write_prefix},
-};
+use roomcast_protocol::{ClientFrame, PayloadLimits, ServerFrame, stream::FrameSplitter};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use wtransport::{
-    ClientConfig, Connection, Endpoint, RecvStream, SendStream, VarInt, tls::Sha256Digest,
-};
+use tokio::io::AsyncReadExt;
+use wtransport::{Connection, Endpoint, RecvStream, VarInt};
 
 use self::relay::{DirectionCounts, LinkConfig, Relay};
 use crate::{
@@ -51,6 +44,7 @@ use crate::{
     },
     measure::{CpuMark, Phase, Summary, Ticker, due_ns, histogram, now_ns, round1},
     timed::Keepalive,
+    wt::{broker_addr, client_endpoint, fetch_cert_hash, hello, send_frame},
 };
 
 /// Arguments of `roomcast-bench hol`.
@@ -355,78 +349,6 @@ async fn accept_room_streams(connection: Connection, max_frame: usize, seen: Arc
     }
 }
 
-/// Writes `frame` with its length prefix.
-async fn send_frame(stream: &mut SendStream, frame: &ClientFrame) -> anyhow::Result<()> {
-    let body = frame.encode();
-    let mut out = Vec::with_capacity(body.len() + 8);
-    write_prefix(body.len(), &mut out);
-    out.extend_from_slice(&body);
-    stream
-        .write_all(&out)
-        .await
-        .context("write on the control stream")?;
-    Ok(())
-}
-
-/// The broker's TCP address from a `ws://host:port/...` URL.
-async fn broker_addr(url: &str) -> anyhow::Result<SocketAddr> {
-    let request = url.into_client_request()?;
-    let uri = request.uri();
-    let host = uri.host().context("URL without host")?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
-    tokio::net::lookup_host((host, port))
-        .await?
-        .next()
-        .with_context(|| format!("no address for {host}"))
-}
-
-/// Decodes 64 hex digits.
-fn parse_hash(hex: &str) -> anyhow::Result<[u8; 32]> {
-    let hex = hex.trim();
-    if hex.len() != 64 || !hex.is_ascii() {
-        bail!("expected 64 hex digits, got {hex:?}");
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .with_context(|| format!("bad hex in {hex:?}"))?;
-    }
-    Ok(out)
-}
-
-/// The body of an HTTP/1.1 response (status 200, not chunked).
-fn http_body(response: &str) -> anyhow::Result<&str> {
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("no end of HTTP headers")?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.split_whitespace().nth(1) != Some("200") {
-        bail!("HTTP status {status:?}: {body}");
-    }
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        bail!("chunked HTTP responses are not supported");
-    }
-    Ok(body)
-}
-
-/// The SHA-256 of the broker's QUIC certificate, from `GET /cert-hash` on its TCP port.
-async fn fetch_cert_hash(addr: SocketAddr) -> anyhow::Result<[u8; 32]> {
-    let mut tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connect to {addr}"))?;
-    let request = format!("GET /cert-hash HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tcp.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    tcp.read_to_end(&mut response).await?;
-    let response = String::from_utf8(response).context("non-UTF-8 HTTP response")?;
-    let json: Value = serde_json::from_str(http_body(&response)?).context("/cert-hash JSON")?;
-    parse_hash(json["hex"].as_str().context("/cert-hash without \"hex\"")?)
-}
-
 /// A publisher thread's side of the run.
 struct Publisher {
     published: AtomicU64,
@@ -519,41 +441,14 @@ async fn start_subscriber(
     Endpoint<wtransport::endpoint::endpoint_side::Client>,
     Connection,
 )> {
-    let config = ClientConfig::builder()
-        .with_bind_address(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .with_server_certificate_hashes([Sha256Digest::new(hash)])
-        .keep_alive_interval(None)
-        .build();
-    let endpoint = Endpoint::client(config).context("QUIC client endpoint")?;
+    let endpoint = client_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), hash)?;
     let url = format!("https://{relay}/wt");
     let connection = endpoint
         .connect(&url)
         .await
         .with_context(|| format!("WebTransport session to {url}"))?;
-    let (mut send, mut recv) = connection
-        .open_bi()
-        .await
-        .context("open the control stream")?
-        .await
-        .context("open the control stream")?;
-    let hello = ClientFrame::Hello {
-        version: PROTOCOL_VERSION,
-        token: None,
-    };
-    send_frame(&mut send, &hello).await?;
-
-    let mut splitter = FrameSplitter::new(1 << 20);
-    let welcome: Welcome = loop {
-        if let Some(frame) = splitter.next_frame()? {
-            match ServerFrame::decode(&frame, PayloadLimits::default())? {
-                ServerFrame::Welcome(welcome) => break welcome,
-                other => bail!("expected Welcome, got {other:?}"),
-            }
-        }
-        if recv.read_buf(splitter.buffer(4096)).await? == 0 {
-            bail!("control stream ended before Welcome");
-        }
-    };
+    let (mut send, control, welcome) = hello(&connection).await?;
+    let (recv, splitter) = control.into_parts();
     let max_frame = usize::try_from(welcome.max_frame_size)
         .unwrap_or(usize::MAX)
         .clamp(1024, 16 << 20);
@@ -591,10 +486,7 @@ async fn start_subscriber(
     }
     let keepalive = Keepalive::for_session(0, 1, &welcome);
     tokio::spawn(async move {
-        let mut pings = tokio::time::interval_at(
-            tokio::time::Instant::now() + keepalive.first,
-            keepalive.every,
-        );
+        let mut pings = keepalive.interval();
         loop {
             pings.tick().await;
             if send_frame(&mut send, &ClientFrame::Ping { id: None })
@@ -922,19 +814,5 @@ mod tests {
         assert_eq!(late["50"], json!(10.0));
         assert_eq!(late_line(&late), "40 / 20 / 10 %");
         assert!(RoomSeen::new().late_pct(Duration::ZERO)["5"].is_null());
-    }
-
-    #[test]
-    fn hash_and_http_parsing() {
-        let hex = "00ff10".repeat(10) + "abcd";
-        let hash = parse_hash(&hex).unwrap();
-        assert_eq!(&hash[..3], &[0x00, 0xff, 0x10]);
-        assert_eq!(hash[31], 0xcd);
-        assert!(parse_hash("abc").is_err());
-        assert!(parse_hash(&"zz".repeat(32)).is_err());
-        let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n{\"hex\":\"00\"}";
-        assert_eq!(http_body(ok).unwrap(), "{\"hex\":\"00\"}");
-        assert!(http_body("HTTP/1.1 404 Not Found\r\n\r\nWebTransport is off\n").is_err());
-        assert!(http_body("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n").is_err());
     }
 }

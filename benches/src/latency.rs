@@ -26,8 +26,8 @@ use serde_json::json;
 
 use crate::{
     common::{
-        CommonArgs, EventLayout, MaskKeys, PublishTemplate, RawFrames, into_tcp, min_payload,
-        open_session, open_subscribers, payload, rss_bytes, wait_until_due,
+        CommonArgs, EventLayout, MaskKeys, PublishTemplate, RawFrames, Transport, into_tcp,
+        min_payload, open_session, open_subscribers, payload, rss_bytes, wait_until_due,
     },
     measure::{CpuMark, Summary, Ticker, due_ns, histogram, now_ns, push_resource_lines, round1},
     timed::{Deliveries, FROM_SCHEDULE, FROM_SEND, Keepalive, timed_reader},
@@ -121,7 +121,7 @@ fn publish_on_schedule(
 
 /// Runs the scenario and prints its result.
 pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
-    let nodes = args.common.nodes()?;
+    let nodes = args.common.nodes(&[Transport::Ws])?;
     if !(args.rate > 0.0 && args.rate.is_finite()) {
         bail!("--rate must be positive");
     }

@@ -25,6 +25,7 @@ mod latency;
 mod measure;
 mod publishers;
 mod timed;
+mod wt;
 
 use clap::{Parser, Subcommand};
 

@@ -26,8 +26,8 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 
 use crate::{
     common::{
-        CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, min_payload,
-        open_many, payload, rss_bytes,
+        CommonArgs, EventLayout, MaskKeys, PING, PublishTemplate, RawFrames, Transport,
+        min_payload, open_many, payload, rss_bytes,
     },
     measure::{
         CpuMark, Summary, Ticker, due_ns, histogram, instant_at, jitter_ns, now_ns,
@@ -160,7 +160,7 @@ async fn device(
 
 /// Runs the scenario and prints its result.
 pub(crate) async fn run(args: PublishersArgs) -> anyhow::Result<()> {
-    let nodes = args.common.nodes()?;
+    let nodes = args.common.nodes(&[Transport::Ws])?;
     if !(args.rate_per_device > 0.0 && args.rate_per_device.is_finite()) {
         bail!("--rate-per-device must be positive");
     }

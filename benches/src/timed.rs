@@ -86,6 +86,15 @@ impl Keepalive {
             first: every / 2 + stagger(i, n, every / 2),
         }
     }
+
+    /// The ping timer: first tick after `first`, then every `every`; late ticks are delayed,
+    /// not bunched.
+    pub(crate) fn interval(&self) -> tokio::time::Interval {
+        let mut pings =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.first, self.every);
+        pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pings
+    }
 }
 
 /// Reads events of `layout` until the session ends, recording every delivery's latency into
@@ -97,11 +106,7 @@ pub(crate) async fn timed_reader(
     keepalive: Keepalive,
     shared: Arc<Deliveries>,
 ) {
-    let mut pings = tokio::time::interval_at(
-        tokio::time::Instant::now() + keepalive.first,
-        keepalive.every,
-    );
-    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pings = keepalive.interval();
     let mut pending: Vec<[u64; 2]> = Vec::with_capacity(64);
     let mut unflushed = 0u64;
     let mut last_flush = 0u64;

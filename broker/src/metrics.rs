@@ -12,7 +12,7 @@ use roomcast_protocol::Code;
 /// Label for metrics split by transport.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {
-    /// `ws` (WebTransport joins later).
+    /// `ws` or `wt`.
     pub transport: &'static str,
 }
 
@@ -42,6 +42,10 @@ pub struct Metrics {
     pub slow_consumers: Counter,
     /// Error frames and close codes sent, by code.
     pub errors: Family<CodeLabel, Counter>,
+    /// WebTransport datagrams received (frames from clients).
+    pub datagrams_in: Counter,
+    /// WebTransport datagrams sent (events of volatile rooms).
+    pub datagrams_out: Counter,
     /// Cluster mode: the metrics of the NATS bridge.
     pub nats: NatsMetrics,
 }
@@ -88,6 +92,8 @@ impl Metrics {
             events_out: Counter::default(),
             slow_consumers: Counter::default(),
             errors: Family::default(),
+            datagrams_in: Counter::default(),
+            datagrams_out: Counter::default(),
             nats: NatsMetrics::default(),
         };
         registry.register("sessions", "Open sessions by transport", m.sessions.clone());
@@ -121,6 +127,16 @@ impl Metrics {
             "errors",
             "Error and close codes sent, by code",
             m.errors.clone(),
+        );
+        registry.register(
+            "datagrams_in",
+            "WebTransport datagrams received",
+            m.datagrams_in.clone(),
+        );
+        registry.register(
+            "datagrams_out",
+            "WebTransport datagrams sent",
+            m.datagrams_out.clone(),
         );
         let nats = &m.nats;
         let sub = registry.sub_registry_with_prefix("nats");

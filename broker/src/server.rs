@@ -22,6 +22,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
+use roomcast_protocol::Code;
 use tokio::{
     net::{TcpListener, TcpSocket},
     task::JoinHandle,
@@ -30,7 +31,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{debug, info, warn};
 
 use wtransport::{
-    Endpoint, Identity, ServerConfig, config::QuicTransportConfig, endpoint::endpoint_side,
+    Endpoint, Identity, ServerConfig, VarInt, config::QuicTransportConfig, endpoint::endpoint_side,
 };
 
 use crate::{
@@ -171,8 +172,8 @@ async fn serve_shared(
         }
     });
     let webtransport: Vec<_> = endpoints
-        .into_iter()
-        .map(|endpoint| tokio::spawn(wt_accept_loop(endpoint, shared.clone())))
+        .iter()
+        .map(|endpoint| tokio::spawn(wt_accept_loop(endpoint.clone(), shared.clone())))
         .collect();
     accept_loop(listener, &shared).await;
     for accept in webtransport {
@@ -191,6 +192,17 @@ async fn serve_shared(
             "drain timeout: dropping remaining sessions"
         );
     }
+    // Sessions closed their connections, but the close reaches clients only once the
+    // endpoint's driver has sent it: close what is left and let the endpoints go idle.
+    let code = Code::ShuttingDown;
+    for endpoint in &endpoints {
+        endpoint.close(
+            VarInt::from_u32(u32::from(code.value())),
+            code.as_str().as_bytes(),
+        );
+    }
+    let idle = futures_util::future::join_all(endpoints.iter().map(|e| e.wait_idle()));
+    let _ = tokio::time::timeout(ENDPOINT_IDLE_WAIT, idle).await;
     info!("stopped");
     Ok(())
 }
@@ -266,6 +278,9 @@ where
 
 /// A bound WebTransport server endpoint.
 type QuicEndpoint = Endpoint<endpoint_side::Server>;
+
+/// On shutdown, how long the QUIC endpoints get to send the connections' closes.
+const ENDPOINT_IDLE_WAIT: Duration = Duration::from_secs(2);
 
 /// UDP socket buffer asked for: a connect burst (hundreds of handshakes at once) overflows the
 /// usual ~208 KB default and costs clients handshake retries. The kernel caps it at
@@ -527,6 +542,8 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
                 hello_timeout: config.hello_timeout,
                 single_stream: config.wt_single_stream,
                 max_backlog: config.outbound_queue_bytes,
+                datagrams_in: task_shared.metrics.datagrams_in.clone(),
+                datagrams_out: task_shared.metrics.datagrams_out.clone(),
             };
             match wt::open(connection, settings).await {
                 Ok((reader, writer)) => {

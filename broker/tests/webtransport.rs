@@ -365,6 +365,49 @@ async fn the_rust_client_receives_volatile_events_sent_as_datagrams() {
         .unwrap();
     assert_eq!(event.decode::<(f64, f64)>().unwrap(), (52.5, 13.4));
     assert_eq!(event.seq, 1);
+    assert_eq!(
+        metric(&server, "roomcast_datagrams_out_total").await,
+        1.0,
+        "the event travelled as a datagram"
+    );
+}
+
+#[tokio::test]
+async fn the_rust_client_publishes_volatile_events_as_datagrams_and_falls_back_on_websocket() {
+    let server = start(volatile_config()).await;
+    let mut watcher = RawConn::open(&server).await;
+    watcher.subscribe(1, "gps:truck-1").await;
+    let options = roomcast_client::ConnectOptions {
+        cert_hash: Some(cert_hash(&server)),
+        ..Default::default()
+    };
+    let tracker = roomcast_client::connect(&wt_url(&server), options)
+        .await
+        .expect("WebTransport client");
+    for n in 1..=5u64 {
+        tracker
+            .publish_volatile("gps:truck-1", "pos", &n)
+            .await
+            .unwrap();
+        match watcher.frame().await {
+            ServerFrame::Event(e) => assert_eq!(e.data.decode::<u64>().unwrap(), n),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(metric(&server, "roomcast_datagrams_in_total").await, 5.0);
+    // Over WebSocket the same call sends the frame on the connection.
+    let ws_tracker = roomcast_client::connect(&server.ws_url(), Default::default())
+        .await
+        .unwrap();
+    ws_tracker
+        .publish_volatile("gps:truck-1", "pos", &6u64)
+        .await
+        .unwrap();
+    match watcher.frame().await {
+        ServerFrame::Event(e) => assert_eq!(e.data.decode::<u64>().unwrap(), 6),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(metric(&server, "roomcast_datagrams_in_total").await, 5.0);
 }
 
 /// A payload of about `size` bytes (a CBOR text string) tagged with `n`.

@@ -228,15 +228,51 @@ impl Client {
             self.request(|reply| Command::Publish { id, frame, reply })
                 .await
         } else {
-            self.send_command(Command::Send { frame }).await?;
+            self.send_command(Command::Send {
+                frame,
+                unreliable: false,
+            })
+            .await?;
             Ok(None)
         }
+    }
+
+    /// Publishes `data` (encoded as CBOR) to `room` as `event` for volatile rooms (positions,
+    /// prices): over WebTransport as a QUIC datagram when the frame fits one, so it may be
+    /// lost but never waits behind a retransmission; otherwise (WebSocket, a large frame) like
+    /// [`Client::publish_payload`] without an `Ack`. Returns once the frame is handed over.
+    /// The broker answers a rejected publish (bad room, bad payload) with an `Error` frame that
+    /// this call does not wait for.
+    pub async fn publish_volatile<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        event: &str,
+        data: &T,
+    ) -> Result<(), Error> {
+        let data = Payload::encode(data).map_err(Error::Encode)?;
+        let frame = ClientFrame::Publish {
+            id: self.next_id(),
+            room: room.to_owned(),
+            event: event.to_owned(),
+            data: data.as_bytes().clone(),
+            ack: false,
+        }
+        .encode();
+        self.send_command(Command::Send {
+            frame,
+            unreliable: true,
+        })
+        .await
     }
 
     /// Sends `frame` as one binary message, unchecked, once the connection gets to it (for
     /// tests of the broker's handling of bad input). Returns when it is queued.
     pub async fn send_raw(&self, frame: Bytes) -> Result<(), Error> {
-        self.send_command(Command::Send { frame }).await
+        self.send_command(Command::Send {
+            frame,
+            unreliable: false,
+        })
+        .await
     }
 
     /// Sends `Ping` and waits for the matching `Pong`; returns the round-trip time.

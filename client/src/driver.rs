@@ -69,8 +69,9 @@ pub(crate) enum Command {
         id: u64,
         reply: oneshot::Sender<Result<(), Error>>,
     },
-    /// Send these bytes as one message; no reply expected.
-    Send { frame: Bytes },
+    /// Send these bytes as one message; no reply expected. `unreliable`: as a datagram when
+    /// the transport has them and the frame fits.
+    Send { frame: Bytes, unreliable: bool },
     /// End the session politely.
     Close,
 }
@@ -472,7 +473,23 @@ impl<T: Transport> Driver<T> {
                 self.write(ClientFrame::Ping { id: Some(id) }.encode())
                     .await
             }
-            Command::Send { frame } => self.write(frame).await,
+            Command::Send {
+                frame,
+                unreliable: false,
+            } => self.write(frame).await,
+            Command::Send {
+                frame,
+                unreliable: true,
+            } => match self.transport.send_unreliable(frame) {
+                Ok(None) => {
+                    self.last_sent = Instant::now();
+                    None
+                }
+                Ok(Some(frame)) => self.write(frame).await,
+                Err(e) => Some(Ending::broken(CloseInfo::lost(format!(
+                    "transport error while sending: {e}"
+                )))),
+            },
             Command::Close => Some(Ending::close(CloseInfo::by_client(), LocalClose::Normal)),
         }
     }

@@ -174,7 +174,12 @@ impl RawConn {
 
 /// Plain HTTP/1.1 GET on the broker's port; returns (status, body).
 pub async fn http_get(server: &Server, path: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(server.local_addr()).await.unwrap();
+    http_get_at(server.local_addr(), path).await
+}
+
+/// `GET path` on a broker at `addr`: status and body.
+pub async fn http_get_at(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut raw = Vec::new();

@@ -6,8 +6,16 @@ use roomcast_protocol::{
     ClientFrame, Code, PayloadLimits, ServerFrame,
     stream::{FrameSplitter, write_prefix},
 };
+use std::sync::Arc;
 use tokio::io::AsyncReadExt;
-use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream, tls::Sha256Digest};
+
+use wtransport::{
+    ClientConfig, Connection, Endpoint, RecvStream, SendStream,
+    tls::{
+        Sha256Digest,
+        client::{ServerHashVerification, build_default_tls_config},
+    },
+};
 
 use super::WAIT;
 
@@ -40,19 +48,36 @@ pub async fn session_with(
     hash: [u8; 32],
     stream_window: Option<u32>,
 ) -> Result<Connection, String> {
-    let builder = ClientConfig::builder()
-        .with_bind_default()
-        .with_server_certificate_hashes([Sha256Digest::new(hash)]);
+    let url = wt_url(server);
+    session_at(&url, hash, stream_window).await
+}
+
+/// Opens a WebTransport session to `url` pinned to `hash` (see [`session_with`]).
+pub async fn session_at(
+    url: &str,
+    hash: [u8; 32],
+    stream_window: Option<u32>,
+) -> Result<Connection, String> {
+    let builder = ClientConfig::builder().with_bind_default();
     let config = match stream_window {
-        None => builder.build(),
+        None => builder
+            .with_server_certificate_hashes([Sha256Digest::new(hash)])
+            .build(),
         Some(window) => {
             let mut transport = wtransport::config::QuicTransportConfig::default();
             transport.stream_receive_window(window.into());
-            builder.with_custom_transport(transport).build()
+            let verifier = ServerHashVerification::new([Sha256Digest::new(hash)]);
+            let tls = build_default_tls_config(
+                Arc::new(rustls::RootCertStore::empty()),
+                Some(Arc::new(verifier)),
+            );
+            builder
+                .with_custom_tls_and_transport(tls, transport)
+                .build()
         }
     };
     let endpoint = Endpoint::client(config).map_err(|e| e.to_string())?;
-    tokio::time::timeout(WAIT, endpoint.connect(wt_url(server)))
+    tokio::time::timeout(WAIT, endpoint.connect(url))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())

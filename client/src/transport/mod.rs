@@ -62,6 +62,13 @@ pub(crate) trait Transport: Send + 'static {
     /// bounds the wait with a timeout. Errors are ignored: the connection is ending.
     fn close(&mut self, how: LocalClose) -> impl Future<Output = ()> + Send;
 
+    /// Sends one frame unreliably (a WebTransport datagram: it may be lost) when the transport
+    /// can and the frame fits; otherwise hands the frame back for [`Transport::send`]. The
+    /// default has no unreliable path.
+    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, String> {
+        Ok(Some(frame))
+    }
+
     /// Tells the transport the largest frame the broker accepts (from `Welcome`), so a
     /// transport that must cap its own buffering can size the cap to the broker's frames.
     /// The default ignores it.

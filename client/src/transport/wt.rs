@@ -9,8 +9,8 @@
 //! no order across streams). It also maps the session's close code to the code table.
 //!
 //! It must not look inside frames: the driver decodes them, and matches replies to requests
-//! by id whichever stream they came on. Datagrams are not read yet; a datagram reader would
-//! be one more task feeding the same channel.
+//! by id whichever stream they came on. Datagrams (whole frames, volatile rooms) are read by
+//! one more task feeding the same channel, and sent by [`Transport::send_unreliable`].
 //!
 //! Bounds: the channel holds [`FRAME_QUEUE`] frames and a reader waits for room in it before
 //! reading on; at most [`MAX_ROOM_STREAMS`] room streams are read at once (QUIC's stream limit
@@ -202,6 +202,17 @@ impl Transport for WtTransport {
         // The close goes out on the endpoint's next turn; waiting for the whole draining
         // period (three probe timeouts) would only delay the caller.
         let _ = tokio::time::timeout(CLOSE_SENT_WAIT, self.endpoint.wait_idle()).await;
+    }
+
+    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, String> {
+        let fits = self
+            .connection
+            .max_datagram_size()
+            .is_some_and(|max| frame.len() <= max);
+        if fits && self.connection.send_datagram(&frame).is_ok() {
+            return Ok(None);
+        }
+        Ok(Some(frame))
     }
 
     fn set_frame_limit(&mut self, broker_max_frame: u64) {

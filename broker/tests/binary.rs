@@ -1,0 +1,105 @@
+//! The `roomcast` binary as users run it: started as a process on 127.0.0.1 port 0 and stopped
+//! with SIGTERM.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Instant,
+};
+
+use common::{WAIT, http_get_at, wt::session_at};
+use roomcast_protocol::{ClientFrame, Code};
+
+/// Kills the broker if a test ends early.
+struct Broker(Child);
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `roomcast serve` on 127.0.0.1 port 0; returns the process and its TCP address.
+fn start_binary() -> (Broker, std::net::SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("ROOMCAST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("roomcast starts");
+    let stderr = child.stderr.take().unwrap();
+    let (found, addr) = mpsc::channel();
+    // Reads the log to its end, so the broker never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening: WebSocket ws://").nth(1) {
+                let _ = found.send(rest.split('/').next().unwrap().to_owned());
+            }
+        }
+    });
+    let addr = addr.recv_timeout(WAIT).expect("roomcast listens in time");
+    (Broker(child), addr.parse().unwrap())
+}
+
+/// Waits for the process to exit, up to `WAIT`.
+fn wait_exit(broker: &mut Broker) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = broker.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "roomcast did not exit in time");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_webtransport_sessions_with_shutting_down_before_exit() {
+    let (mut broker, addr) = start_binary();
+    let (status, body) = http_get_at(addr, "/cert-hash").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let hex = json["hex"].as_str().unwrap();
+    let hash: [u8; 32] = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect::<Vec<_>>()
+        .try_into()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{}/wt", addr.port());
+    // The client grants 16 bytes of stream credit and reads nothing: the broker cannot even
+    // write Welcome, let alone Close, so only its connection close can tell the client.
+    let connection = session_at(&url, hash, Some(16)).await.expect("session");
+    let (mut send, _recv) = connection.open_bi().await.unwrap().await.unwrap();
+    let hello = ClientFrame::Hello {
+        version: 1,
+        token: None,
+    }
+    .encode();
+    let mut wire = Vec::new();
+    roomcast_protocol::stream::write_prefix(hello.len(), &mut wire);
+    wire.extend_from_slice(&hello);
+    send.write_all(&wire).await.unwrap();
+    let pid = broker.0.id();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let exit = tokio::task::block_in_place(|| wait_exit(&mut broker));
+    assert!(exit.success(), "{exit:?}");
+    let error = tokio::time::timeout(WAIT, connection.closed())
+        .await
+        .expect("the session learns of the close, not from an idle timeout");
+    let text = format!("{error} {error:?}");
+    let code = Code::ShuttingDown;
+    assert!(
+        text.contains(&code.value().to_string()),
+        "session ended with {text}, expected {code}"
+    );
+}
