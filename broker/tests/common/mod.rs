@@ -182,6 +182,11 @@ pub async fn http_get_at(addr: std::net::SocketAddr, path: &str) -> (u16, String
     let mut stream = TcpStream::connect(addr).await.unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
+    http_response(stream).await
+}
+
+/// Reads a whole `Connection: close` HTTP/1.1 response: status and body.
+pub async fn http_response(mut stream: TcpStream) -> (u16, String) {
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, stream.read_to_end(&mut raw))
         .await
