@@ -202,3 +202,39 @@ async fn cli_sub_and_pub_over_webtransport_with_a_pinned_hash() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("error: transport error"), "{stderr}");
 }
+
+#[tokio::test]
+async fn cli_pub_volatile_sends_a_datagram() {
+    let server = Server::start(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        volatile_namespaces: vec!["gps".into()],
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let hex = cert_hash_hex(&server).await;
+    let watcher = connect(&server.ws_url(), ConnectOptions::default())
+        .await
+        .unwrap();
+    let mut positions = watcher.subscribe("gps:van-3").await.unwrap();
+    let url = wt_url(&server);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(CLI)
+            .args(["pub", &url, "gps:van-3", "pos", "[52.5,13.4]", "--volatile"])
+            .args(["--cert-hash", &hex])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("sent"));
+    let event = timeout(WAIT, positions.next_event())
+        .await
+        .expect("the position arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.decode::<(f64, f64)>().unwrap(), (52.5, 13.4));
+    assert_eq!(server.shared().metrics.datagrams_in.get(), 1);
+}

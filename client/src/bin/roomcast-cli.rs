@@ -37,9 +37,10 @@ EXIT STATUS
 
 const PUB_HELP: &str = "\
 EXIT STATUS
-  0 once the broker acknowledged the event (`ack seq=N` or `ack` on stderr);
-  1 when the broker refuses it (`error: <code name> (<value>): <message>`) or the
-  connection fails; 2 when JSON is not valid JSON or another argument is bad.";
+  0 once the broker acknowledged the event (`ack seq=N` or `ack` on stderr), or with
+  --volatile once it was sent (`sent`); 1 when the broker refuses it (`error: <code name>
+  (<value>): <message>`) or the connection fails; 2 when JSON is not valid JSON or another
+  argument is bad.";
 
 /// Subscribe to or publish to roomcast rooms.
 #[derive(Debug, Parser)]
@@ -80,6 +81,11 @@ enum Command {
         event: String,
         /// Payload as JSON; sent as the equivalent CBOR item, e.g. '{"state":"shipped"}'.
         json: String,
+        /// Volatile publish (positions, prices): over WebTransport as a QUIC datagram when it
+        /// fits (it may be lost), else on the connection; no ack is asked for, so a refusal
+        /// is not reported.
+        #[arg(long)]
+        volatile: bool,
         /// Authentication token sent in Hello.
         #[arg(long, value_name = "T", env = "ROOMCAST_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -156,9 +162,13 @@ async fn main() -> ExitCode {
             room,
             event,
             json,
+            volatile,
             token,
             tls,
-        } => publish(&url, &room, &event, &json, options(&url, token, tls)).await,
+        } => {
+            let options = options(&url, token, tls);
+            publish(&url, &room, &event, &json, volatile, options).await
+        }
     }
 }
 
@@ -265,6 +275,7 @@ async fn publish(
     room: &str,
     event: &str,
     json: &str,
+    volatile: bool,
     options: ConnectOptions,
 ) -> ExitCode {
     let value: serde_json::Value = match serde_json::from_str(json) {
@@ -278,6 +289,23 @@ async fn publish(
         Ok(client) => client,
         Err(code) => return code,
     };
+    if volatile {
+        // A ping round trip after the datagram: by the time the Pong is back the datagram
+        // has left, so closing cannot drop it.
+        let sent = match client.publish_volatile(room, event, &value).await {
+            Ok(()) => client.ping().await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        let status = match sent {
+            Ok(()) => {
+                eprintln!("sent");
+                ExitCode::SUCCESS
+            }
+            Err(e) => report(&e),
+        };
+        client.close().await;
+        return status;
+    }
     let status = match client.publish(room, event, &value).await {
         Ok(Some(seq)) => {
             eprintln!("ack seq={seq}");
