@@ -2,10 +2,11 @@
 //! and WT), two regions joined by a gateway, backend publishing (HTTP and raw NATS), a NATS
 //! outage during traffic, and hostile room names.
 //!
-//! Subscriptions to NATS are made asynchronously after a room's first local subscriber joins,
-//! so each test first proves a route exists by publishing `probe` events until every subscriber
-//! has seen one, then a `sync` event that flushes the remaining probes (one publisher's events
-//! stay in order). Only then are exact sequences checked.
+//! A node's `Subscribed` waits until its NATS subscription to the room is live
+//! (`a_subscribed_client_gets_the_next_event_from_another_node` checks exactly that). The
+//! older tests below still prove a route first by publishing `probe` events until every
+//! subscriber has seen one, then a `sync` event that flushes the remaining probes (one
+//! publisher's events stay in order); only then are exact sequences checked.
 
 mod common;
 
@@ -254,6 +255,45 @@ async fn two_nodes_on_one_nats_server_ws_and_wt() {
     );
     ws_a.expect_events(room, &["from-wt".into()]).await;
     ws_b.expect_events(room, &["from-wt".into()]).await;
+}
+
+#[tokio::test]
+async fn a_subscribed_client_gets_the_next_event_from_another_node() {
+    let nats = NatsServer::start("");
+    let a = start(node(&nats, "node-a")).await;
+    // Node B's commands take 300 ms to reach NATS: a `Subscribed` sent before B's
+    // subscription is live on the server would let A's next event slip past B.
+    let slow_link = delaying_proxy(
+        format!("127.0.0.1:{}", nats.port).parse().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    let mut config_b = node(&nats, "node-b");
+    config_b.cluster.nats = vec![format!("nats://{slow_link}")];
+    let b = start(config_b).await;
+    until_readyz(&a, 200).await;
+    until_readyz(&b, 200).await;
+    let mut publisher = RawConn::open(&a).await;
+    // Fresh rooms each round: every Subscribed is the one that creates the node's NATS
+    // subscription. No probing: the event published right after Subscribed must arrive.
+    for round in 1..=4u64 {
+        let room = format!("fresh:{round}");
+        let mut sub = if round % 2 == 0 {
+            Sub::wt(&b, &room).await
+        } else {
+            Sub::ws(&b, &room).await
+        };
+        publisher
+            .send(publish(round, &room, "first", number(round), true))
+            .await;
+        assert_eq!(reply(&mut publisher, round).await, Ok(None));
+        let event = sub.event().await;
+        assert_eq!(
+            (event.room.as_str(), event.event.as_str()),
+            (room.as_str(), "first")
+        );
+        assert_eq!(event.data.decode::<u64>().unwrap(), round);
+    }
 }
 
 #[tokio::test]

@@ -36,6 +36,10 @@
 //! - **Interest**: a node subscribes to a room subject only while the room has a local
 //!   subscriber (plus a short linger against churn), so it receives no traffic for rooms
 //!   nobody on it watches.
+//! - **Subscribed means routed**: the `Subscribed` that creates a node's subscription to a room
+//!   is held back ([`Interest::confirms_live`], [`Hub::mark_live`]) until the subscription is
+//!   in force on the node's NATS server (bounded to 2 s while NATS is unreachable); interest
+//!   propagation to other servers of a cluster or gateway stays asynchronous.
 
 pub mod nats;
 pub mod subject;
@@ -62,6 +66,11 @@ pub trait Interest: Send + Sync {
     fn interest_on(&self, room: &RoomName);
     /// `room` lost its last local subscriber.
     fn interest_off(&self, room: &RoomName);
+    /// Whether a new room waits for [`Hub::mark_live`] before its `Subscribed` replies go
+    /// out (the listener confirms once events of the room can reach this node).
+    fn confirms_live(&self) -> bool {
+        false
+    }
 }
 
 /// Carries events between this node's hub and every node that has subscribers of the room.

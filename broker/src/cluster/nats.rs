@@ -65,6 +65,9 @@ pub const HEADER_ORIGIN: &str = "Roomcast-Origin";
 
 /// Longest node id, in bytes.
 const MAX_NODE_ID: usize = 64;
+/// Longest wait for the server to confirm new room subscriptions before their `Subscribed`
+/// replies go out anyway.
+const LIVE_CONFIRM_WAIT: Duration = Duration::from_secs(2);
 
 /// Why the NATS bridge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,9 @@ impl Interest for Table {
     }
     fn interest_off(&self, room: &RoomName) {
         self.set(room, false);
+    }
+    fn confirms_live(&self) -> bool {
+        true
     }
 }
 
@@ -340,6 +346,9 @@ impl Interest for NatsBridge {
     fn interest_off(&self, room: &RoomName) {
         self.table.interest_off(room);
     }
+    fn confirms_live(&self) -> bool {
+        self.table.confirms_live()
+    }
 }
 
 impl Bridge for NatsBridge {
@@ -428,9 +437,15 @@ async fn reconcile(
     let mut active: HashMap<RoomName, CancellationToken> = HashMap::new();
     // Rooms waiting for their linger to end, in deadline order (linger is one constant).
     let mut lingering: VecDeque<(Instant, RoomName)> = VecDeque::new();
+    // A private subject this node sends itself a message on after new SUBs: the server
+    // handles one connection's commands in order, so when the message is back the SUBs are
+    // in force on the node's server (async-nats' flush only empties the write buffer).
+    let mut confirm = Confirm::new(&client).await;
     loop {
         let now = Instant::now();
         let mut subscribe = Vec::new();
+        // Rooms back while their subscription still lingers: live already.
+        let mut live = Vec::new();
         {
             let mut state = table.state.lock().unwrap_or_else(|e| e.into_inner());
             for room in std::mem::take(&mut state.changed) {
@@ -439,7 +454,9 @@ async fn reconcile(
                 };
                 want.queued = false;
                 if want.on {
-                    if !active.contains_key(&room) {
+                    if active.contains_key(&room) {
+                        live.push(room);
+                    } else {
                         subscribe.push(room);
                     }
                 } else if active.contains_key(&room) {
@@ -476,7 +493,10 @@ async fn reconcile(
                 }
             }
         }
-        for room in subscribe {
+        for room in &live {
+            inbound.hub.mark_live(room);
+        }
+        for room in subscribe.iter().cloned() {
             let subject = subject::subject_for(&prefix, &room);
             let subscribed = tokio::select! {
                 subscribed = client.subscribe(subject) => subscribed,
@@ -497,6 +517,26 @@ async fn reconcile(
                 Err(e) => warn!(error = %e, %room, "NATS subscribe failed"),
             }
         }
+        if !subscribe.is_empty() {
+            // Once a message sent after the SUBs is back, the node's server routes the rooms'
+            // messages here: only then do the waiting `Subscribed` replies go out. While NATS
+            // is unreachable the round trip cannot complete; the replies go out after the
+            // bound (publishes are refused with `unavailable` meanwhile, and events from other
+            // nodes may be missed until the connection is back).
+            let confirmed = tokio::select! {
+                confirmed = tokio::time::timeout(LIVE_CONFIRM_WAIT, confirm.round_trip(&client)) => confirmed,
+                () = shutdown.cancelled() => break,
+            };
+            if !matches!(confirmed, Ok(true)) {
+                warn!(
+                    rooms = subscribe.len(),
+                    "NATS subscriptions not confirmed in time"
+                );
+            }
+            for room in &subscribe {
+                inbound.hub.mark_live(room);
+            }
+        }
         inbound.metrics.subscriptions.set(active.len() as i64);
         let next_deadline = lingering.front().map(|(d, _)| *d);
         let sleep = async {
@@ -513,6 +553,55 @@ async fn reconcile(
     }
     for stop in active.values() {
         stop.cancel();
+    }
+}
+
+/// A round trip through the node's NATS server on a private subject (see [`reconcile`]).
+struct Confirm {
+    subject: async_nats::Subject,
+    replies: Option<Subscriber>,
+    round: u64,
+}
+
+impl Confirm {
+    async fn new(client: &Client) -> Confirm {
+        let subject = async_nats::Subject::from(client.new_inbox());
+        let replies = match client.subscribe(subject.clone()).await {
+            Ok(replies) => Some(replies),
+            Err(e) => {
+                warn!(error = %e, "NATS: no confirmation subject; Subscribed replies will not wait");
+                None
+            }
+        };
+        Confirm {
+            subject,
+            replies,
+            round: 0,
+        }
+    }
+
+    /// Sends the next round's message to itself and waits for it (skipping older rounds'
+    /// late ones). `false` when it cannot.
+    async fn round_trip(&mut self, client: &Client) -> bool {
+        let Some(replies) = &mut self.replies else {
+            return false;
+        };
+        self.round += 1;
+        let token = Bytes::from(self.round.to_string());
+        if client
+            .publish(self.subject.clone(), token.clone())
+            .await
+            .is_err()
+            || client.flush().await.is_err()
+        {
+            return false;
+        }
+        while let Some(message) = replies.next().await {
+            if message.payload == token {
+                return true;
+            }
+        }
+        false
     }
 }
 

@@ -47,6 +47,9 @@ pub struct Delivery {
 struct Subscriber {
     session: SessionKey,
     outbox: Arc<Outbox>,
+    /// The request id of a `Subscribed` not sent yet: the room is not live (see
+    /// [`Hub::mark_live`]); such a subscriber receives no event until it is.
+    pending: Option<u64>,
 }
 
 struct RoomState {
@@ -56,6 +59,9 @@ struct RoomState {
     volatile: bool,
     seq: u64,
     subscribers: Vec<Subscriber>,
+    /// Events reach this node: always in-process; in cluster mode once the bridge confirmed
+    /// its subscription ([`Hub::mark_live`]). Until then `Subscribed` replies wait.
+    live: bool,
 }
 
 type Shard = RwLock<HashMap<RoomName, Arc<Mutex<RoomState>>>>;
@@ -76,6 +82,19 @@ pub struct Hub {
 impl Default for Hub {
     fn default() -> Self {
         Hub::new()
+    }
+}
+
+/// The `Subscribed` reply, on the room's opening lane.
+fn subscribed(room: &RoomName, id: u64, seq: u64, room_id: u64) -> Outgoing {
+    Outgoing {
+        frame: ServerFrame::Subscribed {
+            id,
+            room: room.clone(),
+            seq,
+        }
+        .encode(),
+        lane: Lane::RoomOpen(room_id),
     }
 }
 
@@ -123,6 +142,10 @@ impl Hub {
 
     /// Adds `session` to `room` (idempotent) and queues `Subscribed { id, room, seq }` into its
     /// outbox, ordered before any later event of the room. Returns the room's seq.
+    ///
+    /// When the interest listener confirms subscriptions ([`Interest::confirms_live`], cluster
+    /// mode) a new room is not live yet: the reply waits for [`Hub::mark_live`], so a client
+    /// never holds a `Subscribed` for a room whose events cannot reach this node yet.
     pub fn subscribe(
         &self,
         room: &RoomName,
@@ -133,35 +156,68 @@ impl Hub {
         let mut shard = self.shard(room).write().unwrap_or_else(|e| e.into_inner());
         let state = shard.entry(room.clone()).or_insert_with(|| {
             self.rooms.fetch_add(1, Ordering::Relaxed);
-            if let Some(interest) = &self.interest {
-                interest.interest_on(room);
-            }
+            let live = match &self.interest {
+                Some(interest) => {
+                    interest.interest_on(room);
+                    !interest.confirms_live()
+                }
+                None => true,
+            };
             Arc::new(Mutex::new(RoomState {
                 id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
                 volatile: self.is_volatile(room),
                 seq: 0,
                 subscribers: Vec::new(),
+                live,
             }))
         });
         let mut state = lock_room(state);
-        if !state.subscribers.iter().any(|s| s.session == session) {
-            self.subscriptions.fetch_add(1, Ordering::Relaxed);
-            state.subscribers.push(Subscriber {
-                session,
-                outbox: outbox.clone(),
-            });
+        let live = state.live;
+        match state.subscribers.iter_mut().find(|s| s.session == session) {
+            // Not live yet: the newest request id gets the reply.
+            Some(existing) if existing.pending.is_some() => existing.pending = Some(id),
+            Some(_) => {}
+            None => {
+                self.subscriptions.fetch_add(1, Ordering::Relaxed);
+                state.subscribers.push(Subscriber {
+                    session,
+                    outbox: outbox.clone(),
+                    pending: (!live).then_some(id),
+                });
+            }
         }
         let seq = state.seq;
-        let reply = ServerFrame::Subscribed {
-            id,
-            room: room.clone(),
-            seq,
-        };
-        outbox.push_to(Outgoing {
-            frame: reply.encode(),
-            lane: Lane::RoomOpen(state.id),
-        })?;
+        if live {
+            outbox.push_to(subscribed(room, id, seq, state.id))?;
+        }
         Ok(seq)
+    }
+
+    /// The bridge's subscription for `room` is live: sends the waiting `Subscribed` replies
+    /// (with the room's current seq) and lets events reach their sessions. No-op for a room
+    /// that is gone or already live.
+    pub fn mark_live(&self, room: &RoomName) {
+        let state = {
+            let shard = self.shard(room).read().unwrap_or_else(|e| e.into_inner());
+            match shard.get(room) {
+                Some(state) => state.clone(),
+                None => return,
+            }
+        };
+        let mut state = lock_room(&state);
+        if state.live {
+            return;
+        }
+        state.live = true;
+        let (seq, room_id) = (state.seq, state.id);
+        for subscriber in &mut state.subscribers {
+            if let Some(id) = subscriber.pending.take() {
+                // A full or closed outbox ends that session anyway; nothing else to do here.
+                let _ = subscriber
+                    .outbox
+                    .push_to(subscribed(room, id, seq, room_id));
+            }
+        }
     }
 
     /// Removes `session` from `room`; when `reply_id` is given, queues `Unsubscribed` under the
@@ -179,11 +235,23 @@ impl Hub {
         if let Some(state) = shard.get(room) {
             let mut state = lock_room(state);
             let before = state.subscribers.len();
-            state.subscribers.retain(|s| s.session != session);
+            let mut unanswered = None;
+            state.subscribers.retain(|s| {
+                if s.session == session {
+                    unanswered = s.pending;
+                    false
+                } else {
+                    true
+                }
+            });
             self.subscriptions
                 .fetch_sub(before - state.subscribers.len(), Ordering::Relaxed);
             empty = state.subscribers.is_empty();
-            if let Some(id) = reply_id {
+            if let (Some(subscribe_id), Some(_)) = (unanswered, reply_id) {
+                // Left before the room went live: the Subscribe still gets its answer first.
+                result = outbox.push_to(subscribed(room, subscribe_id, state.seq, state.id));
+            }
+            if let (Some(id), Ok(())) = (reply_id, &result) {
                 // Under the room lock: no event of the room can follow it.
                 result = outbox.push_to(Outgoing {
                     frame: ServerFrame::Unsubscribed {
@@ -238,6 +306,9 @@ impl Hub {
             ..Delivery::default()
         };
         state.subscribers.retain(|s| {
+            if s.pending.is_some() {
+                return true;
+            }
             match s.outbox.push_to(Outgoing {
                 frame: frame.clone(),
                 lane,
@@ -253,7 +324,7 @@ impl Hub {
                 Err(PushError::Closed) => false,
             }
         });
-        let removed = delivery.slow + (before - delivery.delivered - delivery.slow);
+        let removed = before - state.subscribers.len();
         if removed > 0 {
             self.subscriptions.fetch_sub(removed, Ordering::Relaxed);
         }
@@ -381,6 +452,87 @@ mod tests {
         fn interest_off(&self, room: &RoomName) {
             self.0.lock().unwrap().push((room.to_string(), false));
         }
+    }
+
+    /// An interest listener that confirms rooms (as the NATS bridge does).
+    struct Confirming;
+
+    impl Interest for Confirming {
+        fn interest_on(&self, _room: &RoomName) {}
+        fn interest_off(&self, _room: &RoomName) {}
+        fn confirms_live(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn subscribed_waits_until_the_room_is_live_and_no_event_comes_before_it() {
+        let hub = Hub::with_interest(Vec::new(), Some(Arc::new(Confirming)));
+        let r = room("orders:1");
+        let (a, b) = (
+            Arc::new(Outbox::new(1 << 20)),
+            Arc::new(Outbox::new(1 << 20)),
+        );
+        assert_eq!(hub.subscribe(&r, 1, &a, 7), Ok(0));
+        // A second Subscribe while waiting: the newest request id gets the reply.
+        assert_eq!(hub.subscribe(&r, 1, &a, 8), Ok(0));
+        assert_eq!(hub.subscription_count(), 1);
+        assert!(
+            drain(&a).is_empty(),
+            "no Subscribed before the room is live"
+        );
+        // An event reaching the node before the confirmation (a lingering subscription) is
+        // counted but reaches nobody waiting.
+        let event = EventName::new("e").unwrap();
+        let d = hub.publish(&r, &event, &Payload::encode(&1).unwrap());
+        assert_eq!((d.seq, d.delivered), (Some(1), 0));
+        assert_eq!(hub.subscription_count(), 1, "waiting subscribers stay");
+        hub.mark_live(&r);
+        assert_eq!(
+            drain(&a),
+            vec![ServerFrame::Subscribed {
+                id: 8,
+                room: r.clone(),
+                seq: 1
+            }]
+        );
+        hub.mark_live(&r);
+        assert!(
+            drain(&a).is_empty(),
+            "marking a live room again sends nothing"
+        );
+        // Live now: a new subscriber is answered at once; events reach both.
+        assert_eq!(hub.subscribe(&r, 2, &b, 1), Ok(1));
+        hub.publish(&r, &event, &Payload::encode(&2).unwrap());
+        for outbox in [&a, &b] {
+            let frames = drain(outbox);
+            let last = frames.last().unwrap();
+            assert!(
+                matches!(last, ServerFrame::Event(e) if e.seq == 2),
+                "{frames:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn leaving_before_the_room_is_live_answers_subscribe_then_unsubscribe() {
+        let hub = Hub::with_interest(Vec::new(), Some(Arc::new(Confirming)));
+        let r = room("orders:1");
+        let a = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe(&r, 1, &a, 3).unwrap();
+        hub.unsubscribe(&r, 1, &a, Some(4)).unwrap();
+        assert_eq!(
+            drain(&a),
+            vec![
+                ServerFrame::Subscribed {
+                    id: 3,
+                    room: r.clone(),
+                    seq: 0
+                },
+                ServerFrame::Unsubscribed { id: 4, room: r },
+            ]
+        );
+        assert_eq!(hub.room_count(), 0);
     }
 
     #[test]

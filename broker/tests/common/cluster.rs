@@ -220,3 +220,49 @@ pub async fn http(
     stream.write_all(body).await.unwrap();
     super::http_response(stream).await
 }
+
+/// A TCP proxy on 127.0.0.1 port 0 that forwards to `target` and holds every chunk going
+/// *to* the target for `delay` (replies pass at once): a slow link from one node to NATS.
+/// Lives as long as the test's runtime.
+pub async fn delaying_proxy(target: SocketAddr, delay: Duration) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+            // Chunks are stamped when read and written in order once due.
+            let (chunks, mut due) =
+                tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    match tokio::io::AsyncReadExt::read(&mut client_read, &mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let at = tokio::time::Instant::now() + delay;
+                            if chunks.send((at, buf[..n].to_vec())).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((at, chunk)) = due.recv().await {
+                    tokio::time::sleep_until(at).await;
+                    if server_write.write_all(&chunk).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
