@@ -16,6 +16,8 @@ use roomcast_protocol::{Action, Code, ServerFrame, ServerSession, session::close
 use tracing::{Instrument, debug, debug_span};
 
 use crate::{
+    admission::Admitted,
+    gate::SessionGate,
     hub::SessionKey,
     metrics::TransportLabel,
     outbox::{Outbox, Outgoing},
@@ -40,7 +42,8 @@ enum End {
     Gone,
 }
 
-/// Runs one session until it ends. `transport` names it in metrics and logs.
+/// Runs one session until it ends. `transport` names it in metrics and logs; `admitted` holds
+/// what admission learnt (the request's token claims) and the session's slot.
 ///
 /// Not an `async fn`: the session (transport halves included) is built here and captured
 /// once by the returned future, so its parts are not stored twice in the task.
@@ -50,10 +53,12 @@ pub(crate) fn run<R: FrameReader, W: FrameWriter>(
     transport: &'static str,
     reader: R,
     writer: W,
+    admitted: Admitted,
 ) -> impl Future<Output = ()> + Send {
     let span = debug_span!("session", id = key, transport);
     let mut session = Session {
         core: Core {
+            gate: SessionGate::new(shared.security.clone(), admitted.claims, admitted.permit),
             outbox: Arc::new(Outbox::new(shared.config.outbound_queue_bytes)),
             state: ServerSession::new(
                 format!("{:x}-{key:x}", shared.boot_id),
@@ -84,6 +89,28 @@ struct Core {
     transport: &'static str,
     outbox: Arc<Outbox>,
     state: ServerSession,
+    gate: SessionGate,
+}
+
+impl Core {
+    /// The next deadline: the state machine's (hello, idle) or the token's expiry.
+    fn deadline(&self) -> Instant {
+        let state = self.state.poll_timeout();
+        match self.gate.expires_at() {
+            Some(at) => {
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                state.min(Instant::now() + left)
+            }
+            None => state,
+        }
+    }
+
+    /// Whether the session's token has expired.
+    fn token_expired(&self) -> bool {
+        self.gate
+            .expires_at()
+            .is_some_and(|at| SystemTime::now() >= at)
+    }
 }
 
 impl<R: FrameReader, W: FrameWriter> Session<R, W> {
@@ -148,7 +175,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         let cancelled = shutdown.cancelled();
         let overflowed = outbox.overflowed();
         let ready = outbox.ready();
-        let deadline = tokio::time::sleep_until(core.state.poll_timeout().into());
+        let deadline = tokio::time::sleep_until(core.deadline().into());
         tokio::pin!(cancelled, overflowed, ready, deadline);
         let mut batch: Vec<Outgoing> = Vec::new();
         loop {
@@ -169,10 +196,19 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                 }
                 received = reader.recv() => match received {
                     Ok(Incoming::Frame(bytes)) => {
-                        let action =
-                            core.state.handle_frame(&bytes, Instant::now(), wall_clock_ms());
+                        let open = core.state.is_open();
+                        let action = core.state.handle_frame_gated(
+                            &bytes,
+                            Instant::now(),
+                            wall_clock_ms(),
+                            &mut core.gate,
+                        );
                         if let Some(end) = core.apply(action) {
                             return end;
+                        }
+                        if !open {
+                            // Hello may have brought a token and with it an expiry.
+                            deadline.as_mut().reset(core.deadline().into());
                         }
                         false
                     }
@@ -200,11 +236,14 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     Err(TransportError::Io(_) | TransportError::Backlogged) => return End::Gone,
                 },
                 () = &mut deadline => {
+                    if core.token_expired() {
+                        return End::Close(Code::TokenExpired, "the session's token expired".into());
+                    }
                     let action = core.state.handle_timeout(Instant::now());
                     if let Some(end) = core.apply(action) {
                         return end;
                     }
-                    deadline.as_mut().reset(core.state.poll_timeout().into());
+                    deadline.as_mut().reset(core.deadline().into());
                     false
                 }
                 written = writer.write_backlog(), if writer.has_backlog() => {

@@ -21,6 +21,77 @@ use crate::{
     payload::{Payload, PayloadLimits},
 };
 
+/// A request the state machine has validated (names, payload) and is about to carry out,
+/// shown to the broker's [`Gate`] first.
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// `Hello`, with its token if any.
+    Hello {
+        /// The token of the `Hello` frame.
+        token: Option<&'a str>,
+    },
+    /// `Subscribe` to a valid room.
+    Subscribe {
+        /// The room.
+        room: &'a RoomName,
+        /// Whether the session already holds the room.
+        held: bool,
+    },
+    /// `Unsubscribe` from a held room.
+    Unsubscribe {
+        /// The room.
+        room: &'a RoomName,
+    },
+    /// `Publish` of a valid event.
+    Publish {
+        /// Target room.
+        room: &'a RoomName,
+        /// Event name.
+        event: &'a EventName,
+        /// The validated payload.
+        data: &'a Payload,
+        /// Whether the session holds the room.
+        subscribed: bool,
+    },
+}
+
+/// Why a [`Gate`] refused a request. A close code ends the session; a request-error code
+/// answers with `Error` and the session goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The code sent.
+    pub code: Code,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The broker's judgement of each validated request: authentication, permissions, rate
+/// limits. The state machine calls it before it changes any state for the request.
+pub trait Gate {
+    /// Allows `request` received at `now`, or refuses it.
+    fn check(&mut self, request: Request<'_>, now: Instant) -> Result<(), Refusal>;
+}
+
+/// The gate that allows everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Open;
+
+impl Gate for Open {
+    fn check(&mut self, _request: Request<'_>, _now: Instant) -> Result<(), Refusal> {
+        Ok(())
+    }
+}
+
 /// Session limits and timers, chosen by the broker.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -169,6 +240,11 @@ impl ServerSession {
         self.subscriptions.iter()
     }
 
+    /// True once `Welcome` has been sent and until the session closes.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
     /// True once a `Close` action has been returned.
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
@@ -201,9 +277,21 @@ impl ServerSession {
         self.finish(Action::close(Code::Timeout, reason))
     }
 
-    /// Handles one frame received at `now`. `wall_clock_ms` (ms since the Unix epoch) is only
-    /// used to stamp `Welcome`.
+    /// Handles one frame received at `now` with every request allowed. `wall_clock_ms` (ms
+    /// since the Unix epoch) is only used to stamp `Welcome`.
     pub fn handle_frame(&mut self, bytes: &[u8], now: Instant, wall_clock_ms: u64) -> Action {
+        self.handle_frame_gated(bytes, now, wall_clock_ms, &mut Open)
+    }
+
+    /// Handles one frame received at `now`, asking `gate` before carrying out each validated
+    /// request (`Hello`, `Subscribe`, `Unsubscribe`, `Publish`).
+    pub fn handle_frame_gated(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+        wall_clock_ms: u64,
+        gate: &mut impl Gate,
+    ) -> Action {
         if self.state == State::Closed {
             return Action::None;
         }
@@ -227,6 +315,20 @@ impl ServerSession {
         };
         match (self.state, frame) {
             (State::AwaitingHello, ClientFrame::Hello { version, token }) => {
+                if let Err(refusal) = gate.check(
+                    Request::Hello {
+                        token: token.as_deref(),
+                    },
+                    now,
+                ) {
+                    // Hello has no id to answer with an Error: every refusal ends the session.
+                    let code = if refusal.code.is_close() {
+                        refusal.code
+                    } else {
+                        Code::Unauthorized
+                    };
+                    return self.finish(Action::close(code, refusal.message));
+                }
                 self.hello(version, token, wall_clock_ms)
             }
             (State::AwaitingHello, _) => self.finish(Action::close(
@@ -236,7 +338,7 @@ impl ServerSession {
             (State::Open, ClientFrame::Hello { .. }) => {
                 self.finish(Action::close(Code::HelloRequired, "Hello sent twice"))
             }
-            (State::Open, frame) => self.request(frame),
+            (State::Open, frame) => self.request(frame, now, gate),
             (State::Closed, _) => Action::None,
         }
     }
@@ -260,16 +362,27 @@ impl ServerSession {
         }))
     }
 
-    fn request(&mut self, frame: ClientFrame) -> Action {
+    /// Turns a gate's refusal into the action: an `Error` for request id `id`, or the close.
+    fn refused(&mut self, id: Option<u64>, refusal: Refusal) -> Action {
+        if refusal.code.is_close() {
+            self.finish(Action::close(refusal.code, refusal.message))
+        } else {
+            Action::error(id, refusal.code, refusal.message)
+        }
+    }
+
+    fn request(&mut self, frame: ClientFrame, now: Instant, gate: &mut impl Gate) -> Action {
         match frame {
             ClientFrame::Subscribe { id, room } => {
                 let room = match RoomName::new(&room) {
                     Ok(room) => room,
                     Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
                 };
-                if !self.subscriptions.contains(&room)
-                    && self.subscriptions.len() >= self.config.max_subscriptions
-                {
+                let held = self.subscriptions.contains(&room);
+                if let Err(refusal) = gate.check(Request::Subscribe { room: &room, held }, now) {
+                    return self.refused(Some(id), refusal);
+                }
+                if !held && self.subscriptions.len() >= self.config.max_subscriptions {
                     return Action::error(
                         Some(id),
                         Code::TooManySubscriptions,
@@ -284,9 +397,13 @@ impl ServerSession {
                     Ok(room) => room,
                     Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
                 };
-                if !self.subscriptions.remove(&room) {
+                if !self.subscriptions.contains(&room) {
                     return Action::error(Some(id), Code::NotSubscribed, "not subscribed");
                 }
+                if let Err(refusal) = gate.check(Request::Unsubscribe { room: &room }, now) {
+                    return self.refused(Some(id), refusal);
+                }
+                self.subscriptions.remove(&room);
                 Action::Unsubscribe { id, room }
             }
             ClientFrame::Publish {
@@ -295,7 +412,7 @@ impl ServerSession {
                 event,
                 data,
                 ack,
-            } => self.publish(id, &room, &event, data, ack),
+            } => self.publish(id, &room, &event, data, ack, now, gate),
             ClientFrame::Ping { id } => Action::Send(ServerFrame::Pong { id }),
             ClientFrame::Hello { .. } => {
                 self.finish(Action::close(Code::HelloRequired, "Hello sent twice"))
@@ -303,7 +420,17 @@ impl ServerSession {
         }
     }
 
-    fn publish(&mut self, id: u64, room: &str, event: &str, data: Bytes, ack: bool) -> Action {
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &mut self,
+        id: u64,
+        room: &str,
+        event: &str,
+        data: Bytes,
+        ack: bool,
+        now: Instant,
+        gate: &mut impl Gate,
+    ) -> Action {
         let room = match RoomName::new(room) {
             Ok(room) => room,
             Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
@@ -316,6 +443,15 @@ impl ServerSession {
             Ok(data) => data,
             Err(e) => return Action::error(Some(id), Code::InvalidPayload, e),
         };
+        let request = Request::Publish {
+            room: &room,
+            event: &event,
+            data: &data,
+            subscribed: self.subscriptions.contains(&room),
+        };
+        if let Err(refusal) = gate.check(request, now) {
+            return self.refused(Some(id), refusal);
+        }
         Action::Publish {
             id,
             room,

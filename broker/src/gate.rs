@@ -1,0 +1,185 @@
+//! The broker's [`Gate`] for one session, and [`Security`], what every gate shares: the token
+//! verifier, the namespace policy and the limits.
+//!
+//! A gate holds its session's claims (from the session request or `Hello`), its rate buckets
+//! and its session slot. It judges each validated request the protocol state machine shows it
+//! and owns nothing else: no I/O, no hub, no queue.
+
+use std::{
+    path::Path,
+    sync::Arc,
+    time::{Instant, SystemTime},
+};
+
+use roomcast_protocol::{
+    Code,
+    session::{Gate, Refusal, Request},
+};
+
+use crate::{
+    auth::{Claims, Verifier},
+    limits::{ConnectionLimits, LimitsConfig, SessionLimits, SessionPermit, Spend},
+    policy::FileConfig,
+};
+
+/// Everything the security checks share: loaded once at start.
+#[derive(Debug)]
+pub struct Security {
+    /// The parsed configuration file (or the embedded default).
+    pub file: FileConfig,
+    /// Token verification.
+    pub verifier: Verifier,
+    /// Per-session limits.
+    pub limits: Arc<LimitsConfig>,
+    /// Connection caps.
+    pub connections: Arc<ConnectionLimits>,
+}
+
+impl Security {
+    /// From a parsed configuration, loading its key files.
+    pub fn new(file: FileConfig) -> anyhow::Result<Self> {
+        let verifier = Verifier::new(&file.auth, &file.base_dir)?;
+        let limits = Arc::new(file.limits.clone());
+        Ok(Security {
+            verifier,
+            connections: Arc::new(ConnectionLimits::new(limits.clone())),
+            limits,
+            file,
+        })
+    }
+
+    /// Reads `path` (a TOML configuration file) and its key files.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        Self::new(FileConfig::load(path)?)
+    }
+
+    /// The embedded default: no auth, every namespace open, default limits.
+    pub fn open() -> Self {
+        let file = FileConfig::default();
+        let limits = Arc::new(file.limits.clone());
+        Security {
+            verifier: Verifier::none(),
+            connections: Arc::new(ConnectionLimits::new(limits.clone())),
+            limits,
+            file,
+        }
+    }
+}
+
+/// One session's gate.
+#[derive(Debug)]
+pub struct SessionGate {
+    security: Arc<Security>,
+    claims: Option<Arc<Claims>>,
+    limits: SessionLimits,
+    /// The frame being judged arrived as a datagram.
+    datagram: bool,
+    _permit: Option<SessionPermit>,
+}
+
+impl SessionGate {
+    /// A gate for a session admitted with `claims` (a token in the session request) holding
+    /// `permit`.
+    pub fn new(
+        security: Arc<Security>,
+        claims: Option<Arc<Claims>>,
+        permit: Option<SessionPermit>,
+    ) -> Self {
+        SessionGate {
+            limits: SessionLimits::new(security.limits.clone()),
+            security,
+            claims,
+            datagram: false,
+            _permit: permit,
+        }
+    }
+
+    /// When the session's token expires, if it has one.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.claims.as_ref().map(|c| c.expires_at())
+    }
+
+    /// Marks whether the next frame judged arrived as a datagram.
+    pub fn set_datagram(&mut self, datagram: bool) {
+        self.datagram = datagram;
+    }
+
+    fn expired(&self) -> Option<Refusal> {
+        match self.expires_at() {
+            Some(at) if SystemTime::now() >= at => Some(Refusal::new(
+                Code::TokenExpired,
+                "the session's token expired",
+            )),
+            _ => None,
+        }
+    }
+
+    fn hello(&mut self, token: Option<&str>) -> Result<(), Refusal> {
+        match token {
+            Some(token) => {
+                let claims = self
+                    .security
+                    .verifier
+                    .verify(token)
+                    .map_err(|e| Refusal::new(e.code, e.message))?;
+                if let Some(earlier) = &self.claims {
+                    if earlier.sub != claims.sub {
+                        return Err(Refusal::new(
+                            Code::Unauthorized,
+                            "the Hello token names another user than the request's token",
+                        ));
+                    }
+                }
+                self.claims = Some(claims);
+                Ok(())
+            }
+            None if self.claims.is_none() && self.security.verifier.required => Err(Refusal::new(
+                Code::Unauthorized,
+                "this broker requires a token",
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Gate for SessionGate {
+    fn check(&mut self, request: Request<'_>, _now: Instant) -> Result<(), Refusal> {
+        if let Request::Hello { token } = request {
+            self.hello(token)?;
+            return match self.expired() {
+                Some(refusal) => Err(refusal),
+                None => Ok(()),
+            };
+        }
+        if let Some(refusal) = self.expired() {
+            return Err(refusal);
+        }
+        if self.datagram {
+            self.limits.spend(Spend::Datagram)?;
+        }
+        let file = &self.security.file;
+        let claims = self.claims.as_deref();
+        match request {
+            Request::Hello { .. } => Ok(()),
+            Request::Subscribe { room, held } => {
+                self.limits.spend(Spend::Subscribe)?;
+                if held {
+                    return Ok(());
+                }
+                file.may_subscribe(room, claims)
+            }
+            Request::Unsubscribe { .. } => self.limits.spend(Spend::Subscribe),
+            Request::Publish {
+                room,
+                data,
+                subscribed,
+                ..
+            } => {
+                // The bucket first: refused publishes cost as much as accepted ones, so a
+                // session cannot spin on refusals.
+                self.limits.spend(Spend::Publish(data.len()))?;
+                file.may_publish(room, claims, subscribed, data.len())
+            }
+        }
+    }
+}
