@@ -74,6 +74,8 @@ pub struct SessionGate {
     limits: SessionLimits,
     /// The frame being judged arrived as a datagram.
     datagram: bool,
+    /// The claims (and with them the expiry) changed since the session last asked.
+    expiry_changed: bool,
     _permit: Option<SessionPermit>,
 }
 
@@ -90,6 +92,7 @@ impl SessionGate {
             security,
             claims,
             datagram: false,
+            expiry_changed: false,
             _permit: permit,
         }
     }
@@ -97,6 +100,12 @@ impl SessionGate {
     /// When the session's token expires, if it has one.
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.claims.as_ref().map(|c| c.expires_at())
+    }
+
+    /// Whether the expiry changed (a token arrived with `Hello` or `Refresh`) since the last
+    /// call.
+    pub fn take_expiry_changed(&mut self) -> bool {
+        std::mem::take(&mut self.expiry_changed)
     }
 
     /// Marks whether the next frame judged arrived as a datagram.
@@ -114,25 +123,30 @@ impl SessionGate {
         }
     }
 
+    /// Verifies `token` and makes its claims the session's; a session that has a user keeps
+    /// it (`what` names the frame in the refusal).
+    fn adopt(&mut self, token: &str, what: &str) -> Result<(), Refusal> {
+        let claims = self
+            .security
+            .verifier
+            .verify(token)
+            .map_err(|e| Refusal::new(e.code, e.message))?;
+        if let Some(earlier) = &self.claims {
+            if earlier.sub != claims.sub {
+                return Err(Refusal::new(
+                    Code::Unauthorized,
+                    format!("the {what} token names another user than the session's"),
+                ));
+            }
+        }
+        self.claims = Some(claims);
+        self.expiry_changed = true;
+        Ok(())
+    }
+
     fn hello(&mut self, token: Option<&str>) -> Result<(), Refusal> {
         match token {
-            Some(token) => {
-                let claims = self
-                    .security
-                    .verifier
-                    .verify(token)
-                    .map_err(|e| Refusal::new(e.code, e.message))?;
-                if let Some(earlier) = &self.claims {
-                    if earlier.sub != claims.sub {
-                        return Err(Refusal::new(
-                            Code::Unauthorized,
-                            "the Hello token names another user than the request's token",
-                        ));
-                    }
-                }
-                self.claims = Some(claims);
-                Ok(())
-            }
+            Some(token) => self.adopt(token, "Hello"),
             None if self.claims.is_none() && self.security.verifier.required => Err(Refusal::new(
                 Code::Unauthorized,
                 "this broker requires a token",
@@ -169,6 +183,11 @@ impl Gate for SessionGate {
                 file.may_subscribe(room, claims)
             }
             Request::Unsubscribe { .. } => self.limits.spend(Spend::Subscribe),
+            Request::Refresh { token } => {
+                // Signature checks cost CPU: refreshes draw from the subscribe bucket.
+                self.limits.spend(Spend::Subscribe)?;
+                self.adopt(token, "Refresh")
+            }
             Request::Publish {
                 room,
                 data,

@@ -196,7 +196,6 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                 }
                 received = reader.recv() => match received {
                     Ok(Incoming::Frame(bytes)) => {
-                        let open = core.state.is_open();
                         let action = core.state.handle_frame_gated(
                             &bytes,
                             Instant::now(),
@@ -206,8 +205,8 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                         if let Some(end) = core.apply(action) {
                             return end;
                         }
-                        if !open {
-                            // Hello may have brought a token and with it an expiry.
+                        if core.gate.take_expiry_changed() {
+                            // Hello or Refresh brought a token and with it an expiry.
                             deadline.as_mut().reset(core.deadline().into());
                         }
                         false

@@ -698,3 +698,53 @@ async fn wt_permission_and_flood_attacks() {
     expect_session_code(&attacker.connection, Code::PolicyViolation).await;
     bystander.still_works(&server).await;
 }
+
+// ----- token refresh -------------------------------------------------------------------------
+
+#[tokio::test]
+async fn refresh_extends_the_session_and_refuses_another_user() {
+    let server = broker().await;
+    let mut bystander = Bystander::new(&server).await;
+    let short = |sub: &str| {
+        token(&TokenSpec {
+            ttl: Duration::from_secs(2),
+            ..spec(sub, &[])
+        })
+    };
+    // A session whose two-second token is refreshed outlives the first token.
+    let mut conn = ws_open(&server, &short("dave")).await;
+    conn.send(ClientFrame::Refresh {
+        id: 7,
+        token: token(&spec("dave", &[])),
+    })
+    .await;
+    assert_eq!(conn.frame().await, ServerFrame::Ack { id: 7, seq: None });
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    conn.ping(8).await;
+    // Refresh with a token of another user: the session ends.
+    conn.send(ClientFrame::Refresh {
+        id: 9,
+        token: token(&spec("mallory", &[])),
+    })
+    .await;
+    conn.expect_close(Code::Unauthorized).await;
+    bystander.still_works(&server).await;
+    // Refresh with a forged token.
+    let mut conn = ws_open(&server, &alice()).await;
+    conn.send(ClientFrame::Refresh {
+        id: 1,
+        token: mint_hs256(b"not-the-secret-not-the-secret-0000", &spec("alice", &[])).unwrap(),
+    })
+    .await;
+    conn.expect_close(Code::Unauthorized).await;
+    bystander.still_works(&server).await;
+    // Over WebTransport: another user's token.
+    let mut wt = wt_open(&server, alice()).await;
+    wt.send(ClientFrame::Refresh {
+        id: 2,
+        token: token(&spec("mallory", &[])),
+    })
+    .await;
+    wt.expect_close(Code::Unauthorized).await;
+    bystander.still_works(&server).await;
+}

@@ -64,7 +64,7 @@ pub mod key {
 }
 
 /// Frame type values (key 0). Client frames take 1–15, broker frames 16–31; the values in
-/// use (1–5, 16–23) each encode in one byte.
+/// use (1–6, 16–23) each encode in one byte.
 pub mod kind {
     /// Client: open the session.
     pub const HELLO: u64 = 1;
@@ -76,6 +76,8 @@ pub mod kind {
     pub const PUBLISH: u64 = 4;
     /// Client: keepalive / round-trip probe.
     pub const PING: u64 = 5;
+    /// Client: replace the session's token with a fresh one.
+    pub const REFRESH: u64 = 6;
     /// Broker: session accepted.
     pub const WELCOME: u64 = 16;
     /// Broker: subscription confirmed.
@@ -135,6 +137,13 @@ pub enum ClientFrame {
     Ping {
         /// Optional id echoed in `Pong`.
         id: Option<u64>,
+    },
+    /// Replaces the session's token before it expires; answered by `Ack` with the same id.
+    Refresh {
+        /// Request id echoed in `Ack`.
+        id: u64,
+        /// The new token (same user).
+        token: String,
     },
 }
 
@@ -292,6 +301,10 @@ impl ClientFrame {
                 ack: f.ack.unwrap_or(false),
             },
             kind::PING => ClientFrame::Ping { id: f.id },
+            kind::REFRESH => ClientFrame::Refresh {
+                id: f.id.ok_or(missing("Refresh", "id"))?,
+                token: f.token.ok_or(missing("Refresh", "token"))?,
+            },
             other => {
                 return Err(DecodeError::UnknownType {
                     kind: other,
@@ -497,6 +510,9 @@ impl Serialize for ClientFrame {
                 if *ack { e.bool(key::ACK, true) } else { e }
             }
             ClientFrame::Ping { id } => Entries::new(kind::PING).opt_uint(key::ID, *id),
+            ClientFrame::Refresh { id, token } => Entries::new(kind::REFRESH)
+                .uint(key::ID, *id)
+                .text(key::TOKEN, token),
         }
         .write(s)
     }
@@ -743,6 +759,10 @@ mod tests {
             },
             ClientFrame::Ping { id: None },
             ClientFrame::Ping { id: Some(u64::MAX) },
+            ClientFrame::Refresh {
+                id: 9,
+                token: "t.k.n".into(),
+            },
         ];
         for frame in frames {
             let bytes = frame.encode();

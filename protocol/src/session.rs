@@ -42,6 +42,11 @@ pub enum Request<'a> {
         /// The room.
         room: &'a RoomName,
     },
+    /// `Refresh`: the session's token is to be replaced.
+    Refresh {
+        /// The new token.
+        token: &'a str,
+    },
     /// `Publish` of a valid event.
     Publish {
         /// Target room.
@@ -76,7 +81,9 @@ impl Refusal {
 }
 
 /// The broker's judgement of each validated request: authentication, permissions, rate
-/// limits. The state machine calls it before it changes any state for the request.
+/// limits. The state machine calls it before it changes any state for the request. The
+/// open gate ([`Open`]) allows everything, `Refresh` included (it is then a no-op answered
+/// with `Ack`).
 pub trait Gate {
     /// Allows `request` received at `now`, or refuses it.
     fn check(&mut self, request: Request<'_>, now: Instant) -> Result<(), Refusal>;
@@ -414,6 +421,12 @@ impl ServerSession {
                 ack,
             } => self.publish(id, &room, &event, data, ack, now, gate),
             ClientFrame::Ping { id } => Action::Send(ServerFrame::Pong { id }),
+            ClientFrame::Refresh { id, token } => {
+                match gate.check(Request::Refresh { token: &token }, now) {
+                    Ok(()) => Action::Send(ServerFrame::Ack { id, seq: None }),
+                    Err(refusal) => self.refused(Some(id), refusal),
+                }
+            }
             ClientFrame::Hello { .. } => {
                 self.finish(Action::close(Code::HelloRequired, "Hello sent twice"))
             }
@@ -698,6 +711,128 @@ mod tests {
         assert_eq!(
             error_code(s.handle_frame(&subscribe(4, "a:3"), now, 0)),
             (Some(4), Code::TooManySubscriptions)
+        );
+    }
+
+    /// Records what it was shown and refuses rooms of namespace `no`.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl Gate for Recorder {
+        fn check(&mut self, request: Request<'_>, _now: Instant) -> Result<(), Refusal> {
+            let (seen, room) = match request {
+                Request::Hello { token } => (format!("hello {token:?}"), None),
+                Request::Subscribe { room, held } => (format!("sub {room} {held}"), Some(room)),
+                Request::Unsubscribe { room } => (format!("unsub {room}"), Some(room)),
+                Request::Refresh { token } => {
+                    self.0.push(format!("refresh {token}"));
+                    return if token == "bad" {
+                        Err(Refusal::new(Code::Unauthorized, "bad token"))
+                    } else {
+                        Ok(())
+                    };
+                }
+                Request::Publish {
+                    room, subscribed, ..
+                } => (format!("pub {room} {subscribed}"), Some(room)),
+            };
+            self.0.push(seen);
+            match room {
+                Some(room) if room.namespace() == "no" => {
+                    Err(Refusal::new(Code::Forbidden, "not here"))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn the_gate_sees_validated_requests_before_state_changes() {
+        let now = Instant::now();
+        let mut gate = Recorder::default();
+        let mut s = ServerSession::new("s", SessionConfig::default(), now);
+        let hello = ClientFrame::Hello {
+            version: 1,
+            token: Some("t".into()),
+        };
+        assert!(matches!(
+            s.handle_frame_gated(&hello.encode(), now, 0, &mut gate),
+            Action::Send(ServerFrame::Welcome(_))
+        ));
+        assert_eq!(
+            error_code(s.handle_frame_gated(&subscribe(1, "no:1"), now, 0, &mut gate)),
+            (Some(1), Code::Forbidden)
+        );
+        // Refused: not in the subscription set.
+        assert_eq!(s.subscriptions().count(), 0);
+        // Invalid names never reach the gate.
+        assert_eq!(
+            error_code(s.handle_frame_gated(&subscribe(2, "bad room"), now, 0, &mut gate)),
+            (Some(2), Code::InvalidRoom)
+        );
+        assert!(matches!(
+            s.handle_frame_gated(&subscribe(3, "ok:1"), now, 0, &mut gate),
+            Action::Subscribe { .. }
+        ));
+        let publish = ClientFrame::Publish {
+            id: 4,
+            room: "ok:1".into(),
+            event: "e".into(),
+            data: Bytes::from_static(&[0x01]),
+            ack: false,
+        };
+        assert!(matches!(
+            s.handle_frame_gated(&publish.encode(), now, 0, &mut gate),
+            Action::Publish { .. }
+        ));
+        let refresh = |token: &str| {
+            ClientFrame::Refresh {
+                id: 5,
+                token: token.into(),
+            }
+            .encode()
+        };
+        assert_eq!(
+            s.handle_frame_gated(&refresh("t2"), now, 0, &mut gate),
+            Action::Send(ServerFrame::Ack { id: 5, seq: None })
+        );
+        // A refusal with a close code ends the session.
+        assert_eq!(
+            close_code(s.handle_frame_gated(&refresh("bad"), now, 0, &mut gate)),
+            Code::Unauthorized
+        );
+        assert!(s.is_closed());
+        assert_eq!(
+            gate.0,
+            [
+                "hello Some(\"t\")",
+                "sub no:1 false",
+                "sub ok:1 false",
+                "pub ok:1 true",
+                "refresh t2",
+                "refresh bad"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refused_hello_closes() {
+        struct No;
+        impl Gate for No {
+            fn check(&mut self, _: Request<'_>, _: Instant) -> Result<(), Refusal> {
+                Err(Refusal::new(Code::RateLimited, "no"))
+            }
+        }
+        let now = Instant::now();
+        let mut s = ServerSession::new("s", SessionConfig::default(), now);
+        let hello = ClientFrame::Hello {
+            version: 1,
+            token: None,
+        };
+        // Hello has no id: even a request-error refusal closes (as unauthorized).
+        assert_eq!(
+            close_code(s.handle_frame_gated(&hello.encode(), now, 0, &mut No)),
+            Code::Unauthorized
         );
     }
 

@@ -176,6 +176,13 @@ fn vectors() -> Vec<(&'static str, Want)> {
         ("publish-no-ack", Want::Client(publish_gps.clone())),
         ("ping", Want::Client(ClientFrame::Ping { id: None })),
         ("ping-id", Want::Client(ClientFrame::Ping { id: Some(42) })),
+        (
+            "refresh",
+            Want::Client(ClientFrame::Refresh {
+                id: 8,
+                token: "a.b.c".into(),
+            }),
+        ),
         // Client frames, accepted but not canonical.
         (
             "publish-minimal",
@@ -790,6 +797,7 @@ fn check_kinds(doc: &str) -> Vec<String> {
         (kind::UNSUBSCRIBE, "Unsubscribe", "client"),
         (kind::PUBLISH, "Publish", "client"),
         (kind::PING, "Ping", "client"),
+        (kind::REFRESH, "Refresh", "client"),
         (kind::WELCOME, "Welcome", "broker"),
         (kind::SUBSCRIBED, "Subscribed", "broker"),
         (kind::UNSUBSCRIBED, "Unsubscribed", "broker"),
@@ -1099,6 +1107,7 @@ fn vectors_cover_every_frame_variant() {
                 ClientFrame::Unsubscribe { .. } => "Unsubscribe".into(),
                 ClientFrame::Publish { ack, .. } => format!("Publish ack={ack}"),
                 ClientFrame::Ping { id } => format!("Ping id={}", id.is_some()),
+                ClientFrame::Refresh { .. } => "Refresh".into(),
             },
             Want::Server(f) => match f {
                 ServerFrame::Welcome(_) => "Welcome".into(),
@@ -1126,6 +1135,7 @@ fn vectors_cover_every_frame_variant() {
         "Publish ack=true",
         "Ping id=false",
         "Ping id=true",
+        "Refresh",
         "Welcome",
         "Subscribed",
         "Unsubscribed",

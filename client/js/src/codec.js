@@ -52,6 +52,7 @@ export const FRAME_TYPES = Object.freeze({
   3: ['Unsubscribe', 'client', ['id', 'room'], {}],
   4: ['Publish', 'client', ['room', 'event', 'data'], { id: 0, ack: false }],
   5: ['Ping', 'client', [], { id: undefined }],
+  6: ['Refresh', 'client', ['id', 'token'], {}],
   16: ['Welcome', 'broker', ['version', 'session', 'time', 'max_frame', 'ping_interval', 'idle_timeout'], {}],
   17: ['Subscribed', 'broker', ['id', 'room', 'seq'], {}],
   18: ['Unsubscribed', 'broker', ['id', 'room'], {}],

@@ -62,6 +62,7 @@ const EXPECTED = {
   'publish-no-ack': { type: 'Publish', id: 0, room: 'gps:7', event: 'pos', data: gps, ack: false },
   ping: { type: 'Ping' },
   'ping-id': { type: 'Ping', id: 42 },
+  refresh: { type: 'Refresh', id: 8, token: 'a.b.c' },
   // 9.2 broker frames
   welcome: {
     type: 'Welcome',
