@@ -202,3 +202,52 @@ impl Gate for SessionGate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use roomcast_protocol::{Payload, PayloadLimits, RoomName, name::EventName};
+
+    #[test]
+    fn datagrams_draw_from_their_own_bucket_too() {
+        let mut file = FileConfig::default();
+        file.limits.datagrams_per_second = 1;
+        file.limits.datagram_burst = 1;
+        let mut gate = SessionGate::new(Arc::new(Security::new(file).unwrap()), None, None);
+        let room = RoomName::new("gps:7").unwrap();
+        let event = EventName::new("pos").unwrap();
+        let data =
+            Payload::new(bytes::Bytes::from_static(&[0x01]), PayloadLimits::default()).unwrap();
+        let publish = Request::Publish {
+            room: &room,
+            event: &event,
+            data: &data,
+            subscribed: false,
+        };
+        let now = Instant::now();
+        gate.set_datagram(true);
+        assert_eq!(gate.check(publish, now), Ok(()));
+        assert_eq!(
+            gate.check(publish, now).unwrap_err().code,
+            Code::RateLimited
+        );
+        // The same publish on a stream is not a datagram.
+        gate.set_datagram(false);
+        assert_eq!(gate.check(publish, now), Ok(()));
+    }
+
+    #[test]
+    fn hello_without_a_token_where_required_is_unauthorized() {
+        let mut file = FileConfig::default();
+        file.auth.required = true;
+        let security = Security {
+            verifier: Verifier::new(&file.auth, &file.base_dir).unwrap(),
+            ..Security::open()
+        };
+        let mut gate = SessionGate::new(Arc::new(security), None, None);
+        let refusal = gate
+            .check(Request::Hello { token: None }, Instant::now())
+            .unwrap_err();
+        assert_eq!(refusal.code, Code::Unauthorized);
+    }
+}

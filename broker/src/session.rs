@@ -105,6 +105,17 @@ impl Core {
         }
     }
 
+    /// Handles one received frame (`datagram`: it came as a QUIC datagram); returns how the
+    /// session ends if it does.
+    fn frame(&mut self, bytes: &[u8], datagram: bool) -> Option<End> {
+        self.gate.set_datagram(datagram);
+        let action =
+            self.state
+                .handle_frame_gated(bytes, Instant::now(), wall_clock_ms(), &mut self.gate);
+        self.gate.set_datagram(false);
+        self.apply(action)
+    }
+
     /// Whether the session's token has expired.
     fn token_expired(&self) -> bool {
         self.gate
@@ -196,17 +207,20 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                 }
                 received = reader.recv() => match received {
                     Ok(Incoming::Frame(bytes)) => {
-                        let action = core.state.handle_frame_gated(
-                            &bytes,
-                            Instant::now(),
-                            wall_clock_ms(),
-                            &mut core.gate,
-                        );
-                        if let Some(end) = core.apply(action) {
+                        if let Some(end) = core.frame(&bytes, false) {
                             return end;
                         }
                         if core.gate.take_expiry_changed() {
                             // Hello or Refresh brought a token and with it an expiry.
+                            deadline.as_mut().reset(core.deadline().into());
+                        }
+                        false
+                    }
+                    Ok(Incoming::Datagram(bytes)) => {
+                        if let Some(end) = core.frame(&bytes, true) {
+                            return end;
+                        }
+                        if core.gate.take_expiry_changed() {
                             deadline.as_mut().reset(core.deadline().into());
                         }
                         false
