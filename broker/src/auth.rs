@@ -624,4 +624,72 @@ mod tests {
         assert!(parse_grant("orders:1").is_err());
         assert!(parse_grant("orders:1=admin").is_err());
     }
+
+    /// Signs `claims` with `key` under `alg` and header `kid`.
+    fn sign(alg: JwtAlgorithm, kid: &str, key: &EncodingKey) -> String {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.into());
+        let claims = RawClaims {
+            sub: "s".into(),
+            exp: now_secs() + 600,
+            nbf: None,
+            aud: None,
+            iss: None,
+            rooms: BTreeMap::new(),
+        };
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    #[test]
+    fn asymmetric_keys_and_no_algorithm_confusion() {
+        install_crypto();
+        let ec = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let dir = std::env::temp_dir().join(format!("roomcast-auth-asym-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ec.pem"), ec.public_key_pem()).unwrap();
+        std::fs::write(dir.join("ed.pem"), ed.public_key_pem()).unwrap();
+        std::fs::write(dir.join("hs.key"), SECRET).unwrap();
+        let key = |kid: &str, algorithm, file: &str| KeyConfig {
+            kid: Some(kid.into()),
+            algorithm,
+            file: PathBuf::from(file),
+        };
+        let config = AuthConfig {
+            keys: vec![
+                key("ec", Algorithm::ES256, "ec.pem"),
+                key("ed", Algorithm::EdDSA, "ed.pem"),
+                key("hs", Algorithm::HS256, "hs.key"),
+            ],
+            ..AuthConfig::default()
+        };
+        let v = Verifier::new(&config, &dir).unwrap();
+        let ec_key = EncodingKey::from_ec_pem(ec.serialize_pem().as_bytes()).unwrap();
+        let ed_key = EncodingKey::from_ed_pem(ed.serialize_pem().as_bytes()).unwrap();
+        assert!(v.verify(&sign(JwtAlgorithm::ES256, "ec", &ec_key)).is_ok());
+        assert!(v.verify(&sign(JwtAlgorithm::EdDSA, "ed", &ed_key)).is_ok());
+        // The EC public key (public knowledge) used as an HMAC secret: refused.
+        let confused = EncodingKey::from_secret(ec.public_key_pem().as_bytes());
+        assert!(
+            v.verify(&sign(JwtAlgorithm::HS256, "ec", &confused))
+                .is_err()
+        );
+        assert!(
+            v.verify(&sign(JwtAlgorithm::HS256, "hs", &confused))
+                .is_err()
+        );
+        // A key id of another algorithm, and an algorithm outside the allow-list.
+        assert!(v.verify(&sign(JwtAlgorithm::ES256, "ed", &ec_key)).is_err());
+        let hs512 = EncodingKey::from_secret(SECRET);
+        assert!(v.verify(&sign(JwtAlgorithm::HS512, "hs", &hs512)).is_err());
+        // Signed by another EC key.
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let other = EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).unwrap();
+        assert_eq!(
+            v.verify(&sign(JwtAlgorithm::ES256, "ec", &other))
+                .unwrap_err()
+                .message,
+            "bad signature"
+        );
+    }
 }
