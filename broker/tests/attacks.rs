@@ -748,3 +748,77 @@ async fn refresh_extends_the_session_and_refuses_another_user() {
     wt.expect_close(Code::Unauthorized).await;
     bystander.still_works(&server).await;
 }
+
+#[tokio::test]
+async fn wt_malformed_input_and_subscribe_flood() {
+    let server = broker().await;
+    let mut bystander = Bystander::new(&server).await;
+    // Nesting bomb and a huge declared length in `data`: request errors, the session goes on.
+    let mut attacker = wt_open(&server, alice()).await;
+    attacker
+        .send(publish(1, "orders:1042", Bytes::from(vec![0x81u8; 2000])))
+        .await;
+    wt_error(&mut attacker, 1, Code::InvalidPayload).await;
+    attacker
+        .send(publish(
+            2,
+            "orders:1042",
+            Bytes::from_static(&[0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x00]),
+        ))
+        .await;
+    wt_error(&mut attacker, 2, Code::InvalidPayload).await;
+    attacker
+        .send(ClientFrame::Subscribe {
+            id: 3,
+            room: "orders:1042\n".into(),
+        })
+        .await;
+    wt_error(&mut attacker, 3, Code::InvalidRoom).await;
+    bystander.still_works(&server).await;
+    // Invalid UTF-8 in a text field closes with protocol_error.
+    attacker
+        .send_raw(Bytes::from_static(&[
+            0xa3, 0x00, 0x02, 0x01, 0x01, 0x02, 0x62, 0x63, 0xff,
+        ]))
+        .await;
+    attacker.expect_close(Code::ProtocolError).await;
+    bystander.still_works(&server).await;
+    // An oversized frame (the length prefix alone announces it).
+    let mut attacker = wt_open(&server, alice()).await;
+    attacker.send_raw(Bytes::from(vec![0u8; 8192])).await;
+    attacker.expect_close(Code::FrameTooLarge).await;
+    bystander.still_works(&server).await;
+    // Subscribe flood.
+    let mut attacker = wt_open(&server, alice()).await;
+    for id in 1..=20u64 {
+        attacker
+            .send(ClientFrame::Subscribe {
+                id,
+                room: format!("watch:{id}"),
+            })
+            .await;
+    }
+    let (mut ok, mut limited) = (0, 0);
+    // Subscribed frames arrive on room streams; the control stream carries the errors.
+    loop {
+        match attacker.control.frame().await {
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, Code::RateLimited);
+                limited += 1;
+            }
+            ServerFrame::Close { code, .. } => {
+                assert_eq!(code, Code::PolicyViolation);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(1), attacker.connection.accept_uni()).await
+    {
+        ok += 1;
+    }
+    assert_eq!(limited, 3);
+    assert!(ok <= 5, "{ok} subscriptions passed a burst of 5");
+    bystander.still_works(&server).await;
+}
