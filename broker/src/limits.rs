@@ -167,6 +167,7 @@ fn retry_after(wait: Duration) -> Refusal {
         Code::RateLimited,
         format!("rate limited; retry after {ms} ms"),
     )
+    .retry_after(wait)
 }
 
 impl SessionLimits {
@@ -430,6 +431,7 @@ mod tests {
                 "{}",
                 refusal.message
             );
+            assert!(refusal.retry_after.is_some_and(|d| d > Duration::ZERO));
         }
         assert_eq!(
             limits.spend(Spend::Publish(10)).unwrap_err().code,

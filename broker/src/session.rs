@@ -339,6 +339,7 @@ impl Core {
                             id: Some(id),
                             code: Code::Unavailable,
                             message: unavailable.to_string(),
+                            retry_after_ms: None,
                         }
                         .encode(),
                     )

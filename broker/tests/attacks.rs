@@ -512,9 +512,18 @@ async fn ws_publish_flood_is_rate_limited_then_closed() {
     loop {
         match attacker.next().await {
             Seen::Frame(ServerFrame::Ack { .. }) => acks += 1,
-            Seen::Frame(ServerFrame::Error { code, message, .. }) => {
+            Seen::Frame(ServerFrame::Error {
+                code,
+                message,
+                retry_after_ms,
+                ..
+            }) => {
                 assert_eq!(code, Code::RateLimited);
                 assert!(message.contains("retry after"), "{message}");
+                assert!(
+                    retry_after_ms.is_some_and(|ms| ms > 0),
+                    "{retry_after_ms:?}"
+                );
                 limited += 1;
             }
             Seen::Frame(ServerFrame::Close { code, .. }) => {

@@ -61,6 +61,8 @@ pub mod key {
     pub const TOKEN: u64 = 15;
     /// Silence after which the broker closes the session, in milliseconds (uint).
     pub const IDLE_TIMEOUT: u64 = 16;
+    /// `Error`: milliseconds after which the same request may succeed (uint).
+    pub const RETRY_AFTER: u64 = 17;
 }
 
 /// Frame type values (key 0). Client frames take 1–15, broker frames 16–31; the values in
@@ -216,6 +218,8 @@ pub enum ServerFrame {
         code: Code,
         /// Human-readable detail.
         message: String,
+        /// Milliseconds after which the same request may succeed (`rate_limited`).
+        retry_after_ms: Option<u64>,
     },
     /// Answer to `Ping`.
     Pong {
@@ -368,6 +372,7 @@ impl ServerFrame {
                 id: f.id,
                 code: code("Error")?,
                 message: f.message.clone().unwrap_or_default(),
+                retry_after_ms: f.retry_after,
             },
             kind::PONG => ServerFrame::Pong { id: f.id },
             kind::CLOSE => ServerFrame::Close {
@@ -547,10 +552,16 @@ impl Serialize for ServerFrame {
             ServerFrame::Ack { id, seq } => Entries::new(kind::ACK)
                 .uint(key::ID, *id)
                 .opt_uint(key::SEQ, *seq),
-            ServerFrame::Error { id, code, message } => Entries::new(kind::ERROR)
+            ServerFrame::Error {
+                id,
+                code,
+                message,
+                retry_after_ms,
+            } => Entries::new(kind::ERROR)
                 .opt_uint(key::ID, *id)
                 .uint(key::CODE, code.value().into())
-                .text(key::MESSAGE, message),
+                .text(key::MESSAGE, message)
+                .opt_uint(key::RETRY_AFTER, *retry_after_ms),
             ServerFrame::Pong { id } => Entries::new(kind::PONG).opt_uint(key::ID, *id),
             ServerFrame::Close {
                 code,
@@ -605,6 +616,7 @@ struct Fields {
     ping_interval: Option<u64>,
     token: Option<String>,
     idle_timeout: Option<u64>,
+    retry_after: Option<u64>,
 }
 
 impl Fields {
@@ -691,6 +703,7 @@ impl<'de> Deserialize<'de> for FieldsOrDup {
                         key::PING_INTERVAL => f.ping_interval = Some(map.next_value()?),
                         key::TOKEN => f.token = Some(map.next_value()?),
                         key::IDLE_TIMEOUT => f.idle_timeout = Some(map.next_value()?),
+                        key::RETRY_AFTER => f.retry_after = Some(map.next_value()?),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -805,11 +818,19 @@ mod tests {
                 id: Some(4),
                 code: Code::InvalidRoom,
                 message: "x".into(),
+                retry_after_ms: None,
             },
             ServerFrame::Error {
                 id: None,
                 code: Code::UnknownFrame,
                 message: String::new(),
+                retry_after_ms: None,
+            },
+            ServerFrame::Error {
+                id: Some(2),
+                code: Code::RateLimited,
+                message: "slow down".into(),
+                retry_after_ms: Some(250),
             },
             ServerFrame::Pong { id: Some(1) },
             ServerFrame::Close {

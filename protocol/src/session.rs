@@ -68,6 +68,8 @@ pub struct Refusal {
     pub code: Code,
     /// Human-readable detail.
     pub message: String,
+    /// For a request error: when the same request may succeed (`Error.retry_after`).
+    pub retry_after: Option<Duration>,
 }
 
 impl Refusal {
@@ -76,7 +78,14 @@ impl Refusal {
         Refusal {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// With the time after which the same request may succeed.
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
     }
 }
 
@@ -186,6 +195,7 @@ impl Action {
             id,
             code,
             message: message.to_string(),
+            retry_after_ms: None,
         })
     }
 }
@@ -374,7 +384,14 @@ impl ServerSession {
         if refusal.code.is_close() {
             self.finish(Action::close(refusal.code, refusal.message))
         } else {
-            Action::error(id, refusal.code, refusal.message)
+            Action::Send(ServerFrame::Error {
+                id,
+                code: refusal.code,
+                message: refusal.message,
+                retry_after_ms: refusal
+                    .retry_after
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
+            })
         }
     }
 

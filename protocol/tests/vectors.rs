@@ -274,6 +274,16 @@ fn vectors() -> Vec<(&'static str, Want)> {
                 id: Some(6),
                 code: Code::NotSubscribed,
                 message: "not subscribed".into(),
+                retry_after_ms: None,
+            }),
+        ),
+        (
+            "error-retry-after",
+            Want::Server(ServerFrame::Error {
+                id: Some(4),
+                code: Code::RateLimited,
+                message: "rate limited".into(),
+                retry_after_ms: Some(250),
             }),
         ),
         (
@@ -282,6 +292,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
                 id: None,
                 code: Code::UnknownFrame,
                 message: "unknown frame type 9".into(),
+                retry_after_ms: None,
             }),
         ),
         ("pong", Want::Server(ServerFrame::Pong { id: None })),
@@ -322,6 +333,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
                     id: None,
                     code: Code::UnknownFrame,
                     message: String::new(),
+                    retry_after_ms: None,
                 },
             ),
         ),
@@ -775,6 +787,7 @@ fn check_keys(doc: &str) -> Vec<String> {
         (key::PING_INTERVAL, "ping_interval", "uint"),
         (key::TOKEN, "token", "text"),
         (key::IDLE_TIMEOUT, "idle_timeout", "uint"),
+        (key::RETRY_AFTER, "retry_after", "uint"),
     ];
     let rows = match table(doc, "| key | name | type |") {
         Ok(rows) => rows,

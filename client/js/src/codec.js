@@ -34,12 +34,18 @@ export const KEYS = Object.freeze({
   14: ['ping_interval', 'uint'],
   15: ['token', 'text'],
   16: ['idle_timeout', 'uint'],
+  17: ['retry_after', 'uint'],
 });
 
 const KEY = Object.fromEntries(Object.entries(KEYS).map(([k, [name]]) => [name, Number(k)]));
 
 /** JS property of each protocol field that is not spelled the same. */
-const PROPERTY = { max_frame: 'maxFrame', ping_interval: 'pingInterval', idle_timeout: 'idleTimeout' };
+const PROPERTY = {
+  max_frame: 'maxFrame',
+  ping_interval: 'pingInterval',
+  idle_timeout: 'idleTimeout',
+  retry_after: 'retryAfter',
+};
 const prop = (field) => PROPERTY[field] ?? field;
 
 /**
@@ -58,7 +64,7 @@ export const FRAME_TYPES = Object.freeze({
   18: ['Unsubscribed', 'broker', ['id', 'room'], {}],
   19: ['Event', 'broker', ['room', 'event', 'data', 'seq'], {}],
   20: ['Ack', 'broker', ['id'], { seq: undefined }],
-  21: ['Error', 'broker', ['code'], { id: undefined, message: '' }],
+  21: ['Error', 'broker', ['code'], { id: undefined, message: '', retry_after: undefined }],
   22: ['Pong', 'broker', [], { id: undefined }],
   23: ['Close', 'broker', ['code'], { message: '', reconnect: false }],
 });

@@ -79,6 +79,7 @@ const EXPECTED = {
   ack: { type: 'Ack', id: 3, seq: 42 },
   'ack-no-seq': { type: 'Ack', id: 5 },
   error: { type: 'Error', id: 6, code: 4105, message: 'not subscribed' },
+  'error-retry-after': { type: 'Error', id: 4, code: 4108, message: 'rate limited', retryAfter: 250 },
   'error-no-id': { type: 'Error', code: 4104, message: 'unknown frame type 9' },
   pong: { type: 'Pong' },
   'pong-id': { type: 'Pong', id: 42 },
