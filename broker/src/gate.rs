@@ -250,4 +250,21 @@ mod tests {
             .unwrap_err();
         assert_eq!(refusal.code, Code::Unauthorized);
     }
+
+    #[test]
+    fn a_public_address_without_required_tokens_is_warned_about() {
+        use crate::{Config, server::exposure_warning};
+        let open = Security::open();
+        let mut config = Config::default();
+        assert_eq!(exposure_warning(&config, &open), None);
+        config.listen = "0.0.0.0:4433".parse().unwrap();
+        assert!(exposure_warning(&config, &open).is_some_and(|w| w.starts_with("SECURITY")));
+        let mut file = FileConfig::default();
+        file.auth.required = true;
+        let required = Security {
+            verifier: Verifier::new(&file.auth, &file.base_dir).unwrap(),
+            ..Security::open()
+        };
+        assert_eq!(exposure_warning(&config, &required), None);
+    }
 }

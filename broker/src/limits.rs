@@ -341,9 +341,10 @@ impl ConnectionLimits {
     /// why not. The slot is given back when the permit drops.
     pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<SessionPermit, Busy> {
         if let Some(ip) = ip {
-            // Prune idle entries now and then so the table stays small.
+            // Prune idle entries every 1024 requests (an O(table) scan, amortised), so the
+            // table stays small; when it is full anyway, new requests wait for the next prune.
             let checks = self.checks.fetch_add(1, Ordering::Relaxed);
-            if checks % 1024 == 1023 || self.rate.len() >= MAX_TRACKED_IPS {
+            if checks % 1024 == 1023 {
                 self.rate.retain_recent();
                 self.rate.shrink_to_fit();
             }
@@ -483,5 +484,25 @@ mod tests {
         assert_eq!(limits.sessions(), 2);
         let _p4 = limits.admit(None).unwrap();
         assert!(limits.tracked_addresses() <= 2);
+    }
+
+    #[test]
+    fn the_address_table_stays_bounded_under_many_addresses() {
+        // One request per second per address: entries stay in the table for a second, so
+        // (unless this loop takes longer) it fills up and new addresses are refused.
+        let limits = Arc::new(ConnectionLimits::new(config(|c| {
+            c.per_ip_connects_per_second = 1;
+            c.per_ip_connect_burst = 1;
+        })));
+        for n in 0..(MAX_TRACKED_IPS as u32 + 5000) {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+            match limits.admit(Some(ip)) {
+                Ok(permit) => drop(permit),
+                Err(Busy::IpRate(_)) => {}
+                Err(other) => panic!("{other:?}"),
+            }
+            assert!(limits.tracked_addresses() <= MAX_TRACKED_IPS);
+        }
+        assert_eq!(limits.sessions(), 0);
     }
 }

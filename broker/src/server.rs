@@ -88,14 +88,18 @@ pub fn load_security(config: &Config) -> anyhow::Result<Security> {
         Some(path) => Security::load(path)?,
         None => Security::open(),
     };
-    if !config.listen.ip().is_loopback() && !security.verifier.required {
-        warn!(
-            listen = %config.listen,
-            "SECURITY: serving a non-loopback address without required authentication: anyone \
-             who reaches this port may open sessions. Set [auth] required = true in --config."
-        );
+    if let Some(warning) = exposure_warning(config, &security) {
+        warn!(listen = %config.listen, "{warning}");
     }
     Ok(security)
+}
+
+/// The warning for a broker reachable beyond this machine without required tokens.
+pub fn exposure_warning(config: &Config, security: &Security) -> Option<&'static str> {
+    (!config.listen.ip().is_loopback() && !security.verifier.required).then_some(
+        "SECURITY: serving a non-loopback address without required authentication: anyone \
+         who reaches this port may open sessions. Set [auth] required = true in --config.",
+    )
 }
 
 impl Shared {
