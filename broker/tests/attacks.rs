@@ -61,6 +61,10 @@ max_payload_bytes = 64
 [namespaces.feed]
 subscribe = "authenticated"
 publish = "backend"
+
+[namespaces.gps]
+publish = "grant"
+volatile = true
 "#
         ),
     )
@@ -830,4 +834,25 @@ async fn wt_malformed_input_and_subscribe_flood() {
     assert_eq!(limited, 3);
     assert!(ok <= 5, "{ok} subscriptions passed a burst of 5");
     bystander.still_works(&server).await;
+}
+
+#[tokio::test]
+async fn the_config_file_sets_volatile_namespaces_and_session_caps() {
+    let server = broker().await;
+    let room = |name| roomcast_protocol::RoomName::new(name).unwrap();
+    assert!(server.shared().hub.is_volatile(&room("gps:7")));
+    assert!(!server.shared().hub.is_volatile(&room(ROOM)));
+    // Sessions hold a slot for their lifetime and give it back when they end.
+    let security = &server.shared().security;
+    assert_eq!(security.connections.sessions(), 0);
+    let mut conn = ws_open(&server, &alice()).await;
+    assert_eq!(security.connections.sessions(), 1);
+    conn.send(ClientFrame::Ping { id: Some(1) }).await;
+    assert_eq!(conn.frame().await, ServerFrame::Pong { id: Some(1) });
+    drop(conn);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while security.connections.sessions() != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "slot not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
