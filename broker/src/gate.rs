@@ -190,14 +190,15 @@ impl Gate for SessionGate {
             }
             Request::Publish {
                 room,
+                event,
                 data,
                 subscribed,
-                ..
             } => {
                 // The bucket first: refused publishes cost as much as accepted ones, so a
                 // session cannot spin on refusals.
                 self.limits.spend(Spend::Publish(data.len()))?;
-                file.may_publish(room, claims, subscribed, data.len())
+                file.may_publish(room, claims, subscribed, data.len())?;
+                file.check_schema(room, event.as_str(), data.as_bytes())
             }
         }
     }

@@ -31,6 +31,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use roomcast_protocol::{Code, RoomName, session::Refusal};
@@ -89,6 +90,11 @@ pub struct NamespacePolicy {
     /// Largest `data` of a publish, in bytes. Default: the frame size limit.
     #[serde(default)]
     pub max_payload_bytes: Option<usize>,
+    /// Payload schemas by event name: each a CDDL document (RFC 8610) whose rule `payload`
+    /// the event's `data` must match (`schema_mismatch` otherwise). Events without a schema
+    /// are not checked. Parsed once when the file is loaded. Default none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub schemas: BTreeMap<String, String>,
 }
 
 fn default_subscribe() -> SubscribeRule {
@@ -107,7 +113,44 @@ impl NamespacePolicy {
             publish: PublishRule::Anyone,
             volatile: false,
             max_payload_bytes: None,
+            schemas: BTreeMap::new(),
         }
+    }
+}
+
+/// The rule of a schema document that payloads must match.
+pub const SCHEMA_RULE: &str = "payload";
+
+/// One parsed schema.
+#[derive(Clone)]
+struct Schema(Arc<cddl_cat::context::BasicContext>);
+
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Schema")
+    }
+}
+
+impl Schema {
+    fn parse(text: &str) -> Result<Self, String> {
+        let rules = cddl_cat::flatten::flatten_from_str(text).map_err(|e| e.to_string())?;
+        if !rules.contains_key(SCHEMA_RULE) {
+            return Err(format!("no rule named `{SCHEMA_RULE}`"));
+        }
+        Ok(Schema(Arc::new(cddl_cat::context::BasicContext::new(
+            rules,
+        ))))
+    }
+
+    fn validate(&self, data: &[u8]) -> Result<(), String> {
+        let value: ciborium::Value =
+            ciborium::from_reader(data).map_err(|e| format!("not CBOR: {e}"))?;
+        let context = &*self.0;
+        let rule = context
+            .rules
+            .get(SCHEMA_RULE)
+            .ok_or_else(|| format!("no rule {SCHEMA_RULE}"))?;
+        cddl_cat::validate_cbor(rule, &value, context).map_err(|e| e.to_string())
     }
 }
 
@@ -130,6 +173,9 @@ pub struct FileConfig {
     /// Folder the file's relative key paths are resolved against.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The parsed schemas, by namespace (`None`: the default policy's) and event.
+    #[serde(skip)]
+    schemas: BTreeMap<(Option<String>, String), Schema>,
 }
 
 /// The configuration without a file: no auth, every namespace open, default limits.
@@ -141,6 +187,7 @@ impl Default for FileConfig {
             default: Some(NamespacePolicy::open()),
             namespaces: BTreeMap::new(),
             base_dir: PathBuf::from("."),
+            schemas: BTreeMap::new(),
         }
     }
 }
@@ -192,11 +239,12 @@ impl FileConfig {
 
     /// Parses and checks TOML text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut config: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: PathBuf::new(),
             source: Box::new(source),
         })?;
         config.check()?;
+        config.compile_schemas()?;
         Ok(config)
     }
 
@@ -217,6 +265,53 @@ impl FileConfig {
         self.limits.check().map_err(ConfigError::Invalid)?;
         self.auth.check().map_err(ConfigError::Invalid)?;
         Ok(())
+    }
+
+    fn compile_schemas(&mut self) -> Result<(), ConfigError> {
+        let policies = self
+            .namespaces
+            .iter()
+            .map(|(name, policy)| (Some(name.clone()), policy))
+            .chain(self.default.iter().map(|policy| (None, policy)));
+        let mut compiled = BTreeMap::new();
+        for (namespace, policy) in policies {
+            for (event, text) in &policy.schemas {
+                let schema = Schema::parse(text).map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "{}.schemas.{event}: {e}",
+                        namespace
+                            .as_deref()
+                            .map_or("default".to_owned(), |n| format!("namespaces.{n}"))
+                    ))
+                })?;
+                compiled.insert((namespace.clone(), event.clone()), schema);
+            }
+        }
+        self.schemas = compiled;
+        Ok(())
+    }
+
+    /// Checks `data` of event `event` in `room` against the schema the namespace has for it,
+    /// if any.
+    pub fn check_schema(&self, room: &RoomName, event: &str, data: &[u8]) -> Result<(), Refusal> {
+        if self.schemas.is_empty() {
+            return Ok(());
+        }
+        let namespace = room.namespace();
+        let key = if self.namespaces.contains_key(namespace) {
+            (Some(namespace.to_owned()), event.to_owned())
+        } else {
+            (None, event.to_owned())
+        };
+        match self.schemas.get(&key) {
+            None => Ok(()),
+            Some(schema) => schema.validate(data).map_err(|e| {
+                Refusal::new(
+                    Code::SchemaMismatch,
+                    format!("event {event} in {room} does not match its schema: {e}"),
+                )
+            }),
+        }
     }
 
     /// Namespaces whose rooms are volatile.
@@ -472,6 +567,68 @@ mod tests {
             let err = FileConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn schemas_are_parsed_once_and_checked_per_event() {
+        let config = FileConfig::parse(
+            r#"
+            [namespaces.orders]
+            publish = "anyone"
+            schemas = { status = 'payload = { state: "shipped" / "pending", ? eta: uint }' }
+
+            [default]
+            schemas = { pos = 'payload = [lat: float / int, lon: float / int]' }
+            "#,
+        )
+        .unwrap();
+        let cbor = |v: &ciborium::Value| {
+            let mut out = Vec::new();
+            ciborium::into_writer(v, &mut out).unwrap();
+            out
+        };
+        use ciborium::Value as V;
+        let status = |state: V| V::Map(vec![(V::Text("state".into()), state)]);
+        let check = |room: &str, event: &str, value: &V| {
+            config
+                .check_schema(&room_name(room), event, &cbor(value))
+                .err()
+                .map(|r| (r.code, r.message))
+        };
+        assert_eq!(
+            check("orders:1", "status", &status(V::Text("shipped".into()))),
+            None
+        );
+        let (code, message) = check("orders:1", "status", &status(V::Integer(5.into()))).unwrap();
+        assert_eq!(code, Code::SchemaMismatch);
+        assert!(message.contains("status"), "{message}");
+        // No schema for this event: not checked.
+        assert_eq!(check("orders:1", "other", &V::Integer(1.into())), None);
+        // The default policy's schemas apply to unlisted namespaces only.
+        let pos = V::Array(vec![V::Integer(52.into()), V::Integer(13.into())]);
+        assert_eq!(check("gps:7", "pos", &pos), None);
+        assert_eq!(
+            check("gps:7", "pos", &V::Text("x".into())).map(|e| e.0),
+            Some(Code::SchemaMismatch)
+        );
+        assert_eq!(check("orders:1", "pos", &V::Text("x".into())), None);
+        for (text, needle) in [
+            (
+                "[namespaces.a]\nschemas = { e = 'payload = {' }\n",
+                "namespaces.a.schemas.e",
+            ),
+            (
+                "[namespaces.a]\nschemas = { e = 'other = int' }\n",
+                "no rule named `payload`",
+            ),
+        ] {
+            let err = FileConfig::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    fn room_name(name: &str) -> RoomName {
+        RoomName::new(name).unwrap()
     }
 
     #[test]

@@ -57,6 +57,7 @@ publish = "grant"
 subscribe = "grant"
 publish = "grant"
 max_payload_bytes = 64
+schemas = {{ status = 'payload = {{ state: "shipped" / "pending" }}' }}
 
 [namespaces.feed]
 subscribe = "authenticated"
@@ -441,6 +442,20 @@ async fn ws_permission_attacks_are_forbidden() {
             Code::PayloadTooLarge,
         ),
         (
+            "schema mismatch",
+            ClientFrame::Publish {
+                id: 16,
+                room: "orders:1042".into(),
+                event: "status".into(),
+                data: Payload::encode(&BTreeMap::from([("state", "stolen")]))
+                    .unwrap()
+                    .as_bytes()
+                    .clone(),
+                ack: true,
+            },
+            Code::SchemaMismatch,
+        ),
+        (
             "nesting bomb",
             publish(14, "orders:1042", Bytes::from(vec![0x81u8; 2000])),
             Code::InvalidPayload,
@@ -685,6 +700,21 @@ async fn wt_permission_and_flood_attacks() {
         .clone();
     attacker.send(publish(3, "orders:1042", big)).await;
     wt_error(&mut attacker, 3, Code::PayloadTooLarge).await;
+    bystander.still_works(&server).await;
+    let stolen = Payload::encode(&BTreeMap::from([("state", "stolen")]))
+        .unwrap()
+        .as_bytes()
+        .clone();
+    attacker
+        .send(ClientFrame::Publish {
+            id: 4,
+            room: "orders:1042".into(),
+            event: "status".into(),
+            data: stolen,
+            ack: true,
+        })
+        .await;
+    wt_error(&mut attacker, 4, Code::SchemaMismatch).await;
     bystander.still_works(&server).await;
     // Publish flood into the bystander's room.
     let flooder = token(&spec("flood", &[("watch:*", "pub")]));

@@ -129,6 +129,7 @@ fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
         "required = true",
         "[namespaces.orders]",
         "publish = \"backend\"",
+        "payload = { text: tstr",
         // Defaults the file leaves out are printed too.
         "publish_bytes_per_second",
         "per_ip_sessions",

@@ -71,6 +71,8 @@ codes! {
     RateLimited = 4108, "rate_limited", false, true;
     /// `data` is larger than the namespace's `max_payload_bytes`.
     PayloadTooLarge = 4109, "payload_too_large", false, false;
+    /// `data` does not match the schema the namespace configures for the event.
+    SchemaMismatch = 4110, "schema_mismatch", false, false;
     /// The broker cannot carry the request right now (cluster mode: not connected to NATS, or
     /// its publish queue is full); nothing was done, the same request may succeed later.
     Unavailable = 4503, "unavailable", false, true;

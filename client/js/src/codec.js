@@ -89,6 +89,7 @@ export const CODES = Object.freeze({
   4107: ['forbidden', 'Error', false],
   4108: ['rate_limited', 'Error', true],
   4109: ['payload_too_large', 'Error', false],
+  4110: ['schema_mismatch', 'Error', false],
   4503: ['unavailable', 'Error', true],
   4000: ['normal', 'Close', false],
   4001: ['shutting_down', 'Close', true],
