@@ -26,6 +26,8 @@ pub struct SessionRequest<'a> {
     pub authorization: Option<&'a str>,
     /// The client's address, when known.
     pub peer: Option<IpAddr>,
+    /// The per-IP rate was checked already (WebTransport: before the QUIC handshake).
+    pub rate_checked: bool,
 }
 
 impl<'a> SessionRequest<'a> {
@@ -42,6 +44,7 @@ impl<'a> SessionRequest<'a> {
             origin,
             authorization: None,
             peer: None,
+            rate_checked: false,
         }
     }
 
@@ -54,6 +57,12 @@ impl<'a> SessionRequest<'a> {
     /// With the client's address.
     pub fn peer(mut self, peer: IpAddr) -> Self {
         self.peer = Some(peer);
+        self
+    }
+
+    /// Marks the per-IP rate as checked already.
+    pub fn rate_checked(mut self) -> Self {
+        self.rate_checked = true;
         self
     }
 
@@ -130,12 +139,15 @@ pub fn admit(shared: &Shared, request: &SessionRequest<'_>) -> Result<Admitted, 
         return Err(Refusal::Origin);
     }
     // The cheap caps before the signature check: a flood of bad tokens is rate-limited too.
-    let permit = security
-        .connections
-        .admit(request.peer)
-        .map_err(|busy| Refusal::Busy {
-            retry_after: busy.retry_after(),
-        })?;
+    let connections = &security.connections;
+    let permit = if request.rate_checked {
+        connections.take_slot(request.peer)
+    } else {
+        connections.admit(request.peer)
+    }
+    .map_err(|busy| Refusal::Busy {
+        retry_after: busy.retry_after(),
+    })?;
     let claims = match request.token() {
         Some(token) => {
             Some(

@@ -338,23 +338,40 @@ impl ConnectionLimits {
     }
 
     /// Takes a session slot for a request from `ip` (none for in-process callers), or says
-    /// why not. The slot is given back when the permit drops.
+    /// why not: [`Self::check_rate`], then [`Self::take_slot`].
     pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<SessionPermit, Busy> {
         if let Some(ip) = ip {
-            // Prune idle entries every 1024 requests (an O(table) scan, amortised), so the
-            // table stays small; when it is full anyway, new requests wait for the next prune.
-            let checks = self.checks.fetch_add(1, Ordering::Relaxed);
-            if checks % 1024 == 1023 {
-                self.rate.retain_recent();
-                self.rate.shrink_to_fit();
-            }
-            if self.rate.len() >= MAX_TRACKED_IPS {
-                return Err(Busy::IpRate(Duration::from_secs(1)));
-            }
-            if let Err(not_until) = self.rate.check_key(&ip) {
-                return Err(Busy::IpRate(not_until.wait_time_from(MonotonicClock.now())));
-            }
+            self.check_rate(ip)?;
         }
+        self.take_slot(ip)
+    }
+
+    /// Whether the broker holds `max_sessions` sessions.
+    pub fn is_full(&self) -> bool {
+        self.sessions() >= self.config.max_sessions as usize
+    }
+
+    /// Counts a new session request from `ip` against its per-second rate. WebTransport
+    /// calls this before the QUIC handshake, so a flood costs no handshake.
+    pub fn check_rate(&self, ip: IpAddr) -> Result<(), Busy> {
+        // Prune idle entries every 1024 requests (an O(table) scan, amortised), so the
+        // table stays small; when it is full anyway, new requests wait for the next prune.
+        let checks = self.checks.fetch_add(1, Ordering::Relaxed);
+        if checks % 1024 == 1023 {
+            self.rate.retain_recent();
+            self.rate.shrink_to_fit();
+        }
+        if self.rate.len() >= MAX_TRACKED_IPS {
+            return Err(Busy::IpRate(Duration::from_secs(1)));
+        }
+        self.rate
+            .check_key(&ip)
+            .map_err(|not_until| Busy::IpRate(not_until.wait_time_from(MonotonicClock.now())))
+    }
+
+    /// Takes a session slot (global and per-IP concurrency, no rate); given back when the
+    /// permit drops.
+    pub fn take_slot(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<SessionPermit, Busy> {
         let max = self.config.max_sessions as usize;
         if self
             .sessions

@@ -559,6 +559,18 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
             incoming = endpoint.accept() => incoming,
             () = shared.shutdown.cancelled() => return,
         };
+        // The connection caps before the QUIC handshake: a flood costs no handshake.
+        let connections = &shared.security.connections;
+        if let Err(busy) = connections.check_rate(incoming.remote_address().ip()) {
+            debug!(peer = %incoming.remote_address(), ?busy, "QUIC connection refused");
+            incoming.refuse();
+            continue;
+        }
+        if connections.is_full() {
+            debug!("QUIC connection refused: max_sessions reached");
+            incoming.refuse();
+            continue;
+        }
         let task_shared = shared.clone();
         shared.tracker.spawn(async move {
             let request = match incoming.await {
@@ -574,7 +586,8 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
                 &task_shared,
                 &SessionRequest::new("wt", request.path(), request.origin())
                     .authorization(authorization)
-                    .peer(request.remote_address().ip()),
+                    .peer(request.remote_address().ip())
+                    .rate_checked(),
             );
             let admitted = match judged {
                 Ok(admitted) => admitted,

@@ -886,3 +886,23 @@ async fn the_config_file_sets_volatile_namespaces_and_session_caps() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn wt_connection_flood_is_refused_before_the_handshake() {
+    let server = broker_with(
+        "per_ip_connects_per_second = 1\nper_ip_connect_burst = 4",
+        |_| {},
+    )
+    .await;
+    // The bystander (WebSocket, two requests: subscriber and publisher) uses two of the burst.
+    let mut bystander = Bystander::with_publisher(&server).await;
+    let _a = wt_open(&server, alice()).await;
+    let _b = wt_open(&server, alice()).await;
+    let before = server.shared().security.connections.sessions();
+    for _ in 0..10 {
+        let refused = session_at(&wt_url(&server), cert_hash(&server), None).await;
+        assert!(refused.is_err(), "the QUIC connection was refused");
+    }
+    assert_eq!(server.shared().security.connections.sessions(), before);
+    bystander.still_works(&server).await;
+}
