@@ -108,6 +108,12 @@ impl SessionGate {
         std::mem::take(&mut self.expiry_changed)
     }
 
+    /// Charges a request error the session is about to get (other than `rate_limited`, which
+    /// the buckets charge themselves) to its error budget.
+    pub fn charge_error(&mut self) -> Result<(), Refusal> {
+        self.limits.charge_error()
+    }
+
     /// Marks whether the next frame judged arrived as a datagram.
     pub fn set_datagram(&mut self, datagram: bool) {
         self.datagram = datagram;

@@ -190,20 +190,26 @@ impl SessionLimits {
         let Err(refusal) = refused else {
             return Ok(());
         };
+        self.charge_error()?;
+        Err(refusal)
+    }
+
+    /// Charges one request error (any `Error` the session is about to get) to the error
+    /// budget; refuses with `policy_violation` once the budget of the window is spent.
+    pub fn charge_error(&mut self) -> Result<(), Refusal> {
         let config = &self.config;
         let errors = self
             .errors
             .get_or_insert_with(|| direct(config.error_quota()));
-        if errors.check().is_err() {
-            return Err(Refusal::new(
+        errors.check().map_err(|_| {
+            Refusal::new(
                 Code::PolicyViolation,
                 format!(
-                    "more than {} rate-limit violations in {} s",
+                    "more than {} request errors in {} s",
                     config.error_budget, config.error_window_secs
                 ),
-            ));
-        }
-        Err(refusal)
+            )
+        })
     }
 
     fn try_spend(&mut self, spend: Spend) -> Result<(), Refusal> {

@@ -28,6 +28,10 @@ use crate::{
 /// Time allowed to flush the final frames and the Close frame of an ending session.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// After the Close frame, how long the session keeps reading (and dropping) the client's
+/// input while waiting for it to close its side.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
 fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -171,6 +175,19 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
             }
         };
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
+        // Read and drop what the client still sends until it closes too, for a bounded time:
+        // a TCP socket closed with unread input is reset, and the reset can destroy the Close
+        // frame before the client reads it (a flooding client would never learn why).
+        let reader = &mut self.reader;
+        let linger = async {
+            loop {
+                match reader.recv().await {
+                    Ok(Incoming::Closed) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
     }
 
     async fn main_loop(&mut self) -> End {
@@ -290,6 +307,13 @@ impl Core {
             Action::None => Ok(()),
             Action::Send(frame) => {
                 if let ServerFrame::Error { code, .. } = &frame {
+                    // Every request error spends the error budget (rate_limited ones were
+                    // charged by their bucket): a session that keeps failing is closed.
+                    if *code != Code::RateLimited {
+                        if let Err(refusal) = self.gate.charge_error() {
+                            return Some(End::Close(refusal.code, refusal.message));
+                        }
+                    }
                     metrics.count_code(*code);
                 }
                 self.outbox.push(frame.encode())
