@@ -50,8 +50,9 @@ pub struct LimitsConfig {
     pub datagrams_per_second: u32,
     /// Datagrams one session may send at once. Default 10000.
     pub datagram_burst: u32,
-    /// `rate_limited` errors a session may receive per `error_window_secs` before it is
-    /// closed with `policy_violation`. Default 100.
+    /// Request errors (`Error` frames of any code, `rate_limited` included) a session may
+    /// receive per `error_window_secs` before it is closed with `policy_violation`. Default
+    /// 100.
     pub error_budget: u32,
     /// The window of the error budget, seconds. Default 10.
     pub error_window_secs: u32,

@@ -94,8 +94,8 @@ codes! {
     FrameTooLarge = 4413, "frame_too_large", true, false;
     /// The session's token expired; reconnect with a fresh token.
     TokenExpired = 4419, "token_expired", true, true;
-    /// The session kept exceeding its rate limits after being told (its error budget per
-    /// window is spent).
+    /// The session kept making failing requests (rate-limited, forbidden, invalid) after being
+    /// told: its error budget per window is spent.
     PolicyViolation = 4420, "policy_violation", true, false;
     /// The client's protocol version is not supported.
     UnsupportedVersion = 4426, "unsupported_version", true, false;
