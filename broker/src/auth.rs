@@ -88,6 +88,11 @@ pub struct AuthConfig {
     /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 30.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+    /// With `required`: time a session admitted without a token in its request gets to send
+    /// a `Hello` with one, in milliseconds (at most `--hello-timeout`). Pre-authentication
+    /// sessions cost memory while proving nothing, so they get less time. Default 3000.
+    #[serde(default = "default_pre_auth_hello_timeout")]
+    pub pre_auth_hello_timeout_ms: u64,
     /// Browser origins allowed to open sessions (`Origin` of the WebSocket upgrade, `origin`
     /// of the WebTransport request), e.g. `https://app.example`. A request without an origin
     /// (not a browser) is not affected. Default empty: every origin.
@@ -99,6 +104,10 @@ fn default_leeway() -> u64 {
     30
 }
 
+fn default_pre_auth_hello_timeout() -> u64 {
+    3000
+}
+
 impl Default for AuthConfig {
     fn default() -> Self {
         AuthConfig {
@@ -107,6 +116,7 @@ impl Default for AuthConfig {
             audience: Vec::new(),
             issuer: Vec::new(),
             leeway_secs: default_leeway(),
+            pre_auth_hello_timeout_ms: default_pre_auth_hello_timeout(),
             origins: Vec::new(),
         }
     }
@@ -268,6 +278,8 @@ pub struct Verifier {
     leeway: u64,
     /// Whether sessions need a token.
     pub required: bool,
+    /// Hello timeout of sessions admitted without a token while tokens are required.
+    pub pre_auth_hello_timeout: Duration,
     origins: Vec<String>,
 }
 
@@ -320,6 +332,7 @@ impl Verifier {
             issuer: config.issuer.clone(),
             leeway: config.leeway_secs,
             required: config.required,
+            pre_auth_hello_timeout: Duration::from_millis(config.pre_auth_hello_timeout_ms),
             origins: config.origins.clone(),
         })
     }
@@ -332,6 +345,7 @@ impl Verifier {
             issuer: Vec::new(),
             leeway: default_leeway(),
             required: false,
+            pre_auth_hello_timeout: Duration::from_millis(default_pre_auth_hello_timeout()),
             origins: Vec::new(),
         }
     }

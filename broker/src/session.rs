@@ -60,13 +60,19 @@ pub(crate) fn run<R: FrameReader, W: FrameWriter>(
     admitted: Admitted,
 ) -> impl Future<Output = ()> + Send {
     let span = debug_span!("session", id = key, transport);
+    let mut config = shared.config.session();
+    let verifier = &shared.security.verifier;
+    if verifier.required && admitted.claims.is_none() {
+        // Not authenticated yet: less time to prove it.
+        config.hello_timeout = config.hello_timeout.min(verifier.pre_auth_hello_timeout);
+    }
     let mut session = Session {
         core: Core {
             gate: SessionGate::new(shared.security.clone(), admitted.claims, admitted.permit),
             outbox: Arc::new(Outbox::new(shared.config.outbound_queue_bytes)),
             state: ServerSession::new(
                 format!("{:x}-{key:x}", shared.boot_id),
-                shared.config.session(),
+                config,
                 Instant::now(),
             ),
             shared,

@@ -36,6 +36,7 @@ fn config_file(extra_limits: &str) -> PathBuf {
             r#"
 [auth]
 required = true
+pre_auth_hello_timeout_ms = 1000
 audience = ["roomcast"]
 origins = ["https://app.example"]
 keys = [{{ kid = "k1", algorithm = "HS256", file = "secret.key" }}]
@@ -609,6 +610,19 @@ async fn connection_flood_from_one_ip_is_refused_before_a_session_exists() {
     // Refused requests hold no session slot.
     assert_eq!(server.shared().security.connections.sessions(), before);
     assert_eq!(before, 3);
+    bystander.still_works(&server).await;
+}
+
+#[tokio::test]
+async fn unauthenticated_sessions_get_the_shorter_pre_auth_hello_timeout() {
+    // --hello-timeout stays at its 10 s default (the test waits at most WAIT = 10 s); the
+    // pre-auth limit is 1 s.
+    let server = broker_with("", |_| {}).await;
+    let mut bystander = Bystander::new(&server).await;
+    let mut attacker = RawConn::connect(&server).await;
+    attacker.expect_close(Code::Timeout).await;
+    let mut wt = RawWt::connect(&server).await;
+    wt.expect_close(Code::Timeout).await;
     bystander.still_works(&server).await;
 }
 
