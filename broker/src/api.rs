@@ -16,7 +16,7 @@ use tracing::debug;
 
 use crate::{
     admission::{self, Refusal, SessionRequest},
-    server::Shared,
+    server::{Peer, Shared},
     session,
     transport::ws,
 };
@@ -82,17 +82,21 @@ async fn cert_hash(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Response {
     let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let origin = request
-        .headers()
-        .get(axum::http::header::ORIGIN)
-        .and_then(|v| v.to_str().ok());
-    match admission::admit(&shared, &SessionRequest::new("ws", path_and_query, origin)) {
-        Ok(()) => {}
-        Err(Refusal::NotFound) => return StatusCode::NOT_FOUND.into_response(),
-        Err(Refusal::Draining) => {
-            return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
-        }
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
+    };
+    let mut session_request = SessionRequest::new("ws", path_and_query, header(header::ORIGIN))
+        .authorization(header(header::AUTHORIZATION));
+    if let Some(Peer(peer)) = request.extensions().get::<Peer>() {
+        session_request = session_request.peer(peer.ip());
     }
+    let admitted = match admission::admit(&shared, &session_request) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return refuse_session(&shared, refusal),
+    };
     let (response, on_upgrade) = match ws::accept(request) {
         Ok(accepted) => accepted,
         Err(refusal) => return refusal.into_response(),
@@ -102,11 +106,41 @@ async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Respo
     let task_shared = shared.clone();
     shared.tracker.spawn(async move {
         match ws::open(on_upgrade, settings).await {
-            Ok((reader, writer)) => session::run(task_shared, key, "ws", reader, writer).await,
+            Ok((reader, writer)) => {
+                session::run(task_shared, key, "ws", reader, writer, admitted).await;
+            }
             Err(e) => debug!(error = %e, "WebSocket upgrade failed"),
         }
     });
     response
+}
+
+/// The HTTP answer to a refused session request: the status, a `Retry-After` where waiting
+/// helps, and the code's name in the body.
+fn refuse_session(shared: &Shared, refusal: Refusal) -> Response {
+    match refusal {
+        Refusal::NotFound => StatusCode::NOT_FOUND.into_response(),
+        Refusal::Draining => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
+        Refusal::Origin => (StatusCode::FORBIDDEN, "origin not allowed\n").into_response(),
+        Refusal::Unauthorized { code, message } => {
+            shared.metrics.count_code(code);
+            (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!("{}: {message}\n", code.as_str()),
+            )
+                .into_response()
+        }
+        Refusal::Busy { retry_after } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(
+                header::RETRY_AFTER,
+                retry_after.as_secs().max(1).to_string(),
+            )],
+            "too many sessions; retry later\n",
+        )
+            .into_response(),
+    }
 }
 
 /// `POST /api/publish`: an application backend publishes an event to a room, through the same

@@ -91,6 +91,12 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_API_KEY")]
     pub api_key: Option<Secret>,
 
+    /// Security configuration file (TOML): auth keys, namespace policy, rate limits; see
+    /// docs/SECURITY.md and `roomcast config check FILE`. Without it every namespace is open,
+    /// no token is required and the default limits apply.
+    #[arg(long, env = "ROOMCAST_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Cluster mode over NATS (off unless `--nats` is given).
     #[command(flatten)]
     pub cluster: ClusterConfig,
@@ -225,6 +231,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             api_key: None,
+            config: None,
             cluster: ClusterConfig::default(),
         }
     }

@@ -1,7 +1,9 @@
 //! roomcast-broker: the edge broker.
 //!
 //! Modules, each owning one thing: [`admission`] (judging session requests before anything
-//! is allocated), [`transport`] (session I/O over WebSocket and
+//! is allocated), [`auth`] (token verification), [`policy`] (the `--config` file and namespace
+//! rules), [`limits`] (rate limits and connection caps), [`gate`] (each session's judge of
+//! requests), [`transport`] (session I/O over WebSocket and
 //! WebTransport), [`certs`] (TLS identities for QUIC), [`session`]
 //! (drives the protocol state machine, owns the outbound queue), [`outbox`] (the bounded
 //! per-session queue), [`hub`] (rooms and fan-out), [`cluster`] (the bridge between the hub and
@@ -12,13 +14,17 @@
 
 pub mod admission;
 pub mod api;
+pub mod auth;
 pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod dev_ui;
+pub mod gate;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod outbox;
+pub mod policy;
 pub mod server;
 mod session;
 pub mod transport;

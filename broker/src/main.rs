@@ -23,6 +23,73 @@ enum Command {
     /// Certificate helpers.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Configuration file helpers.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Mint an HS256 test token (development; production tokens come from your auth server).
+    Token(TokenArgs),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file (and load its key files), then print the effective
+    /// configuration with every default filled in.
+    Check {
+        /// The TOML file.
+        file: std::path::PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// File holding the HS256 secret (its raw bytes, at least 32).
+    #[arg(long)]
+    secret_file: std::path::PathBuf,
+    /// User id (`sub`).
+    #[arg(long)]
+    sub: String,
+    /// Room grant `PATTERN=sub[,pub]`, e.g. `orders:1042=sub` or `bids:*=sub,pub`; repeatable.
+    #[arg(long = "grant", value_parser = roomcast_broker::auth::parse_grant)]
+    grants: Vec<(String, Vec<String>)>,
+    /// Lifetime, e.g. `1h`, `15m`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: std::time::Duration,
+    /// `aud` claim.
+    #[arg(long)]
+    aud: Option<String>,
+    /// `iss` claim.
+    #[arg(long)]
+    iss: Option<String>,
+    /// `kid` header (the key id in the broker's `[auth]` keys).
+    #[arg(long)]
+    kid: Option<String>,
+}
+
+fn mint_token(args: TokenArgs) -> anyhow::Result<()> {
+    let secret = std::fs::read(&args.secret_file)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.secret_file.display()))?;
+    anyhow::ensure!(
+        secret.len() >= 32,
+        "an HS256 secret needs at least 32 bytes"
+    );
+    let spec = roomcast_broker::auth::TokenSpec {
+        sub: args.sub,
+        rooms: args.grants.into_iter().collect(),
+        ttl: args.ttl,
+        not_before: None,
+        audience: args.aud,
+        issuer: args.iss,
+        kid: args.kid,
+    };
+    println!("{}", roomcast_broker::auth::mint_hs256(&secret, &spec)?);
+    Ok(())
+}
+
+fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+    let security = roomcast_broker::gate::Security::load(file)?;
+    print!("{}", security.file.effective());
+    eprintln!("{}: ok", file.display());
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -117,5 +184,7 @@ async fn main() -> anyhow::Result<()> {
             serve(listener, *config, shutdown_signal()).await
         }
         Command::Certs(CertsCommand::Dev { out }) => write_dev_cert(&out),
+        Command::Config(ConfigCommand::Check { file }) => check_config(&file),
+        Command::Token(args) => mint_token(args),
     }
 }

@@ -40,11 +40,16 @@ use crate::{
     certs::{self, CertInfo},
     cluster::{Bridge, InProcess, nats::NatsBridge},
     config::Config,
+    gate::Security,
     hub::{Hub, SessionKey},
     metrics::Metrics,
     session,
     transport::wt,
 };
+
+/// The TCP peer of an HTTP request, as an axum extension.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
 
 /// Time a client gets to send a complete HTTP request head (slow-loris guard).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -71,12 +76,40 @@ pub struct Shared {
     pub cert: RwLock<Option<CertInfo>>,
     /// TLS for the TCP port (HTTPS, WSS) when certificate files are configured.
     pub tcp_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
+    /// Token verifier, namespace policy and limits (`--config`, or the open default).
+    pub security: Arc<Security>,
     next_session: AtomicU64,
 }
 
+/// The security configuration of `config`: its `--config` file, or the open default. Warns
+/// loudly when a non-loopback address is served without required tokens.
+pub fn load_security(config: &Config) -> anyhow::Result<Security> {
+    let security = match &config.config {
+        Some(path) => Security::load(path)?,
+        None => Security::open(),
+    };
+    if let Some(warning) = exposure_warning(config, &security) {
+        warn!(listen = %config.listen, "{warning}");
+    }
+    Ok(security)
+}
+
+/// The warning for a broker reachable beyond this machine without required tokens.
+pub fn exposure_warning(config: &Config, security: &Security) -> Option<&'static str> {
+    (!config.listen.ip().is_loopback() && !security.verifier.required).then_some(
+        "SECURITY: serving a non-loopback address without required authentication: anyone \
+         who reaches this port may open sessions. Set [auth] required = true in --config.",
+    )
+}
+
 impl Shared {
-    /// Fresh state for a broker with `config`.
+    /// Fresh state for a broker with `config` and the open security default.
     pub fn new(config: Config) -> Self {
+        Self::with_security(config, Security::open())
+    }
+
+    /// Fresh state for a broker with `config` and `security`.
+    pub fn with_security(config: Config, security: Security) -> Self {
         let boot_id = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -89,9 +122,16 @@ impl Shared {
         };
         Shared {
             hub: Arc::new(Hub::with_interest(
-                config.volatile_namespaces.clone(),
+                config
+                    .volatile_namespaces
+                    .iter()
+                    .map(String::as_str)
+                    .chain(security.file.volatile_namespaces())
+                    .map(str::to_owned)
+                    .collect(),
                 bridge.interest(),
             )),
+            security: Arc::new(security),
             bridge,
             nats,
             config,
@@ -148,7 +188,8 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let shared = Arc::new(Shared::new(config));
+    let security = load_security(&config)?;
+    let shared = Arc::new(Shared::with_security(config, security));
     shared.start_cluster().await?;
     let endpoints = start_webtransport(&shared, listener.local_addr()?).await?;
     serve_shared(listener, shared, endpoints, shutdown).await
@@ -216,8 +257,8 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             accepted = listener.accept() => accepted,
             () = shared.shutdown.cancelled() => return,
         };
-        let tcp = match accepted {
-            Ok((tcp, _peer)) => tcp,
+        let (tcp, peer) = match accepted {
+            Ok((tcp, peer)) => (tcp, peer),
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 warn!(error = %e, "accept failed");
@@ -230,7 +271,8 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
         if let Err(e) = tcp.set_nodelay(true) {
             debug!(error = %e, "TCP_NODELAY");
         }
-        let router = router.clone();
+        // The handlers learn the client's address from this extension (per-IP limits).
+        let router = router.clone().layer(axum::Extension(Peer(peer)));
         let cancelled = shared.shutdown.clone();
         let tls = shared
             .tcp_tls
@@ -517,21 +559,49 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
             incoming = endpoint.accept() => incoming,
             () = shared.shutdown.cancelled() => return,
         };
+        // The connection caps before the QUIC handshake: a flood costs no handshake.
+        let connections = &shared.security.connections;
+        if let Err(busy) = connections.check_rate(incoming.remote_address().ip()) {
+            debug!(peer = %incoming.remote_address(), ?busy, "QUIC connection refused");
+            incoming.refuse();
+            continue;
+        }
+        if connections.is_full() {
+            debug!("QUIC connection refused: max_sessions reached");
+            incoming.refuse();
+            continue;
+        }
         let task_shared = shared.clone();
         shared.tracker.spawn(async move {
             let request = match incoming.await {
                 Ok(request) => request,
                 Err(e) => return debug!(error = %e, "QUIC handshake failed"),
             };
+            let authorization = request
+                .headers()
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+                .map(|(_, value)| value.as_str());
             let judged = admission::admit(
                 &task_shared,
-                &SessionRequest::new("wt", request.path(), request.origin()),
+                &SessionRequest::new("wt", request.path(), request.origin())
+                    .authorization(authorization)
+                    .peer(request.remote_address().ip())
+                    .rate_checked(),
             );
-            match judged {
-                Ok(()) => {}
+            let admitted = match judged {
+                Ok(admitted) => admitted,
                 Err(Refusal::NotFound) => return request.not_found().await,
-                Err(Refusal::Draining) => return request.too_many_requests().await,
-            }
+                Err(Refusal::Draining | Refusal::Busy { .. }) => {
+                    return request.too_many_requests().await;
+                }
+                Err(Refusal::Origin) => return request.forbidden().await,
+                Err(Refusal::Unauthorized { code, message }) => {
+                    debug!(%code, %message, "WebTransport session refused");
+                    task_shared.metrics.count_code(code);
+                    return request.forbidden().await;
+                }
+            };
             let connection = match request.accept().await {
                 Ok(connection) => connection,
                 Err(e) => return debug!(error = %e, "WebTransport session refused"),
@@ -548,7 +618,7 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
             match wt::open(connection, settings).await {
                 Ok((reader, writer)) => {
                     let key = task_shared.next_session_key();
-                    session::run(task_shared, key, "wt", reader, writer).await;
+                    session::run(task_shared, key, "wt", reader, writer, admitted).await;
                 }
                 Err(connection) => {
                     task_shared
@@ -589,7 +659,8 @@ impl Server {
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         let listener = bind_tcp(config.listen)?;
         let local_addr = listener.local_addr()?;
-        let shared = Arc::new(Shared::new(config));
+        let security = load_security(&config)?;
+        let shared = Arc::new(Shared::with_security(config, security));
         shared.start_cluster().await?;
         let endpoints = start_webtransport(&shared, local_addr).await?;
         let task = tokio::spawn(serve_shared(

@@ -16,6 +16,8 @@ use roomcast_protocol::{Action, Code, ServerFrame, ServerSession, session::close
 use tracing::{Instrument, debug, debug_span};
 
 use crate::{
+    admission::Admitted,
+    gate::SessionGate,
     hub::SessionKey,
     metrics::TransportLabel,
     outbox::{Outbox, Outgoing},
@@ -25,6 +27,10 @@ use crate::{
 
 /// Time allowed to flush the final frames and the Close frame of an ending session.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// After the Close frame, how long the session keeps reading (and dropping) the client's
+/// input while waiting for it to close its side.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 fn wall_clock_ms() -> u64 {
     SystemTime::now()
@@ -40,7 +46,8 @@ enum End {
     Gone,
 }
 
-/// Runs one session until it ends. `transport` names it in metrics and logs.
+/// Runs one session until it ends. `transport` names it in metrics and logs; `admitted` holds
+/// what admission learnt (the request's token claims) and the session's slot.
 ///
 /// Not an `async fn`: the session (transport halves included) is built here and captured
 /// once by the returned future, so its parts are not stored twice in the task.
@@ -50,14 +57,22 @@ pub(crate) fn run<R: FrameReader, W: FrameWriter>(
     transport: &'static str,
     reader: R,
     writer: W,
+    admitted: Admitted,
 ) -> impl Future<Output = ()> + Send {
     let span = debug_span!("session", id = key, transport);
+    let mut config = shared.config.session();
+    let verifier = &shared.security.verifier;
+    if verifier.required && admitted.claims.is_none() {
+        // Not authenticated yet: less time to prove it.
+        config.hello_timeout = config.hello_timeout.min(verifier.pre_auth_hello_timeout);
+    }
     let mut session = Session {
         core: Core {
+            gate: SessionGate::new(shared.security.clone(), admitted.claims, admitted.permit),
             outbox: Arc::new(Outbox::new(shared.config.outbound_queue_bytes)),
             state: ServerSession::new(
                 format!("{:x}-{key:x}", shared.boot_id),
-                shared.config.session(),
+                config,
                 Instant::now(),
             ),
             shared,
@@ -84,6 +99,39 @@ struct Core {
     transport: &'static str,
     outbox: Arc<Outbox>,
     state: ServerSession,
+    gate: SessionGate,
+}
+
+impl Core {
+    /// The next deadline: the state machine's (hello, idle) or the token's expiry.
+    fn deadline(&self) -> Instant {
+        let state = self.state.poll_timeout();
+        match self.gate.expires_at() {
+            Some(at) => {
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                state.min(Instant::now() + left)
+            }
+            None => state,
+        }
+    }
+
+    /// Handles one received frame (`datagram`: it came as a QUIC datagram); returns how the
+    /// session ends if it does.
+    fn frame(&mut self, bytes: &[u8], datagram: bool) -> Option<End> {
+        self.gate.set_datagram(datagram);
+        let action =
+            self.state
+                .handle_frame_gated(bytes, Instant::now(), wall_clock_ms(), &mut self.gate);
+        self.gate.set_datagram(false);
+        self.apply(action)
+    }
+
+    /// Whether the session's token has expired.
+    fn token_expired(&self) -> bool {
+        self.gate
+            .expires_at()
+            .is_some_and(|at| SystemTime::now() >= at)
+    }
 }
 
 impl<R: FrameReader, W: FrameWriter> Session<R, W> {
@@ -133,6 +181,19 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
             }
         };
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
+        // Read and drop what the client still sends until it closes too, for a bounded time:
+        // a TCP socket closed with unread input is reset, and the reset can destroy the Close
+        // frame before the client reads it (a flooding client would never learn why).
+        let reader = &mut self.reader;
+        let linger = async {
+            loop {
+                match reader.recv().await {
+                    Ok(Incoming::Closed) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
     }
 
     async fn main_loop(&mut self) -> End {
@@ -148,7 +209,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         let cancelled = shutdown.cancelled();
         let overflowed = outbox.overflowed();
         let ready = outbox.ready();
-        let deadline = tokio::time::sleep_until(core.state.poll_timeout().into());
+        let deadline = tokio::time::sleep_until(core.deadline().into());
         tokio::pin!(cancelled, overflowed, ready, deadline);
         let mut batch: Vec<Outgoing> = Vec::new();
         loop {
@@ -169,10 +230,21 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                 }
                 received = reader.recv() => match received {
                     Ok(Incoming::Frame(bytes)) => {
-                        let action =
-                            core.state.handle_frame(&bytes, Instant::now(), wall_clock_ms());
-                        if let Some(end) = core.apply(action) {
+                        if let Some(end) = core.frame(&bytes, false) {
                             return end;
+                        }
+                        if core.gate.take_expiry_changed() {
+                            // Hello or Refresh brought a token and with it an expiry.
+                            deadline.as_mut().reset(core.deadline().into());
+                        }
+                        false
+                    }
+                    Ok(Incoming::Datagram(bytes)) => {
+                        if let Some(end) = core.frame(&bytes, true) {
+                            return end;
+                        }
+                        if core.gate.take_expiry_changed() {
+                            deadline.as_mut().reset(core.deadline().into());
                         }
                         false
                     }
@@ -200,11 +272,14 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     Err(TransportError::Io(_) | TransportError::Backlogged) => return End::Gone,
                 },
                 () = &mut deadline => {
+                    if core.token_expired() {
+                        return End::Close(Code::TokenExpired, "the session's token expired".into());
+                    }
                     let action = core.state.handle_timeout(Instant::now());
                     if let Some(end) = core.apply(action) {
                         return end;
                     }
-                    deadline.as_mut().reset(core.state.poll_timeout().into());
+                    deadline.as_mut().reset(core.deadline().into());
                     false
                 }
                 written = writer.write_backlog(), if writer.has_backlog() => {
@@ -238,6 +313,13 @@ impl Core {
             Action::None => Ok(()),
             Action::Send(frame) => {
                 if let ServerFrame::Error { code, .. } = &frame {
+                    // Every request error spends the error budget (rate_limited ones were
+                    // charged by their bucket): a session that keeps failing is closed.
+                    if *code != Code::RateLimited {
+                        if let Err(refusal) = self.gate.charge_error() {
+                            return Some(End::Close(refusal.code, refusal.message));
+                        }
+                    }
                     metrics.count_code(*code);
                 }
                 self.outbox.push(frame.encode())
@@ -287,6 +369,7 @@ impl Core {
                             id: Some(id),
                             code: Code::Unavailable,
                             message: unavailable.to_string(),
+                            retry_after_ms: None,
                         }
                         .encode(),
                     )

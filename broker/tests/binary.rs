@@ -103,3 +103,102 @@ async fn sigterm_closes_webtransport_sessions_with_shutting_down_before_exit() {
         "session ended with {text}, expected {code}"
     );
 }
+
+/// Runs the binary with `args`; returns (success, stdout, stderr).
+fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(args)
+        .output()
+        .expect("roomcast runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/security/roomcast.toml"
+    );
+    let (ok, stdout, stderr) = run(&["config", "check", example]);
+    assert!(ok, "{stderr}");
+    for needle in [
+        "required = true",
+        "[namespaces.orders]",
+        "publish = \"backend\"",
+        "payload = { text: tstr",
+        // Defaults the file leaves out are printed too.
+        "publish_bytes_per_second",
+        "per_ip_sessions",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
+    }
+    let dir = std::env::temp_dir().join(format!("roomcast-bin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[namespaces.orders]\nsubscribe = \"everyone\"\n").unwrap();
+    let (ok, _, stderr) = run(&["config", "check", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("unknown variant"), "{stderr}");
+    let missing_key = dir.join("missing-key.toml");
+    std::fs::write(
+        &missing_key,
+        "[auth]\nkeys = [{ algorithm = \"HS256\", file = \"nope.key\" }]\n",
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(&["config", "check", missing_key.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("nope.key"), "{stderr}");
+}
+
+#[test]
+fn token_command_mints_a_token_the_example_config_accepts() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/security");
+    let secret = format!("{dir}/dev-secret.key");
+    let (ok, stdout, stderr) = run(&[
+        "token",
+        "--secret-file",
+        &secret,
+        "--sub",
+        "alice",
+        "--grant",
+        "orders:1042=sub",
+        "--grant",
+        "chat:*=sub,pub",
+        "--aud",
+        "roomcast",
+        "--kid",
+        "dev",
+        "--ttl",
+        "1h",
+    ]);
+    assert!(ok, "{stderr}");
+    let security = roomcast_broker::gate::Security::load(std::path::Path::new(&format!(
+        "{dir}/roomcast.toml"
+    )))
+    .unwrap();
+    let claims = security
+        .verifier
+        .verify(stdout.trim())
+        .expect("token verifies");
+    assert_eq!(claims.sub, "alice");
+    let room = |name| roomcast_protocol::RoomName::new(name).unwrap();
+    use roomcast_broker::auth::Capability;
+    assert!(claims.grants(&room("orders:1042"), Capability::Sub));
+    assert!(!claims.grants(&room("orders:1042"), Capability::Pub));
+    assert!(claims.grants(&room("chat:lobby"), Capability::Pub));
+    let (ok, _, stderr) = run(&[
+        "token",
+        "--secret-file",
+        &secret,
+        "--sub",
+        "a",
+        "--grant",
+        "x",
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("PATTERN=sub"), "{stderr}");
+}

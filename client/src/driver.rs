@@ -606,6 +606,7 @@ impl<T: Transport> Driver<T> {
                 id: Some(id),
                 code,
                 message,
+                ..
             } if self.pending.contains_key(&id) => {
                 let error = Error::Server { code, message };
                 if let Some(pending) = self.pending.remove(&id) {
@@ -613,7 +614,9 @@ impl<T: Transport> Driver<T> {
                 }
                 None
             }
-            ServerFrame::Error { id, code, message } => {
+            ServerFrame::Error {
+                id, code, message, ..
+            } => {
                 tracing::warn!(?id, %code, message, "broker error for no pending request");
                 None
             }

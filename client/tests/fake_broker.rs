@@ -431,6 +431,7 @@ async fn broker_errors_are_returned_and_the_session_goes_on() {
                     id: Some(id),
                     code: Code::InvalidRoom,
                     message: "no namespace".into(),
+                    retry_after_ms: None,
                 })
                 .await;
             }
@@ -441,6 +442,7 @@ async fn broker_errors_are_returned_and_the_session_goes_on() {
             id: None,
             code: Code::UnknownFrame,
             message: "?".into(),
+            retry_after_ms: None,
         })
         .await;
         peer.accept_subscribe("a:b", 9).await;
@@ -450,6 +452,7 @@ async fn broker_errors_are_returned_and_the_session_goes_on() {
                     id: Some(id),
                     code: Code::InvalidPayload,
                     message: "not CBOR".into(),
+                    retry_after_ms: None,
                 })
                 .await;
             }

@@ -63,6 +63,16 @@ codes! {
     NotSubscribed = 4105, "not_subscribed", false, false;
     /// The session already holds its maximum number of subscriptions.
     TooManySubscriptions = 4106, "too_many_subscriptions", false, false;
+    /// The session's token or the namespace policy does not allow this request (subscribe or
+    /// publish in this room; a namespace the broker has no policy for).
+    Forbidden = 4107, "forbidden", false, false;
+    /// The session exceeded one of its rate limits (publishes, bytes, subscribe operations,
+    /// datagrams); nothing was done. The message says after how many milliseconds to retry.
+    RateLimited = 4108, "rate_limited", false, true;
+    /// `data` is larger than the namespace's `max_payload_bytes`.
+    PayloadTooLarge = 4109, "payload_too_large", false, false;
+    /// `data` does not match the schema the namespace configures for the event.
+    SchemaMismatch = 4110, "schema_mismatch", false, false;
     /// The broker cannot carry the request right now (cluster mode: not connected to NATS, or
     /// its publish queue is full); nothing was done, the same request may succeed later.
     Unavailable = 4503, "unavailable", false, true;
@@ -75,10 +85,18 @@ codes! {
     ProtocolError = 4400, "protocol_error", true, false;
     /// A frame other than `Hello` arrived before `Hello`, or `Hello` arrived twice.
     HelloRequired = 4401, "hello_required", true, false;
+    /// A token is required but missing, or the token is invalid (signature, algorithm,
+    /// audience, issuer, not yet valid), or a later token names another user.
+    Unauthorized = 4403, "unauthorized", true, false;
     /// No `Hello` in time, or nothing received for the idle timeout.
     Timeout = 4408, "timeout", true, true;
     /// A frame exceeded the negotiated maximum frame size.
     FrameTooLarge = 4413, "frame_too_large", true, false;
+    /// The session's token expired; reconnect with a fresh token.
+    TokenExpired = 4419, "token_expired", true, true;
+    /// The session kept making failing requests (rate-limited, forbidden, invalid) after being
+    /// told: its error budget per window is spent.
+    PolicyViolation = 4420, "policy_violation", true, false;
     /// The client's protocol version is not supported.
     UnsupportedVersion = 4426, "unsupported_version", true, false;
     /// The session's outbound queue exceeded its byte cap: the client does not read fast enough.

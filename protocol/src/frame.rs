@@ -61,10 +61,12 @@ pub mod key {
     pub const TOKEN: u64 = 15;
     /// Silence after which the broker closes the session, in milliseconds (uint).
     pub const IDLE_TIMEOUT: u64 = 16;
+    /// `Error`: milliseconds after which the same request may succeed (uint).
+    pub const RETRY_AFTER: u64 = 17;
 }
 
 /// Frame type values (key 0). Client frames take 1–15, broker frames 16–31; the values in
-/// use (1–5, 16–23) each encode in one byte.
+/// use (1–6, 16–23) each encode in one byte.
 pub mod kind {
     /// Client: open the session.
     pub const HELLO: u64 = 1;
@@ -76,6 +78,8 @@ pub mod kind {
     pub const PUBLISH: u64 = 4;
     /// Client: keepalive / round-trip probe.
     pub const PING: u64 = 5;
+    /// Client: replace the session's token with a fresh one.
+    pub const REFRESH: u64 = 6;
     /// Broker: session accepted.
     pub const WELCOME: u64 = 16;
     /// Broker: subscription confirmed.
@@ -135,6 +139,13 @@ pub enum ClientFrame {
     Ping {
         /// Optional id echoed in `Pong`.
         id: Option<u64>,
+    },
+    /// Replaces the session's token before it expires; answered by `Ack` with the same id.
+    Refresh {
+        /// Request id echoed in `Ack`.
+        id: u64,
+        /// The new token (same user).
+        token: String,
     },
 }
 
@@ -207,6 +218,8 @@ pub enum ServerFrame {
         code: Code,
         /// Human-readable detail.
         message: String,
+        /// Milliseconds after which the same request may succeed (`rate_limited`).
+        retry_after_ms: Option<u64>,
     },
     /// Answer to `Ping`.
     Pong {
@@ -292,6 +305,10 @@ impl ClientFrame {
                 ack: f.ack.unwrap_or(false),
             },
             kind::PING => ClientFrame::Ping { id: f.id },
+            kind::REFRESH => ClientFrame::Refresh {
+                id: f.id.ok_or(missing("Refresh", "id"))?,
+                token: f.token.ok_or(missing("Refresh", "token"))?,
+            },
             other => {
                 return Err(DecodeError::UnknownType {
                     kind: other,
@@ -355,6 +372,7 @@ impl ServerFrame {
                 id: f.id,
                 code: code("Error")?,
                 message: f.message.clone().unwrap_or_default(),
+                retry_after_ms: f.retry_after,
             },
             kind::PONG => ServerFrame::Pong { id: f.id },
             kind::CLOSE => ServerFrame::Close {
@@ -497,6 +515,9 @@ impl Serialize for ClientFrame {
                 if *ack { e.bool(key::ACK, true) } else { e }
             }
             ClientFrame::Ping { id } => Entries::new(kind::PING).opt_uint(key::ID, *id),
+            ClientFrame::Refresh { id, token } => Entries::new(kind::REFRESH)
+                .uint(key::ID, *id)
+                .text(key::TOKEN, token),
         }
         .write(s)
     }
@@ -531,10 +552,16 @@ impl Serialize for ServerFrame {
             ServerFrame::Ack { id, seq } => Entries::new(kind::ACK)
                 .uint(key::ID, *id)
                 .opt_uint(key::SEQ, *seq),
-            ServerFrame::Error { id, code, message } => Entries::new(kind::ERROR)
+            ServerFrame::Error {
+                id,
+                code,
+                message,
+                retry_after_ms,
+            } => Entries::new(kind::ERROR)
                 .opt_uint(key::ID, *id)
                 .uint(key::CODE, code.value().into())
-                .text(key::MESSAGE, message),
+                .text(key::MESSAGE, message)
+                .opt_uint(key::RETRY_AFTER, *retry_after_ms),
             ServerFrame::Pong { id } => Entries::new(kind::PONG).opt_uint(key::ID, *id),
             ServerFrame::Close {
                 code,
@@ -589,6 +616,7 @@ struct Fields {
     ping_interval: Option<u64>,
     token: Option<String>,
     idle_timeout: Option<u64>,
+    retry_after: Option<u64>,
 }
 
 impl Fields {
@@ -675,6 +703,7 @@ impl<'de> Deserialize<'de> for FieldsOrDup {
                         key::PING_INTERVAL => f.ping_interval = Some(map.next_value()?),
                         key::TOKEN => f.token = Some(map.next_value()?),
                         key::IDLE_TIMEOUT => f.idle_timeout = Some(map.next_value()?),
+                        key::RETRY_AFTER => f.retry_after = Some(map.next_value()?),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -743,6 +772,10 @@ mod tests {
             },
             ClientFrame::Ping { id: None },
             ClientFrame::Ping { id: Some(u64::MAX) },
+            ClientFrame::Refresh {
+                id: 9,
+                token: "t.k.n".into(),
+            },
         ];
         for frame in frames {
             let bytes = frame.encode();
@@ -785,11 +818,19 @@ mod tests {
                 id: Some(4),
                 code: Code::InvalidRoom,
                 message: "x".into(),
+                retry_after_ms: None,
             },
             ServerFrame::Error {
                 id: None,
                 code: Code::UnknownFrame,
                 message: String::new(),
+                retry_after_ms: None,
+            },
+            ServerFrame::Error {
+                id: Some(2),
+                code: Code::RateLimited,
+                message: "slow down".into(),
+                retry_after_ms: Some(250),
             },
             ServerFrame::Pong { id: Some(1) },
             ServerFrame::Close {

@@ -21,6 +21,93 @@ use crate::{
     payload::{Payload, PayloadLimits},
 };
 
+/// A request the state machine has validated (names, payload) and is about to carry out,
+/// shown to the broker's [`Gate`] first.
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// `Hello`, with its token if any.
+    Hello {
+        /// The token of the `Hello` frame.
+        token: Option<&'a str>,
+    },
+    /// `Subscribe` to a valid room.
+    Subscribe {
+        /// The room.
+        room: &'a RoomName,
+        /// Whether the session already holds the room.
+        held: bool,
+    },
+    /// `Unsubscribe` from a held room.
+    Unsubscribe {
+        /// The room.
+        room: &'a RoomName,
+    },
+    /// `Refresh`: the session's token is to be replaced.
+    Refresh {
+        /// The new token.
+        token: &'a str,
+    },
+    /// `Publish` of a valid event.
+    Publish {
+        /// Target room.
+        room: &'a RoomName,
+        /// Event name.
+        event: &'a EventName,
+        /// The validated payload.
+        data: &'a Payload,
+        /// Whether the session holds the room.
+        subscribed: bool,
+    },
+}
+
+/// Why a [`Gate`] refused a request. A close code ends the session; a request-error code
+/// answers with `Error` and the session goes on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The code sent.
+    pub code: Code,
+    /// Human-readable detail.
+    pub message: String,
+    /// For a request error: when the same request may succeed (`Error.retry_after`).
+    pub retry_after: Option<Duration>,
+}
+
+impl Refusal {
+    /// A refusal with `code` and `message`.
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// With the time after which the same request may succeed.
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
+    }
+}
+
+/// The broker's judgement of each validated request: authentication, permissions, rate
+/// limits. The state machine calls it before it changes any state for the request. The
+/// open gate ([`Open`]) allows everything, `Refresh` included (it is then a no-op answered
+/// with `Ack`).
+pub trait Gate {
+    /// Allows `request` received at `now`, or refuses it.
+    fn check(&mut self, request: Request<'_>, now: Instant) -> Result<(), Refusal>;
+}
+
+/// The gate that allows everything.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Open;
+
+impl Gate for Open {
+    fn check(&mut self, _request: Request<'_>, _now: Instant) -> Result<(), Refusal> {
+        Ok(())
+    }
+}
+
 /// Session limits and timers, chosen by the broker.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -108,6 +195,7 @@ impl Action {
             id,
             code,
             message: message.to_string(),
+            retry_after_ms: None,
         })
     }
 }
@@ -169,6 +257,11 @@ impl ServerSession {
         self.subscriptions.iter()
     }
 
+    /// True once `Welcome` has been sent and until the session closes.
+    pub fn is_open(&self) -> bool {
+        self.state == State::Open
+    }
+
     /// True once a `Close` action has been returned.
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
@@ -201,9 +294,21 @@ impl ServerSession {
         self.finish(Action::close(Code::Timeout, reason))
     }
 
-    /// Handles one frame received at `now`. `wall_clock_ms` (ms since the Unix epoch) is only
-    /// used to stamp `Welcome`.
+    /// Handles one frame received at `now` with every request allowed. `wall_clock_ms` (ms
+    /// since the Unix epoch) is only used to stamp `Welcome`.
     pub fn handle_frame(&mut self, bytes: &[u8], now: Instant, wall_clock_ms: u64) -> Action {
+        self.handle_frame_gated(bytes, now, wall_clock_ms, &mut Open)
+    }
+
+    /// Handles one frame received at `now`, asking `gate` before carrying out each validated
+    /// request (`Hello`, `Subscribe`, `Unsubscribe`, `Publish`).
+    pub fn handle_frame_gated(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+        wall_clock_ms: u64,
+        gate: &mut impl Gate,
+    ) -> Action {
         if self.state == State::Closed {
             return Action::None;
         }
@@ -227,6 +332,20 @@ impl ServerSession {
         };
         match (self.state, frame) {
             (State::AwaitingHello, ClientFrame::Hello { version, token }) => {
+                if let Err(refusal) = gate.check(
+                    Request::Hello {
+                        token: token.as_deref(),
+                    },
+                    now,
+                ) {
+                    // Hello has no id to answer with an Error: every refusal ends the session.
+                    let code = if refusal.code.is_close() {
+                        refusal.code
+                    } else {
+                        Code::Unauthorized
+                    };
+                    return self.finish(Action::close(code, refusal.message));
+                }
                 self.hello(version, token, wall_clock_ms)
             }
             (State::AwaitingHello, _) => self.finish(Action::close(
@@ -236,7 +355,7 @@ impl ServerSession {
             (State::Open, ClientFrame::Hello { .. }) => {
                 self.finish(Action::close(Code::HelloRequired, "Hello sent twice"))
             }
-            (State::Open, frame) => self.request(frame),
+            (State::Open, frame) => self.request(frame, now, gate),
             (State::Closed, _) => Action::None,
         }
     }
@@ -260,16 +379,34 @@ impl ServerSession {
         }))
     }
 
-    fn request(&mut self, frame: ClientFrame) -> Action {
+    /// Turns a gate's refusal into the action: an `Error` for request id `id`, or the close.
+    fn refused(&mut self, id: Option<u64>, refusal: Refusal) -> Action {
+        if refusal.code.is_close() {
+            self.finish(Action::close(refusal.code, refusal.message))
+        } else {
+            Action::Send(ServerFrame::Error {
+                id,
+                code: refusal.code,
+                message: refusal.message,
+                retry_after_ms: refusal
+                    .retry_after
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
+            })
+        }
+    }
+
+    fn request(&mut self, frame: ClientFrame, now: Instant, gate: &mut impl Gate) -> Action {
         match frame {
             ClientFrame::Subscribe { id, room } => {
                 let room = match RoomName::new(&room) {
                     Ok(room) => room,
                     Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
                 };
-                if !self.subscriptions.contains(&room)
-                    && self.subscriptions.len() >= self.config.max_subscriptions
-                {
+                let held = self.subscriptions.contains(&room);
+                if let Err(refusal) = gate.check(Request::Subscribe { room: &room, held }, now) {
+                    return self.refused(Some(id), refusal);
+                }
+                if !held && self.subscriptions.len() >= self.config.max_subscriptions {
                     return Action::error(
                         Some(id),
                         Code::TooManySubscriptions,
@@ -284,9 +421,13 @@ impl ServerSession {
                     Ok(room) => room,
                     Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
                 };
-                if !self.subscriptions.remove(&room) {
+                if !self.subscriptions.contains(&room) {
                     return Action::error(Some(id), Code::NotSubscribed, "not subscribed");
                 }
+                if let Err(refusal) = gate.check(Request::Unsubscribe { room: &room }, now) {
+                    return self.refused(Some(id), refusal);
+                }
+                self.subscriptions.remove(&room);
                 Action::Unsubscribe { id, room }
             }
             ClientFrame::Publish {
@@ -295,15 +436,31 @@ impl ServerSession {
                 event,
                 data,
                 ack,
-            } => self.publish(id, &room, &event, data, ack),
+            } => self.publish(id, &room, &event, data, ack, now, gate),
             ClientFrame::Ping { id } => Action::Send(ServerFrame::Pong { id }),
+            ClientFrame::Refresh { id, token } => {
+                match gate.check(Request::Refresh { token: &token }, now) {
+                    Ok(()) => Action::Send(ServerFrame::Ack { id, seq: None }),
+                    Err(refusal) => self.refused(Some(id), refusal),
+                }
+            }
             ClientFrame::Hello { .. } => {
                 self.finish(Action::close(Code::HelloRequired, "Hello sent twice"))
             }
         }
     }
 
-    fn publish(&mut self, id: u64, room: &str, event: &str, data: Bytes, ack: bool) -> Action {
+    #[allow(clippy::too_many_arguments)]
+    fn publish(
+        &mut self,
+        id: u64,
+        room: &str,
+        event: &str,
+        data: Bytes,
+        ack: bool,
+        now: Instant,
+        gate: &mut impl Gate,
+    ) -> Action {
         let room = match RoomName::new(room) {
             Ok(room) => room,
             Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
@@ -316,6 +473,15 @@ impl ServerSession {
             Ok(data) => data,
             Err(e) => return Action::error(Some(id), Code::InvalidPayload, e),
         };
+        let request = Request::Publish {
+            room: &room,
+            event: &event,
+            data: &data,
+            subscribed: self.subscriptions.contains(&room),
+        };
+        if let Err(refusal) = gate.check(request, now) {
+            return self.refused(Some(id), refusal);
+        }
         Action::Publish {
             id,
             room,
@@ -562,6 +728,128 @@ mod tests {
         assert_eq!(
             error_code(s.handle_frame(&subscribe(4, "a:3"), now, 0)),
             (Some(4), Code::TooManySubscriptions)
+        );
+    }
+
+    /// Records what it was shown and refuses rooms of namespace `no`.
+    #[derive(Default)]
+    struct Recorder(Vec<String>);
+
+    impl Gate for Recorder {
+        fn check(&mut self, request: Request<'_>, _now: Instant) -> Result<(), Refusal> {
+            let (seen, room) = match request {
+                Request::Hello { token } => (format!("hello {token:?}"), None),
+                Request::Subscribe { room, held } => (format!("sub {room} {held}"), Some(room)),
+                Request::Unsubscribe { room } => (format!("unsub {room}"), Some(room)),
+                Request::Refresh { token } => {
+                    self.0.push(format!("refresh {token}"));
+                    return if token == "bad" {
+                        Err(Refusal::new(Code::Unauthorized, "bad token"))
+                    } else {
+                        Ok(())
+                    };
+                }
+                Request::Publish {
+                    room, subscribed, ..
+                } => (format!("pub {room} {subscribed}"), Some(room)),
+            };
+            self.0.push(seen);
+            match room {
+                Some(room) if room.namespace() == "no" => {
+                    Err(Refusal::new(Code::Forbidden, "not here"))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    #[test]
+    fn the_gate_sees_validated_requests_before_state_changes() {
+        let now = Instant::now();
+        let mut gate = Recorder::default();
+        let mut s = ServerSession::new("s", SessionConfig::default(), now);
+        let hello = ClientFrame::Hello {
+            version: 1,
+            token: Some("t".into()),
+        };
+        assert!(matches!(
+            s.handle_frame_gated(&hello.encode(), now, 0, &mut gate),
+            Action::Send(ServerFrame::Welcome(_))
+        ));
+        assert_eq!(
+            error_code(s.handle_frame_gated(&subscribe(1, "no:1"), now, 0, &mut gate)),
+            (Some(1), Code::Forbidden)
+        );
+        // Refused: not in the subscription set.
+        assert_eq!(s.subscriptions().count(), 0);
+        // Invalid names never reach the gate.
+        assert_eq!(
+            error_code(s.handle_frame_gated(&subscribe(2, "bad room"), now, 0, &mut gate)),
+            (Some(2), Code::InvalidRoom)
+        );
+        assert!(matches!(
+            s.handle_frame_gated(&subscribe(3, "ok:1"), now, 0, &mut gate),
+            Action::Subscribe { .. }
+        ));
+        let publish = ClientFrame::Publish {
+            id: 4,
+            room: "ok:1".into(),
+            event: "e".into(),
+            data: Bytes::from_static(&[0x01]),
+            ack: false,
+        };
+        assert!(matches!(
+            s.handle_frame_gated(&publish.encode(), now, 0, &mut gate),
+            Action::Publish { .. }
+        ));
+        let refresh = |token: &str| {
+            ClientFrame::Refresh {
+                id: 5,
+                token: token.into(),
+            }
+            .encode()
+        };
+        assert_eq!(
+            s.handle_frame_gated(&refresh("t2"), now, 0, &mut gate),
+            Action::Send(ServerFrame::Ack { id: 5, seq: None })
+        );
+        // A refusal with a close code ends the session.
+        assert_eq!(
+            close_code(s.handle_frame_gated(&refresh("bad"), now, 0, &mut gate)),
+            Code::Unauthorized
+        );
+        assert!(s.is_closed());
+        assert_eq!(
+            gate.0,
+            [
+                "hello Some(\"t\")",
+                "sub no:1 false",
+                "sub ok:1 false",
+                "pub ok:1 true",
+                "refresh t2",
+                "refresh bad"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refused_hello_closes() {
+        struct No;
+        impl Gate for No {
+            fn check(&mut self, _: Request<'_>, _: Instant) -> Result<(), Refusal> {
+                Err(Refusal::new(Code::RateLimited, "no"))
+            }
+        }
+        let now = Instant::now();
+        let mut s = ServerSession::new("s", SessionConfig::default(), now);
+        let hello = ClientFrame::Hello {
+            version: 1,
+            token: None,
+        };
+        // Hello has no id: even a request-error refusal closes (as unauthorized).
+        assert_eq!(
+            close_code(s.handle_frame_gated(&hello.encode(), now, 0, &mut No)),
+            Code::Unauthorized
         );
     }
 

@@ -176,6 +176,13 @@ fn vectors() -> Vec<(&'static str, Want)> {
         ("publish-no-ack", Want::Client(publish_gps.clone())),
         ("ping", Want::Client(ClientFrame::Ping { id: None })),
         ("ping-id", Want::Client(ClientFrame::Ping { id: Some(42) })),
+        (
+            "refresh",
+            Want::Client(ClientFrame::Refresh {
+                id: 8,
+                token: "a.b.c".into(),
+            }),
+        ),
         // Client frames, accepted but not canonical.
         (
             "publish-minimal",
@@ -267,6 +274,16 @@ fn vectors() -> Vec<(&'static str, Want)> {
                 id: Some(6),
                 code: Code::NotSubscribed,
                 message: "not subscribed".into(),
+                retry_after_ms: None,
+            }),
+        ),
+        (
+            "error-retry-after",
+            Want::Server(ServerFrame::Error {
+                id: Some(4),
+                code: Code::RateLimited,
+                message: "rate limited".into(),
+                retry_after_ms: Some(250),
             }),
         ),
         (
@@ -275,6 +292,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
                 id: None,
                 code: Code::UnknownFrame,
                 message: "unknown frame type 9".into(),
+                retry_after_ms: None,
             }),
         ),
         ("pong", Want::Server(ServerFrame::Pong { id: None })),
@@ -315,6 +333,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
                     id: None,
                     code: Code::UnknownFrame,
                     message: String::new(),
+                    retry_after_ms: None,
                 },
             ),
         ),
@@ -768,6 +787,7 @@ fn check_keys(doc: &str) -> Vec<String> {
         (key::PING_INTERVAL, "ping_interval", "uint"),
         (key::TOKEN, "token", "text"),
         (key::IDLE_TIMEOUT, "idle_timeout", "uint"),
+        (key::RETRY_AFTER, "retry_after", "uint"),
     ];
     let rows = match table(doc, "| key | name | type |") {
         Ok(rows) => rows,
@@ -790,6 +810,7 @@ fn check_kinds(doc: &str) -> Vec<String> {
         (kind::UNSUBSCRIBE, "Unsubscribe", "client"),
         (kind::PUBLISH, "Publish", "client"),
         (kind::PING, "Ping", "client"),
+        (kind::REFRESH, "Refresh", "client"),
         (kind::WELCOME, "Welcome", "broker"),
         (kind::SUBSCRIBED, "Subscribed", "broker"),
         (kind::UNSUBSCRIBED, "Unsubscribed", "broker"),
@@ -1099,6 +1120,7 @@ fn vectors_cover_every_frame_variant() {
                 ClientFrame::Unsubscribe { .. } => "Unsubscribe".into(),
                 ClientFrame::Publish { ack, .. } => format!("Publish ack={ack}"),
                 ClientFrame::Ping { id } => format!("Ping id={}", id.is_some()),
+                ClientFrame::Refresh { .. } => "Refresh".into(),
             },
             Want::Server(f) => match f {
                 ServerFrame::Welcome(_) => "Welcome".into(),
@@ -1126,6 +1148,7 @@ fn vectors_cover_every_frame_variant() {
         "Publish ack=true",
         "Ping id=false",
         "Ping id=true",
+        "Refresh",
         "Welcome",
         "Subscribed",
         "Unsubscribed",

@@ -33,6 +33,9 @@ pub enum TransportError {
 pub enum Incoming {
     /// One protocol frame.
     Frame(Bytes),
+    /// One protocol frame that arrived as a QUIC datagram: it counts against the session's
+    /// datagram bucket as well (datagrams are not flow-controlled by QUIC).
+    Datagram(Bytes),
     /// Transport-level bytes owed to the peer (e.g. a WebSocket pong or close reply), to be
     /// handed to [`FrameWriter::send_control`].
     Control(Bytes),

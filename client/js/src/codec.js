@@ -34,12 +34,18 @@ export const KEYS = Object.freeze({
   14: ['ping_interval', 'uint'],
   15: ['token', 'text'],
   16: ['idle_timeout', 'uint'],
+  17: ['retry_after', 'uint'],
 });
 
 const KEY = Object.fromEntries(Object.entries(KEYS).map(([k, [name]]) => [name, Number(k)]));
 
 /** JS property of each protocol field that is not spelled the same. */
-const PROPERTY = { max_frame: 'maxFrame', ping_interval: 'pingInterval', idle_timeout: 'idleTimeout' };
+const PROPERTY = {
+  max_frame: 'maxFrame',
+  ping_interval: 'pingInterval',
+  idle_timeout: 'idleTimeout',
+  retry_after: 'retryAfter',
+};
 const prop = (field) => PROPERTY[field] ?? field;
 
 /**
@@ -52,12 +58,13 @@ export const FRAME_TYPES = Object.freeze({
   3: ['Unsubscribe', 'client', ['id', 'room'], {}],
   4: ['Publish', 'client', ['room', 'event', 'data'], { id: 0, ack: false }],
   5: ['Ping', 'client', [], { id: undefined }],
+  6: ['Refresh', 'client', ['id', 'token'], {}],
   16: ['Welcome', 'broker', ['version', 'session', 'time', 'max_frame', 'ping_interval', 'idle_timeout'], {}],
   17: ['Subscribed', 'broker', ['id', 'room', 'seq'], {}],
   18: ['Unsubscribed', 'broker', ['id', 'room'], {}],
   19: ['Event', 'broker', ['room', 'event', 'data', 'seq'], {}],
   20: ['Ack', 'broker', ['id'], { seq: undefined }],
-  21: ['Error', 'broker', ['code'], { id: undefined, message: '' }],
+  21: ['Error', 'broker', ['code'], { id: undefined, message: '', retry_after: undefined }],
   22: ['Pong', 'broker', [], { id: undefined }],
   23: ['Close', 'broker', ['code'], { message: '', reconnect: false }],
 });
@@ -79,13 +86,20 @@ export const CODES = Object.freeze({
   4104: ['unknown_frame', 'Error', false],
   4105: ['not_subscribed', 'Error', false],
   4106: ['too_many_subscriptions', 'Error', false],
+  4107: ['forbidden', 'Error', false],
+  4108: ['rate_limited', 'Error', true],
+  4109: ['payload_too_large', 'Error', false],
+  4110: ['schema_mismatch', 'Error', false],
   4503: ['unavailable', 'Error', true],
   4000: ['normal', 'Close', false],
   4001: ['shutting_down', 'Close', true],
   4400: ['protocol_error', 'Close', false],
   4401: ['hello_required', 'Close', false],
+  4403: ['unauthorized', 'Close', false],
   4408: ['timeout', 'Close', true],
   4413: ['frame_too_large', 'Close', false],
+  4419: ['token_expired', 'Close', true],
+  4420: ['policy_violation', 'Close', false],
   4426: ['unsupported_version', 'Close', false],
   4429: ['slow_consumer', 'Close', true],
   4500: ['internal', 'Close', true],

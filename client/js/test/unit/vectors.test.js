@@ -62,6 +62,7 @@ const EXPECTED = {
   'publish-no-ack': { type: 'Publish', id: 0, room: 'gps:7', event: 'pos', data: gps, ack: false },
   ping: { type: 'Ping' },
   'ping-id': { type: 'Ping', id: 42 },
+  refresh: { type: 'Refresh', id: 8, token: 'a.b.c' },
   // 9.2 broker frames
   welcome: {
     type: 'Welcome',
@@ -78,6 +79,7 @@ const EXPECTED = {
   ack: { type: 'Ack', id: 3, seq: 42 },
   'ack-no-seq': { type: 'Ack', id: 5 },
   error: { type: 'Error', id: 6, code: 4105, message: 'not subscribed' },
+  'error-retry-after': { type: 'Error', id: 4, code: 4108, message: 'rate limited', retryAfter: 250 },
   'error-no-id': { type: 'Error', code: 4104, message: 'unknown frame type 9' },
   pong: { type: 'Pong' },
   'pong-id': { type: 'Pong', id: 42 },

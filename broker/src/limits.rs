@@ -1,0 +1,532 @@
+//! Rate limits and caps: per-session token buckets (publishes, publish bytes, subscribe
+//! operations, datagrams, and the error budget that turns repeated violations into a close),
+//! per-IP connection rate and concurrency, and the global session cap.
+//!
+//! Buckets are governor's GCRA limiters; nothing here hand-rolls one. This module owns the
+//! `[limits]` section of the configuration file and the counters; it decides nothing about
+//! rooms or tokens and never touches sockets. Memory: a session's limiters are created on first
+//! use (a few dozen bytes each); the per-IP maps hold an entry only per address with a live
+//! session or a recent connection attempt, are pruned as they grow, and are capped.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, MonotonicClock},
+    middleware::NoOpMiddleware,
+    state::{InMemoryState, NotKeyed, keyed::DashMapStateStore},
+};
+use roomcast_protocol::{Code, session::Refusal};
+use serde::{Deserialize, Serialize};
+
+/// The `[limits]` section; every rate is per second, every burst the bucket's depth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Publishes per second one session may send (sustained). Default 10000.
+    pub publish_per_second: u32,
+    /// Publishes one session may send at once. Default 10000.
+    pub publish_burst: u32,
+    /// Payload bytes per second one session may publish. Default 64 MiB.
+    pub publish_bytes_per_second: u32,
+    /// Payload bytes one session may publish at once; at least the frame size limit, or large
+    /// publishes could never pass. Default 64 MiB.
+    pub publish_bytes_burst: u32,
+    /// Subscribe and unsubscribe operations per second per session. Default 1000.
+    pub subscribe_per_second: u32,
+    /// Subscribe and unsubscribe operations one session may send at once. Default 2000.
+    pub subscribe_burst: u32,
+    /// Frames per second one session may send as QUIC datagrams (not flow-controlled by
+    /// QUIC), counted on top of the publish limits. Default 10000.
+    pub datagrams_per_second: u32,
+    /// Datagrams one session may send at once. Default 10000.
+    pub datagram_burst: u32,
+    /// Request errors (`Error` frames of any code, `rate_limited` included) a session may
+    /// receive per `error_window_secs` before it is closed with `policy_violation`. Default
+    /// 100.
+    pub error_budget: u32,
+    /// The window of the error budget, seconds. Default 10.
+    pub error_window_secs: u32,
+    /// Sessions the broker holds at most; beyond, session requests are refused (HTTP 503 /
+    /// WebTransport 429) before anything is allocated. Default 100000.
+    pub max_sessions: u32,
+    /// Concurrent sessions per client IP address. Default 1000.
+    pub per_ip_sessions: u32,
+    /// New session requests per second per client IP address. Default 200.
+    pub per_ip_connects_per_second: u32,
+    /// New session requests one IP address may make at once. Default 400.
+    pub per_ip_connect_burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            publish_per_second: 10_000,
+            publish_burst: 10_000,
+            publish_bytes_per_second: 64 << 20,
+            publish_bytes_burst: 64 << 20,
+            subscribe_per_second: 1000,
+            subscribe_burst: 2000,
+            datagrams_per_second: 10_000,
+            datagram_burst: 10_000,
+            error_budget: 100,
+            error_window_secs: 10,
+            max_sessions: 100_000,
+            per_ip_sessions: 1000,
+            per_ip_connects_per_second: 200,
+            per_ip_connect_burst: 400,
+        }
+    }
+}
+
+fn nonzero(name: &str, value: u32) -> Result<NonZeroU32, String> {
+    NonZeroU32::new(value).ok_or_else(|| format!("limits.{name} must be at least 1"))
+}
+
+impl LimitsConfig {
+    pub(crate) fn check(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("publish_per_second", self.publish_per_second),
+            ("publish_burst", self.publish_burst),
+            ("publish_bytes_per_second", self.publish_bytes_per_second),
+            ("publish_bytes_burst", self.publish_bytes_burst),
+            ("subscribe_per_second", self.subscribe_per_second),
+            ("subscribe_burst", self.subscribe_burst),
+            ("datagrams_per_second", self.datagrams_per_second),
+            ("datagram_burst", self.datagram_burst),
+            ("error_budget", self.error_budget),
+            ("error_window_secs", self.error_window_secs),
+            ("max_sessions", self.max_sessions),
+            ("per_ip_sessions", self.per_ip_sessions),
+            (
+                "per_ip_connects_per_second",
+                self.per_ip_connects_per_second,
+            ),
+            ("per_ip_connect_burst", self.per_ip_connect_burst),
+        ] {
+            nonzero(name, value)?;
+        }
+        Ok(())
+    }
+
+    fn quota(rate: u32, burst: u32) -> Quota {
+        // Checked non-zero at load; `max(1)` keeps a hand-built config from panicking.
+        Quota::per_second(NonZeroU32::MIN.saturating_add(rate.saturating_sub(1)))
+            .allow_burst(NonZeroU32::MIN.saturating_add(burst.saturating_sub(1)))
+    }
+
+    fn error_quota(&self) -> Quota {
+        let budget = self.error_budget.max(1);
+        let window = Duration::from_secs(u64::from(self.error_window_secs.max(1)));
+        Quota::with_period(window / budget)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::MIN.saturating_add(budget - 1))
+    }
+}
+
+type NoOp = NoOpMiddleware<std::time::Instant>;
+type Direct = RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOp>;
+
+fn direct(quota: Quota) -> Direct {
+    RateLimiter::direct_with_clock(quota, MonotonicClock)
+}
+
+/// What a session may spend; one per session, each bucket made on first use.
+#[derive(Debug)]
+pub struct SessionLimits {
+    config: Arc<LimitsConfig>,
+    publish: Option<Direct>,
+    bytes: Option<Direct>,
+    subscribe: Option<Direct>,
+    datagrams: Option<Direct>,
+    errors: Option<Direct>,
+}
+
+/// Which bucket a request draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spend {
+    /// One publish of this many payload bytes.
+    Publish(usize),
+    /// One subscribe or unsubscribe.
+    Subscribe,
+    /// One frame received as a datagram.
+    Datagram,
+}
+
+fn retry_after(wait: Duration) -> Refusal {
+    let ms = wait.as_millis().max(1);
+    Refusal::new(
+        Code::RateLimited,
+        format!("rate limited; retry after {ms} ms"),
+    )
+    .retry_after(wait)
+}
+
+impl SessionLimits {
+    /// Fresh buckets (all full) under `config`.
+    pub fn new(config: Arc<LimitsConfig>) -> Self {
+        SessionLimits {
+            config,
+            publish: None,
+            bytes: None,
+            subscribe: None,
+            datagrams: None,
+            errors: None,
+        }
+    }
+
+    /// Takes what `spend` costs, or refuses with `rate_limited` (and the time to wait); a
+    /// session whose error budget is spent gets `policy_violation` instead.
+    pub fn spend(&mut self, spend: Spend) -> Result<(), Refusal> {
+        let refused = self.try_spend(spend);
+        let Err(refusal) = refused else {
+            return Ok(());
+        };
+        self.charge_error()?;
+        Err(refusal)
+    }
+
+    /// Charges one request error (any `Error` the session is about to get) to the error
+    /// budget; refuses with `policy_violation` once the budget of the window is spent.
+    pub fn charge_error(&mut self) -> Result<(), Refusal> {
+        let config = &self.config;
+        let errors = self
+            .errors
+            .get_or_insert_with(|| direct(config.error_quota()));
+        errors.check().map_err(|_| {
+            Refusal::new(
+                Code::PolicyViolation,
+                format!(
+                    "more than {} request errors in {} s",
+                    config.error_budget, config.error_window_secs
+                ),
+            )
+        })
+    }
+
+    fn try_spend(&mut self, spend: Spend) -> Result<(), Refusal> {
+        let c = &self.config;
+        let clock = MonotonicClock;
+        match spend {
+            Spend::Publish(bytes) => {
+                let publish = self.publish.get_or_insert_with(|| {
+                    direct(LimitsConfig::quota(c.publish_per_second, c.publish_burst))
+                });
+                if let Err(not_until) = publish.check() {
+                    return Err(retry_after(not_until.wait_time_from(clock.now())));
+                }
+                let Some(n) = u32::try_from(bytes).ok().and_then(NonZeroU32::new) else {
+                    return if bytes == 0 {
+                        Ok(())
+                    } else {
+                        Err(too_large(bytes, c.publish_bytes_burst))
+                    };
+                };
+                let limiter = self.bytes.get_or_insert_with(|| {
+                    direct(LimitsConfig::quota(
+                        c.publish_bytes_per_second,
+                        c.publish_bytes_burst,
+                    ))
+                });
+                match limiter.check_n(n) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(not_until)) => Err(retry_after(not_until.wait_time_from(clock.now()))),
+                    Err(_) => Err(too_large(bytes, c.publish_bytes_burst)),
+                }
+            }
+            Spend::Subscribe => {
+                let limiter = self.subscribe.get_or_insert_with(|| {
+                    direct(LimitsConfig::quota(
+                        c.subscribe_per_second,
+                        c.subscribe_burst,
+                    ))
+                });
+                limiter
+                    .check()
+                    .map_err(|n| retry_after(n.wait_time_from(clock.now())))
+            }
+            Spend::Datagram => {
+                let limiter = self.datagrams.get_or_insert_with(|| {
+                    direct(LimitsConfig::quota(
+                        c.datagrams_per_second,
+                        c.datagram_burst,
+                    ))
+                });
+                limiter
+                    .check()
+                    .map_err(|n| retry_after(n.wait_time_from(clock.now())))
+            }
+        }
+    }
+}
+
+fn too_large(bytes: usize, burst: u32) -> Refusal {
+    Refusal::new(
+        Code::PayloadTooLarge,
+        format!("data of {bytes} bytes exceeds the publish_bytes_burst of {burst}"),
+    )
+}
+
+/// Most addresses the per-IP connection-rate table holds; beyond (after pruning), new
+/// addresses are refused until entries age out.
+const MAX_TRACKED_IPS: usize = 65_536;
+
+/// Why a session request is refused by the connection caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// The broker holds `max_sessions` sessions.
+    Full,
+    /// This address holds `per_ip_sessions` sessions.
+    IpSessions,
+    /// This address opens sessions faster than `per_ip_connects_per_second`.
+    IpRate(Duration),
+}
+
+impl Busy {
+    /// How long the client should wait before retrying (the `Retry-After` hint).
+    pub fn retry_after(self) -> Duration {
+        match self {
+            Busy::IpRate(wait) => wait.max(Duration::from_secs(1)),
+            Busy::Full | Busy::IpSessions => Duration::from_secs(5),
+        }
+    }
+}
+
+/// Connection caps shared by every session request.
+pub struct ConnectionLimits {
+    config: Arc<LimitsConfig>,
+    sessions: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+    rate: RateLimiter<IpAddr, DashMapStateStore<IpAddr>, MonotonicClock, NoOp>,
+    checks: AtomicU64,
+}
+
+impl std::fmt::Debug for ConnectionLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionLimits")
+            .field("sessions", &self.sessions.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionLimits {
+    /// Caps under `config`.
+    pub fn new(config: Arc<LimitsConfig>) -> Self {
+        let quota = LimitsConfig::quota(
+            config.per_ip_connects_per_second,
+            config.per_ip_connect_burst,
+        );
+        ConnectionLimits {
+            sessions: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+            rate: RateLimiter::dashmap_with_clock(quota, MonotonicClock),
+            checks: AtomicU64::new(0),
+            config,
+        }
+    }
+
+    /// Sessions now held.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Addresses in the connection-rate table (for tests: it stays bounded).
+    pub fn tracked_addresses(&self) -> usize {
+        self.rate.len()
+    }
+
+    /// Takes a session slot for a request from `ip` (none for in-process callers), or says
+    /// why not: [`Self::check_rate`], then [`Self::take_slot`].
+    pub fn admit(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<SessionPermit, Busy> {
+        if let Some(ip) = ip {
+            self.check_rate(ip)?;
+        }
+        self.take_slot(ip)
+    }
+
+    /// Whether the broker holds `max_sessions` sessions.
+    pub fn is_full(&self) -> bool {
+        self.sessions() >= self.config.max_sessions as usize
+    }
+
+    /// Counts a new session request from `ip` against its per-second rate. WebTransport
+    /// calls this before the QUIC handshake, so a flood costs no handshake.
+    pub fn check_rate(&self, ip: IpAddr) -> Result<(), Busy> {
+        // Prune idle entries every 1024 requests (an O(table) scan, amortised), so the
+        // table stays small; when it is full anyway, new requests wait for the next prune.
+        let checks = self.checks.fetch_add(1, Ordering::Relaxed);
+        if checks % 1024 == 1023 {
+            self.rate.retain_recent();
+            self.rate.shrink_to_fit();
+        }
+        if self.rate.len() >= MAX_TRACKED_IPS {
+            return Err(Busy::IpRate(Duration::from_secs(1)));
+        }
+        self.rate
+            .check_key(&ip)
+            .map_err(|not_until| Busy::IpRate(not_until.wait_time_from(MonotonicClock.now())))
+    }
+
+    /// Takes a session slot (global and per-IP concurrency, no rate); given back when the
+    /// permit drops.
+    pub fn take_slot(self: &Arc<Self>, ip: Option<IpAddr>) -> Result<SessionPermit, Busy> {
+        let max = self.config.max_sessions as usize;
+        if self
+            .sessions
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(Busy::Full);
+        }
+        let mut permit = SessionPermit {
+            limits: self.clone(),
+            ip: None,
+        };
+        if let Some(ip) = ip {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let count = per_ip.entry(ip).or_insert(0);
+            if *count >= self.config.per_ip_sessions {
+                return Err(Busy::IpSessions);
+            }
+            *count += 1;
+            permit.ip = Some(ip);
+        }
+        Ok(permit)
+    }
+}
+
+/// A held session slot; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct SessionPermit {
+    limits: Arc<ConnectionLimits>,
+    ip: Option<IpAddr>,
+}
+
+impl Drop for SessionPermit {
+    fn drop(&mut self) {
+        self.limits.sessions.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            let mut per_ip = self.limits.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = per_ip.get_mut(&ip) {
+                *count -= 1;
+                if *count == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(f: impl FnOnce(&mut LimitsConfig)) -> Arc<LimitsConfig> {
+        let mut c = LimitsConfig::default();
+        f(&mut c);
+        Arc::new(c)
+    }
+
+    #[test]
+    fn publish_bucket_refuses_with_retry_after_then_budget_closes() {
+        let mut limits = SessionLimits::new(config(|c| {
+            c.publish_per_second = 1;
+            c.publish_burst = 2;
+            c.error_budget = 3;
+            c.error_window_secs = 3600;
+        }));
+        assert_eq!(limits.spend(Spend::Publish(10)), Ok(()));
+        assert_eq!(limits.spend(Spend::Publish(10)), Ok(()));
+        for _ in 0..3 {
+            let refusal = limits.spend(Spend::Publish(10)).unwrap_err();
+            assert_eq!(refusal.code, Code::RateLimited);
+            assert!(
+                refusal.message.contains("retry after"),
+                "{}",
+                refusal.message
+            );
+            assert!(refusal.retry_after.is_some_and(|d| d > Duration::ZERO));
+        }
+        assert_eq!(
+            limits.spend(Spend::Publish(10)).unwrap_err().code,
+            Code::PolicyViolation
+        );
+    }
+
+    #[test]
+    fn bytes_and_subscribe_buckets() {
+        let mut limits = SessionLimits::new(config(|c| {
+            c.publish_bytes_per_second = 100;
+            c.publish_bytes_burst = 100;
+            c.subscribe_per_second = 1;
+            c.subscribe_burst = 1;
+        }));
+        assert_eq!(limits.spend(Spend::Publish(60)), Ok(()));
+        assert_eq!(
+            limits.spend(Spend::Publish(60)).unwrap_err().code,
+            Code::RateLimited
+        );
+        assert_eq!(
+            limits.spend(Spend::Publish(101)).unwrap_err().code,
+            Code::PayloadTooLarge
+        );
+        assert_eq!(limits.spend(Spend::Subscribe), Ok(()));
+        assert_eq!(
+            limits.spend(Spend::Subscribe).unwrap_err().code,
+            Code::RateLimited
+        );
+    }
+
+    #[test]
+    fn connection_caps_and_permits() {
+        let limits = Arc::new(ConnectionLimits::new(config(|c| {
+            c.max_sessions = 3;
+            c.per_ip_sessions = 2;
+            c.per_ip_connects_per_second = 1;
+            c.per_ip_connect_burst = 3;
+        })));
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let p1 = limits.admit(Some(a)).unwrap();
+        let _p2 = limits.admit(Some(a)).unwrap();
+        assert_eq!(limits.admit(Some(a)).unwrap_err(), Busy::IpSessions);
+        assert!(matches!(limits.admit(Some(a)), Err(Busy::IpRate(_))));
+        let _p3 = limits.admit(Some(b)).unwrap();
+        assert_eq!(limits.admit(None).unwrap_err(), Busy::Full);
+        drop(p1);
+        assert_eq!(limits.sessions(), 2);
+        let _p4 = limits.admit(None).unwrap();
+        assert!(limits.tracked_addresses() <= 2);
+    }
+
+    #[test]
+    fn the_address_table_stays_bounded_under_many_addresses() {
+        // One request per second per address: entries stay in the table for a second, so
+        // (unless this loop takes longer) it fills up and new addresses are refused.
+        let limits = Arc::new(ConnectionLimits::new(config(|c| {
+            c.per_ip_connects_per_second = 1;
+            c.per_ip_connect_burst = 1;
+        })));
+        for n in 0..(MAX_TRACKED_IPS as u32 + 5000) {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+            match limits.admit(Some(ip)) {
+                Ok(permit) => drop(permit),
+                Err(Busy::IpRate(_)) => {}
+                Err(other) => panic!("{other:?}"),
+            }
+            assert!(limits.tracked_addresses() <= MAX_TRACKED_IPS);
+        }
+        assert_eq!(limits.sessions(), 0);
+    }
+}

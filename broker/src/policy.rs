@@ -1,0 +1,643 @@
+//! The security configuration file (`roomcast serve --config FILE`, TOML) and the namespace
+//! policy it holds: who may subscribe to and publish in the rooms of each namespace, which
+//! namespaces are volatile, how large their payloads may be.
+//!
+//! This module owns parsing, checking and printing that file and answering "may this session
+//! subscribe / publish here?". It does not verify tokens ([`crate::auth`]) nor count rates
+//! ([`crate::limits`]), and it never touches sessions, sockets or the hub.
+//!
+//! The file, every field optional:
+//!
+//! ```toml
+//! [auth]                       # see crate::auth::AuthConfig
+//! required = true
+//! keys = [{ kid = "2026-11", algorithm = "HS256", file = "secret.key" }]
+//!
+//! [limits]                     # see crate::limits::LimitsConfig
+//! publish_per_second = 50
+//!
+//! [default]                    # policy of namespaces not listed below; absent: refused
+//! subscribe = "authenticated"
+//! publish = "grant"
+//!
+//! [namespaces.orders]
+//! subscribe = "grant"          # anyone | authenticated | grant
+//! publish = "backend"          # anyone | subscribers | grant | backend
+//! volatile = false
+//! max_payload_bytes = 4096
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use roomcast_protocol::{Code, RoomName, session::Refusal};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    auth::{AuthConfig, Capability, Claims},
+    limits::LimitsConfig,
+};
+
+/// The namespace of personal rooms: `user:<sub>` may be subscribed to only by sessions whose
+/// token's `sub` is `<sub>`; publishing there needs a grant with `pub` (backends use the HTTP
+/// API).
+pub const USER_NAMESPACE: &str = "user";
+
+/// Who may subscribe to a namespace's rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscribeRule {
+    /// Every session, with or without a token.
+    Anyone,
+    /// Sessions with a valid token.
+    Authenticated,
+    /// Sessions whose token grants `sub` on the room (a pattern of `rooms`).
+    Grant,
+}
+
+/// Who may publish into a namespace's rooms from a session (the HTTP API always may).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishRule {
+    /// Every session.
+    Anyone,
+    /// Sessions subscribed to the room.
+    Subscribers,
+    /// Sessions whose token grants `pub` on the room.
+    Grant,
+    /// No session: only the backend (`POST /api/publish`).
+    Backend,
+}
+
+/// The policy of one namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespacePolicy {
+    /// Who may subscribe. Default `authenticated`.
+    #[serde(default = "default_subscribe")]
+    pub subscribe: SubscribeRule,
+    /// Who may publish from a session. Default `backend`.
+    #[serde(default = "default_publish")]
+    pub publish: PublishRule,
+    /// Events may be lost: datagrams on WebTransport, oldest dropped for a slow subscriber
+    /// (adds to `--volatile-namespaces`). Default false.
+    #[serde(default)]
+    pub volatile: bool,
+    /// Largest `data` of a publish, in bytes. Default: the frame size limit.
+    #[serde(default)]
+    pub max_payload_bytes: Option<usize>,
+    /// Payload schemas by event name: each a CDDL document (RFC 8610) whose rule `payload`
+    /// the event's `data` must match (`schema_mismatch` otherwise). Events without a schema
+    /// are not checked. Parsed once when the file is loaded. Default none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub schemas: BTreeMap<String, String>,
+}
+
+fn default_subscribe() -> SubscribeRule {
+    SubscribeRule::Authenticated
+}
+
+fn default_publish() -> PublishRule {
+    PublishRule::Backend
+}
+
+impl NamespacePolicy {
+    /// Anyone may subscribe and publish: the embedded default's policy.
+    pub fn open() -> Self {
+        NamespacePolicy {
+            subscribe: SubscribeRule::Anyone,
+            publish: PublishRule::Anyone,
+            volatile: false,
+            max_payload_bytes: None,
+            schemas: BTreeMap::new(),
+        }
+    }
+}
+
+/// The rule of a schema document that payloads must match.
+pub const SCHEMA_RULE: &str = "payload";
+
+/// One parsed schema.
+#[derive(Clone)]
+struct Schema(Arc<cddl_cat::context::BasicContext>);
+
+impl std::fmt::Debug for Schema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Schema")
+    }
+}
+
+impl Schema {
+    fn parse(text: &str) -> Result<Self, String> {
+        let rules = cddl_cat::flatten::flatten_from_str(text).map_err(|e| e.to_string())?;
+        if !rules.contains_key(SCHEMA_RULE) {
+            return Err(format!("no rule named `{SCHEMA_RULE}`"));
+        }
+        Ok(Schema(Arc::new(cddl_cat::context::BasicContext::new(
+            rules,
+        ))))
+    }
+
+    fn validate(&self, data: &[u8]) -> Result<(), String> {
+        let value: ciborium::Value =
+            ciborium::from_reader(data).map_err(|e| format!("not CBOR: {e}"))?;
+        let context = &*self.0;
+        let rule = context
+            .rules
+            .get(SCHEMA_RULE)
+            .ok_or_else(|| format!("no rule {SCHEMA_RULE}"))?;
+        cddl_cat::validate_cbor(rule, &value, context).map_err(|e| e.to_string())
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Token verification.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Rate limits and caps.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Policy of namespaces not listed in `namespaces`; absent, their rooms are refused.
+    #[serde(default)]
+    pub default: Option<NamespacePolicy>,
+    /// Policy per namespace.
+    #[serde(default)]
+    pub namespaces: BTreeMap<String, NamespacePolicy>,
+    /// Folder the file's relative key paths are resolved against.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+    /// The parsed schemas, by namespace (`None`: the default policy's) and event.
+    #[serde(skip)]
+    schemas: BTreeMap<(Option<String>, String), Schema>,
+}
+
+/// The configuration without a file: no auth, every namespace open, default limits.
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            default: Some(NamespacePolicy::open()),
+            namespaces: BTreeMap::new(),
+            base_dir: PathBuf::from("."),
+            schemas: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a configuration file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a field unknown or of the wrong type.
+    #[error("{path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said (with line and column).
+        source: Box<toml::de::Error>,
+    },
+    /// The values do not fit together.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl FileConfig {
+    /// Reads and checks `path` (key files are not read here: see [`crate::auth::Verifier`]).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })?;
+        config.base_dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Ok(config)
+    }
+
+    /// Parses and checks TOML text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let mut config: FileConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source: Box::new(source),
+        })?;
+        config.check()?;
+        config.compile_schemas()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        for name in self.namespaces.keys() {
+            // A namespace is valid when `name:x` is a valid room name.
+            if RoomName::new(&format!("{name}:x")).is_err() {
+                return Err(ConfigError::Invalid(format!(
+                    "namespaces.{name}: not a valid namespace (1-32 of a-z 0-9 _ -)"
+                )));
+            }
+            if name == USER_NAMESPACE {
+                return Err(ConfigError::Invalid(format!(
+                    "namespaces.{USER_NAMESPACE}: reserved for personal rooms (user:<sub>)"
+                )));
+            }
+        }
+        self.limits.check().map_err(ConfigError::Invalid)?;
+        self.auth.check().map_err(ConfigError::Invalid)?;
+        Ok(())
+    }
+
+    fn compile_schemas(&mut self) -> Result<(), ConfigError> {
+        let policies = self
+            .namespaces
+            .iter()
+            .map(|(name, policy)| (Some(name.clone()), policy))
+            .chain(self.default.iter().map(|policy| (None, policy)));
+        let mut compiled = BTreeMap::new();
+        for (namespace, policy) in policies {
+            for (event, text) in &policy.schemas {
+                let schema = Schema::parse(text).map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "{}.schemas.{event}: {e}",
+                        namespace
+                            .as_deref()
+                            .map_or("default".to_owned(), |n| format!("namespaces.{n}"))
+                    ))
+                })?;
+                compiled.insert((namespace.clone(), event.clone()), schema);
+            }
+        }
+        self.schemas = compiled;
+        Ok(())
+    }
+
+    /// Checks `data` of event `event` in `room` against the schema the namespace has for it,
+    /// if any.
+    pub fn check_schema(&self, room: &RoomName, event: &str, data: &[u8]) -> Result<(), Refusal> {
+        if self.schemas.is_empty() {
+            return Ok(());
+        }
+        let namespace = room.namespace();
+        let key = if self.namespaces.contains_key(namespace) {
+            (Some(namespace.to_owned()), event.to_owned())
+        } else {
+            (None, event.to_owned())
+        };
+        match self.schemas.get(&key) {
+            None => Ok(()),
+            Some(schema) => schema.validate(data).map_err(|e| {
+                Refusal::new(
+                    Code::SchemaMismatch,
+                    format!("event {event} in {room} does not match its schema: {e}"),
+                )
+            }),
+        }
+    }
+
+    /// Namespaces whose rooms are volatile.
+    pub fn volatile_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.namespaces
+            .iter()
+            .filter(|(_, p)| p.volatile)
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// The policy of `namespace`, if the configuration has one for it.
+    pub fn namespace(&self, namespace: &str) -> Option<&NamespacePolicy> {
+        self.namespaces.get(namespace).or(self.default.as_ref())
+    }
+
+    /// May a session with `claims` subscribe to `room`?
+    pub fn may_subscribe(&self, room: &RoomName, claims: Option<&Claims>) -> Result<(), Refusal> {
+        let namespace = room.namespace();
+        if namespace == USER_NAMESPACE {
+            let owner = &room.as_str()[USER_NAMESPACE.len() + 1..];
+            return match claims {
+                Some(claims) if claims.sub == owner => Ok(()),
+                _ => Err(forbidden(format!(
+                    "{room} is the personal room of another user"
+                ))),
+            };
+        }
+        let Some(policy) = self.namespace(namespace) else {
+            return Err(unknown_namespace(namespace));
+        };
+        let allowed = match policy.subscribe {
+            SubscribeRule::Anyone => true,
+            SubscribeRule::Authenticated => claims.is_some(),
+            SubscribeRule::Grant => claims.is_some_and(|c| c.grants(room, Capability::Sub)),
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(forbidden(match (policy.subscribe, claims) {
+                (_, None) => format!("subscribing to {room} needs a token"),
+                _ => format!("the token does not grant sub on {room}"),
+            }))
+        }
+    }
+
+    /// May a session with `claims` publish `data_len` bytes into `room`?
+    pub fn may_publish(
+        &self,
+        room: &RoomName,
+        claims: Option<&Claims>,
+        subscribed: bool,
+        data_len: usize,
+    ) -> Result<(), Refusal> {
+        let namespace = room.namespace();
+        let granted = claims.is_some_and(|c| c.grants(room, Capability::Pub));
+        if namespace == USER_NAMESPACE {
+            return if granted {
+                Ok(())
+            } else {
+                Err(forbidden(format!("publishing to {room} needs a pub grant")))
+            };
+        }
+        let Some(policy) = self.namespace(namespace) else {
+            return Err(unknown_namespace(namespace));
+        };
+        let allowed = match policy.publish {
+            PublishRule::Anyone => true,
+            PublishRule::Subscribers => subscribed,
+            PublishRule::Grant => granted,
+            PublishRule::Backend => false,
+        };
+        if !allowed {
+            return Err(forbidden(match policy.publish {
+                PublishRule::Backend => format!("only the backend publishes to {room}"),
+                PublishRule::Subscribers => format!("publishing to {room} needs a subscription"),
+                _ => format!("the token does not grant pub on {room}"),
+            }));
+        }
+        match policy.max_payload_bytes {
+            Some(max) if data_len > max => Err(Refusal::new(
+                Code::PayloadTooLarge,
+                format!("data of {data_len} bytes exceeds {max} for namespace {namespace}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The effective configuration as TOML, with every default filled in (what
+    /// `roomcast config check` prints).
+    pub fn effective(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# effective configuration (every default filled in)\n{}",
+            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+        );
+        if self.default.is_none() {
+            let _ = writeln!(
+                out,
+                "# no [default]: rooms of namespaces not listed above are refused (forbidden)"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# user:<sub> rooms: subscribe only by the token's own sub; publish needs a pub grant"
+        );
+        out
+    }
+}
+
+fn forbidden(message: String) -> Refusal {
+    Refusal::new(Code::Forbidden, message)
+}
+
+fn unknown_namespace(namespace: &str) -> Refusal {
+    forbidden(format!(
+        "namespace {namespace} has no policy and there is no default"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn room(name: &str) -> RoomName {
+        RoomName::new(name).unwrap()
+    }
+
+    fn claims(sub: &str, grants: &[(&str, &[&str])]) -> Claims {
+        Claims::for_test(sub, grants)
+    }
+
+    const FILE: &str = r#"
+        [default]
+        subscribe = "authenticated"
+        publish = "subscribers"
+
+        [namespaces.orders]
+        subscribe = "grant"
+        publish = "backend"
+        max_payload_bytes = 8
+
+        [namespaces.chat]
+        subscribe = "anyone"
+        publish = "grant"
+        volatile = true
+    "#;
+
+    #[test]
+    fn rules_per_namespace() {
+        let config = FileConfig::parse(FILE).unwrap();
+        let alice = claims("alice", &[("orders:1042", &["sub"]), ("chat:*", &["pub"])]);
+        let code = |r: Result<(), Refusal>| r.err().map(|r| r.code);
+        assert_eq!(
+            code(config.may_subscribe(&room("orders:1042"), Some(&alice))),
+            None
+        );
+        assert_eq!(
+            code(config.may_subscribe(&room("orders:1043"), Some(&alice))),
+            Some(Code::Forbidden)
+        );
+        assert_eq!(
+            code(config.may_subscribe(&room("orders:1042"), None)),
+            Some(Code::Forbidden)
+        );
+        assert_eq!(code(config.may_subscribe(&room("chat:a"), None)), None);
+        assert_eq!(
+            code(config.may_publish(&room("chat:a"), None, true, 1)),
+            Some(Code::Forbidden)
+        );
+        assert_eq!(
+            code(config.may_publish(&room("chat:a"), Some(&alice), false, 1)),
+            None
+        );
+        assert_eq!(
+            code(config.may_publish(&room("orders:1042"), Some(&alice), true, 1)),
+            Some(Code::Forbidden)
+        );
+        // The default policy: authenticated subscribers, publish when subscribed.
+        assert_eq!(
+            code(config.may_subscribe(&room("misc:1"), None)),
+            Some(Code::Forbidden)
+        );
+        assert_eq!(
+            code(config.may_subscribe(&room("misc:1"), Some(&alice))),
+            None
+        );
+        assert_eq!(
+            code(config.may_publish(&room("misc:1"), Some(&alice), false, 1)),
+            Some(Code::Forbidden)
+        );
+        assert_eq!(
+            code(config.may_publish(&room("misc:1"), Some(&alice), true, 1)),
+            None
+        );
+        assert_eq!(config.volatile_namespaces().collect::<Vec<_>>(), ["chat"]);
+    }
+
+    #[test]
+    fn payload_cap_and_personal_rooms() {
+        let config =
+            FileConfig::parse("[namespaces.orders]\npublish = \"anyone\"\nmax_payload_bytes = 8\n")
+                .unwrap();
+        let code = |r: Result<(), Refusal>| r.err().map(|r| r.code);
+        assert_eq!(
+            code(config.may_publish(&room("orders:1"), None, false, 8)),
+            None
+        );
+        assert_eq!(
+            code(config.may_publish(&room("orders:1"), None, false, 9)),
+            Some(Code::PayloadTooLarge)
+        );
+        // No [default]: unknown namespaces are refused.
+        assert_eq!(
+            code(config.may_subscribe(&room("misc:1"), None)),
+            Some(Code::Forbidden)
+        );
+        let bob = claims("bob", &[]);
+        assert_eq!(
+            code(config.may_subscribe(&room("user:bob"), Some(&bob))),
+            None
+        );
+        assert_eq!(
+            code(config.may_subscribe(&room("user:alice"), Some(&bob))),
+            Some(Code::Forbidden)
+        );
+        assert_eq!(
+            code(config.may_subscribe(&room("user:bob"), None)),
+            Some(Code::Forbidden)
+        );
+        assert_eq!(
+            code(config.may_publish(&room("user:bob"), Some(&bob), true, 1)),
+            Some(Code::Forbidden)
+        );
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        for (text, needle) in [
+            (
+                "[namespaces.orders]\nsubscribe = \"everyone\"\n",
+                "unknown variant",
+            ),
+            (
+                "[namespaces.orders]\nsubscrib = \"anyone\"\n",
+                "unknown field",
+            ),
+            ("[namespaces.Orders]\n", "not a valid namespace"),
+            ("[namespaces.user]\n", "reserved"),
+            ("[limits]\npublish_per_second = 0\n", "publish_per_second"),
+            ("[auth]\nrequired = true\n", "no keys"),
+        ] {
+            let err = FileConfig::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn schemas_are_parsed_once_and_checked_per_event() {
+        let config = FileConfig::parse(
+            r#"
+            [namespaces.orders]
+            publish = "anyone"
+            schemas = { status = 'payload = { state: "shipped" / "pending", ? eta: uint }' }
+
+            [default]
+            schemas = { pos = 'payload = [lat: float / int, lon: float / int]' }
+            "#,
+        )
+        .unwrap();
+        let cbor = |v: &ciborium::Value| {
+            let mut out = Vec::new();
+            ciborium::into_writer(v, &mut out).unwrap();
+            out
+        };
+        use ciborium::Value as V;
+        let status = |state: V| V::Map(vec![(V::Text("state".into()), state)]);
+        let check = |room: &str, event: &str, value: &V| {
+            config
+                .check_schema(&room_name(room), event, &cbor(value))
+                .err()
+                .map(|r| (r.code, r.message))
+        };
+        assert_eq!(
+            check("orders:1", "status", &status(V::Text("shipped".into()))),
+            None
+        );
+        let (code, message) = check("orders:1", "status", &status(V::Integer(5.into()))).unwrap();
+        assert_eq!(code, Code::SchemaMismatch);
+        assert!(message.contains("status"), "{message}");
+        // No schema for this event: not checked.
+        assert_eq!(check("orders:1", "other", &V::Integer(1.into())), None);
+        // The default policy's schemas apply to unlisted namespaces only.
+        let pos = V::Array(vec![V::Integer(52.into()), V::Integer(13.into())]);
+        assert_eq!(check("gps:7", "pos", &pos), None);
+        assert_eq!(
+            check("gps:7", "pos", &V::Text("x".into())).map(|e| e.0),
+            Some(Code::SchemaMismatch)
+        );
+        assert_eq!(check("orders:1", "pos", &V::Text("x".into())), None);
+        for (text, needle) in [
+            (
+                "[namespaces.a]\nschemas = { e = 'payload = {' }\n",
+                "namespaces.a.schemas.e",
+            ),
+            (
+                "[namespaces.a]\nschemas = { e = 'other = int' }\n",
+                "no rule named `payload`",
+            ),
+        ] {
+            let err = FileConfig::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    fn room_name(name: &str) -> RoomName {
+        RoomName::new(name).unwrap()
+    }
+
+    #[test]
+    fn embedded_default_is_open_and_effective_prints_defaults() {
+        let config = FileConfig::default();
+        assert!(config.may_subscribe(&room("any:1"), None).is_ok());
+        assert!(config.may_publish(&room("any:1"), None, false, 1).is_ok());
+        let printed = FileConfig::parse(FILE).unwrap().effective();
+        assert!(printed.contains("publish_per_second"), "{printed}");
+        assert!(printed.contains("[namespaces.orders]"), "{printed}");
+    }
+}
