@@ -807,6 +807,44 @@ async fn refresh_extends_the_session_and_refuses_another_user() {
 }
 
 #[tokio::test]
+async fn wt_datagram_flood_is_rate_limited_by_its_own_bucket_then_closed() {
+    // Datagrams get 2 at once (the publish bucket would allow 5): the datagram bucket limits.
+    let server = broker_with("datagrams_per_second = 1\ndatagram_burst = 2", |_| {}).await;
+    let mut bystander = Bystander::new(&server).await;
+    let tracker = token(&spec("tracker", &[("gps:*", "pub")]));
+    let mut attacker = wt_open(&server, tracker).await;
+    for id in 1..=30u64 {
+        let frame = ClientFrame::Publish {
+            id,
+            room: "gps:van-1".into(),
+            event: "pos".into(),
+            data: small(),
+            ack: true,
+        }
+        .encode();
+        attacker.connection.send_datagram(frame).unwrap();
+    }
+    let (mut acks, mut limited) = (0, 0);
+    loop {
+        match attacker.control.frame().await {
+            ServerFrame::Ack { .. } => acks += 1,
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, Code::RateLimited);
+                limited += 1;
+            }
+            ServerFrame::Close { code, .. } => {
+                assert_eq!(code, Code::PolicyViolation);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((acks, limited), (2, 20));
+    expect_session_code(&attacker.connection, Code::PolicyViolation).await;
+    bystander.still_works(&server).await;
+}
+
+#[tokio::test]
 async fn wt_malformed_input_and_subscribe_flood() {
     let server = broker().await;
     let mut bystander = Bystander::new(&server).await;

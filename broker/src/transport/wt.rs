@@ -131,14 +131,15 @@ impl FrameReader for WtReader {
                 datagram = self.connection.receive_datagram() => {
                     return match datagram {
                         // A datagram carries one whole frame (no length prefix); it goes
-                        // through the same checks as the control stream's frames.
+                        // through the same checks as the control stream's frames, and its
+                        // own rate limit (datagrams are not flow-controlled by QUIC).
                         Ok(datagram) => {
                             self.datagrams_in.inc();
                             let frame = datagram.payload();
                             if frame.len() > self.max_frame {
                                 Err(TransportError::TooLarge)
                             } else {
-                                Ok(Incoming::Frame(frame))
+                                Ok(Incoming::Datagram(frame))
                             }
                         }
                         Err(_) => Ok(Incoming::Closed),
