@@ -736,21 +736,7 @@ async fn wt_permission_and_flood_attacks() {
     for id in 1..=40u64 {
         attacker.send(publish(id, ROOM, small())).await;
     }
-    let (mut acks, mut limited) = (0, 0);
-    loop {
-        match attacker.control.frame().await {
-            ServerFrame::Ack { .. } => acks += 1,
-            ServerFrame::Error { code, .. } => {
-                assert_eq!(code, Code::RateLimited);
-                limited += 1;
-            }
-            ServerFrame::Close { code, .. } => {
-                assert_eq!(code, Code::PolicyViolation);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (acks, limited) = acks_and_limits_until_policy_close(&mut attacker).await;
     assert_eq!((acks, limited), (5, 20));
     expect_session_code(&attacker.connection, Code::PolicyViolation).await;
     bystander.still_works(&server).await;
@@ -806,6 +792,26 @@ async fn refresh_extends_the_session_and_refuses_another_user() {
     bystander.still_works(&server).await;
 }
 
+/// Reads a flooding WebTransport session's control stream until its `Close`, which must be
+/// `policy_violation`; counts the `Ack`s and the `rate_limited` errors before it.
+async fn acks_and_limits_until_policy_close(attacker: &mut RawWt) -> (u32, u32) {
+    let (mut acks, mut limited) = (0, 0);
+    loop {
+        match attacker.control.frame().await {
+            ServerFrame::Ack { .. } => acks += 1,
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, Code::RateLimited);
+                limited += 1;
+            }
+            ServerFrame::Close { code, .. } => {
+                assert_eq!(code, Code::PolicyViolation);
+                return (acks, limited);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn wt_datagram_flood_is_rate_limited_by_its_own_bucket_then_closed() {
     // Datagrams get 2 at once (the publish bucket would allow 5): the datagram bucket limits.
@@ -824,21 +830,7 @@ async fn wt_datagram_flood_is_rate_limited_by_its_own_bucket_then_closed() {
         .encode();
         attacker.connection.send_datagram(frame).unwrap();
     }
-    let (mut acks, mut limited) = (0, 0);
-    loop {
-        match attacker.control.frame().await {
-            ServerFrame::Ack { .. } => acks += 1,
-            ServerFrame::Error { code, .. } => {
-                assert_eq!(code, Code::RateLimited);
-                limited += 1;
-            }
-            ServerFrame::Close { code, .. } => {
-                assert_eq!(code, Code::PolicyViolation);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (acks, limited) = acks_and_limits_until_policy_close(&mut attacker).await;
     assert_eq!((acks, limited), (2, 20));
     expect_session_code(&attacker.connection, Code::PolicyViolation).await;
     bystander.still_works(&server).await;
