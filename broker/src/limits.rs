@@ -65,6 +65,9 @@ pub struct LimitsConfig {
     pub per_ip_connects_per_second: u32,
     /// New session requests one IP address may make at once. Default 400.
     pub per_ip_connect_burst: u32,
+    /// Loopback clients (127.0.0.0/8, ::1: local tools, tests, load generators) are not
+    /// subject to the per-address caps. Default true.
+    pub per_ip_exempt_loopback: bool,
 }
 
 impl Default for LimitsConfig {
@@ -84,6 +87,7 @@ impl Default for LimitsConfig {
             per_ip_sessions: 1000,
             per_ip_connects_per_second: 200,
             per_ip_connect_burst: 400,
+            per_ip_exempt_loopback: true,
         }
     }
 }
@@ -353,6 +357,11 @@ impl ConnectionLimits {
         self.take_slot(ip)
     }
 
+    /// The address the per-address caps count, if any.
+    fn counted(&self, ip: Option<IpAddr>) -> Option<IpAddr> {
+        ip.filter(|ip| !(self.config.per_ip_exempt_loopback && ip.is_loopback()))
+    }
+
     /// Whether the broker holds `max_sessions` sessions.
     pub fn is_full(&self) -> bool {
         self.sessions() >= self.config.max_sessions as usize
@@ -361,6 +370,9 @@ impl ConnectionLimits {
     /// Counts a new session request from `ip` against its per-second rate. WebTransport
     /// calls this before the QUIC handshake, so a flood costs no handshake.
     pub fn check_rate(&self, ip: IpAddr) -> Result<(), Busy> {
+        let Some(ip) = self.counted(Some(ip)) else {
+            return Ok(());
+        };
         // Prune idle entries every 1024 requests (an O(table) scan, amortised), so the
         // table stays small; when it is full anyway, new requests wait for the next prune.
         let checks = self.checks.fetch_add(1, Ordering::Relaxed);
@@ -393,7 +405,7 @@ impl ConnectionLimits {
             limits: self.clone(),
             ip: None,
         };
-        if let Some(ip) = ip {
+        if let Some(ip) = self.counted(ip) {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
             let count = per_ip.entry(ip).or_insert(0);
             if *count >= self.config.per_ip_sessions {
@@ -508,6 +520,35 @@ mod tests {
         assert_eq!(limits.sessions(), 2);
         let _p4 = limits.admit(None).unwrap();
         assert!(limits.tracked_addresses() <= 2);
+    }
+
+    #[test]
+    fn loopback_clients_are_exempt_from_per_address_caps_unless_configured() {
+        let tight = |exempt: bool| {
+            Arc::new(ConnectionLimits::new(config(|c| {
+                c.per_ip_sessions = 1;
+                c.per_ip_connects_per_second = 1;
+                c.per_ip_connect_burst = 1;
+                c.per_ip_exempt_loopback = exempt;
+            })))
+        };
+        let limits = tight(true);
+        let mut held = Vec::new();
+        for local in ["127.0.0.1", "127.0.0.9", "::1"] {
+            for _ in 0..3 {
+                held.push(limits.admit(Some(local.parse().unwrap())).unwrap());
+            }
+        }
+        let remote: IpAddr = "10.0.0.1".parse().unwrap();
+        held.push(limits.admit(Some(remote)).unwrap());
+        assert!(
+            limits.admit(Some(remote)).is_err(),
+            "other addresses stay capped"
+        );
+        let limits = tight(false);
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let _one = limits.admit(Some(local)).unwrap();
+        assert!(limits.admit(Some(local)).is_err());
     }
 
     #[test]

@@ -593,7 +593,7 @@ async fn ws_subscribe_flood_is_rate_limited_then_closed() {
 #[tokio::test]
 async fn connection_flood_from_one_ip_is_refused_before_a_session_exists() {
     let server = broker_with(
-        "per_ip_connects_per_second = 1\nper_ip_connect_burst = 30\nper_ip_sessions = 3",
+        "per_ip_connects_per_second = 1\nper_ip_connect_burst = 30\nper_ip_sessions = 3\nper_ip_exempt_loopback = false",
         |_| {},
     )
     .await;
@@ -934,7 +934,7 @@ async fn the_config_file_sets_volatile_namespaces_and_session_caps() {
 #[tokio::test]
 async fn wt_connection_flood_is_refused_before_the_handshake() {
     let server = broker_with(
-        "per_ip_connects_per_second = 1\nper_ip_connect_burst = 4",
+        "per_ip_connects_per_second = 1\nper_ip_connect_burst = 4\nper_ip_exempt_loopback = false",
         |_| {},
     )
     .await;
