@@ -40,6 +40,17 @@ use tokio_tungstenite::{
     },
 };
 
+/// The token every session of this run sends in `Hello` (set once from `--token`).
+static SESSION_TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// The `Hello` every session of this run sends.
+pub(crate) fn hello_frame() -> ClientFrame {
+    ClientFrame::Hello {
+        version: PROTOCOL_VERSION,
+        token: SESSION_TOKEN.get().cloned().flatten(),
+    }
+}
+
 /// A WebSocket session as tokio-tungstenite holds it.
 pub(crate) type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -84,6 +95,14 @@ pub(crate) struct CommonArgs {
     /// always use WebSocket. WebTransport is reached at the same host and port as --url.
     #[arg(long, value_enum, default_value_t = Transport::Ws)]
     pub(crate) transport: Transport,
+    /// Token every session of the run sends in `Hello` (for brokers that require auth).
+    #[arg(
+        long,
+        value_name = "T",
+        env = "ROOMCAST_BENCH_TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) token: Option<String>,
     /// Process id of the broker (the one at the first URL), to report its CPU and RSS from
     /// /proc.
     #[arg(long)]
@@ -106,7 +125,9 @@ fn parse_tag(s: &str) -> Result<(String, String), String> {
 
 impl CommonArgs {
     /// The broker URLs to use; fails when the scenario does not support the transport.
+    /// Also installs `--token` for every session the run opens.
     pub(crate) fn nodes(&self, supported: &[Transport]) -> anyhow::Result<Nodes> {
+        let _ = SESSION_TOKEN.set(self.token.clone());
         if !supported.contains(&self.transport) {
             let names: Vec<_> = supported.iter().map(|t| t.name()).collect();
             bail!(
@@ -254,11 +275,7 @@ pub(crate) async fn open_session(
     let (mut ws, _) = client_async_with_config(request, MaybeTlsStream::Plain(tcp), Some(config))
         .await
         .context("WebSocket handshake")?;
-    let hello = ClientFrame::Hello {
-        version: PROTOCOL_VERSION,
-        token: None,
-    };
-    ws.send(Message::Binary(hello.encode())).await?;
+    ws.send(Message::Binary(hello_frame().encode())).await?;
     match next_frame(&mut ws).await? {
         ServerFrame::Welcome(welcome) => Ok((ws, welcome)),
         other => bail!("expected Welcome, got {other:?}"),

@@ -5,10 +5,10 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use crate::common::Nodes;
+use crate::common::{Nodes, hello_frame};
 use anyhow::{Context, bail};
 use roomcast_protocol::{
-    ClientFrame, PROTOCOL_VERSION, PayloadLimits, ServerFrame,
+    ClientFrame, PayloadLimits, ServerFrame,
     frame::Welcome,
     stream::{FrameSplitter, write_prefix},
 };
@@ -195,11 +195,7 @@ pub(crate) async fn hello(
         .context("open the control stream")?
         .await
         .context("open the control stream")?;
-    let hello = ClientFrame::Hello {
-        version: PROTOCOL_VERSION,
-        token: None,
-    };
-    send_frame(&mut send, &hello).await?;
+    send_frame(&mut send, &hello_frame()).await?;
     let mut control = FrameReader::new(recv);
     match tokio::time::timeout(STEP_TIMEOUT, control.next()).await {
         Ok(Ok(ServerFrame::Welcome(welcome))) => Ok((send, control, welcome)),
