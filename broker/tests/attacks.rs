@@ -519,6 +519,37 @@ async fn ws_malformed_frames_close() {
 
 // ----- floods --------------------------------------------------------------------------------
 
+/// Reads a flooding WebSocket session until its `Close`, which must be `policy_violation`;
+/// counts the replies `accepted` recognises and the `rate_limited` errors (each also handed
+/// to `check_limited` with its message and retry-after) before it.
+async fn replies_until_policy_close(
+    attacker: &mut RawConn,
+    accepted: impl Fn(&ServerFrame) -> bool,
+    check_limited: impl Fn(&str, Option<u64>),
+) -> (u32, u32) {
+    let (mut ok, mut limited) = (0, 0);
+    loop {
+        match attacker.next().await {
+            Seen::Frame(ServerFrame::Error {
+                code,
+                message,
+                retry_after_ms,
+                ..
+            }) => {
+                assert_eq!(code, Code::RateLimited);
+                check_limited(&message, retry_after_ms);
+                limited += 1;
+            }
+            Seen::Frame(ServerFrame::Close { code, .. }) => {
+                assert_eq!(code, Code::PolicyViolation);
+                return (ok, limited);
+            }
+            Seen::Frame(frame) if accepted(&frame) => ok += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn ws_publish_flood_is_rate_limited_then_closed() {
     let server = broker().await;
@@ -528,31 +559,18 @@ async fn ws_publish_flood_is_rate_limited_then_closed() {
     for id in 1..=40u64 {
         attacker.send(publish(id, ROOM, small())).await;
     }
-    let (mut acks, mut limited) = (0, 0);
-    loop {
-        match attacker.next().await {
-            Seen::Frame(ServerFrame::Ack { .. }) => acks += 1,
-            Seen::Frame(ServerFrame::Error {
-                code,
-                message,
-                retry_after_ms,
-                ..
-            }) => {
-                assert_eq!(code, Code::RateLimited);
-                assert!(message.contains("retry after"), "{message}");
-                assert!(
-                    retry_after_ms.is_some_and(|ms| ms > 0),
-                    "{retry_after_ms:?}"
-                );
-                limited += 1;
-            }
-            Seen::Frame(ServerFrame::Close { code, .. }) => {
-                assert_eq!(code, Code::PolicyViolation);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (acks, limited) = replies_until_policy_close(
+        &mut attacker,
+        |frame| matches!(frame, ServerFrame::Ack { .. }),
+        |message, retry_after_ms| {
+            assert!(message.contains("retry after"), "{message}");
+            assert!(
+                retry_after_ms.is_some_and(|ms| ms > 0),
+                "{retry_after_ms:?}"
+            );
+        },
+    )
+    .await;
     // The burst of 5 passed, the error budget of 20 was spent, then the close.
     assert_eq!((acks, limited), (5, 20));
     bystander.still_works(&server).await;
@@ -571,21 +589,12 @@ async fn ws_subscribe_flood_is_rate_limited_then_closed() {
             })
             .await;
     }
-    let (mut ok, mut limited) = (0, 0);
-    loop {
-        match attacker.next().await {
-            Seen::Frame(ServerFrame::Subscribed { .. }) => ok += 1,
-            Seen::Frame(ServerFrame::Error { code, .. }) => {
-                assert_eq!(code, Code::RateLimited);
-                limited += 1;
-            }
-            Seen::Frame(ServerFrame::Close { code, .. }) => {
-                assert_eq!(code, Code::PolicyViolation);
-                break;
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    let (ok, limited) = replies_until_policy_close(
+        &mut attacker,
+        |frame| matches!(frame, ServerFrame::Subscribed { .. }),
+        |_, _| {},
+    )
+    .await;
     assert_eq!((ok, limited), (5, 20));
     bystander.still_works(&server).await;
 }
