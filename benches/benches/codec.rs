@@ -28,14 +28,15 @@ fn bench(c: &mut Criterion) {
         event: event.to_string(),
         data: data.as_bytes().clone(),
         ack: true,
+        key: None,
     }
     .encode();
-    let event_frame = encode_event(&room, &event, &data, 123_456);
+    let event_frame = encode_event(&room, &event, &data, 123_456, None);
 
     let mut g = c.benchmark_group("codec");
     g.throughput(Throughput::Elements(1));
     g.bench_function("encode_event", |b| {
-        b.iter(|| encode_event(black_box(&room), &event, &data, black_box(123_456)))
+        b.iter(|| encode_event(black_box(&room), &event, &data, black_box(123_456), None))
     });
     g.bench_function("decode_publish", |b| {
         b.iter(|| ClientFrame::decode(black_box(&publish)).unwrap())

@@ -290,6 +290,7 @@ pub(crate) async fn open_subscriber(
 ) -> anyhow::Result<(Socket, Welcome)> {
     let (mut ws, welcome) = open_session(url, source).await?;
     let subscribe = ClientFrame::Subscribe {
+        since: None,
         id: 1,
         room: room.to_owned(),
     };
@@ -356,6 +357,7 @@ pub(crate) fn into_tcp(ws: Socket) -> anyhow::Result<TcpStream> {
 /// A publish frame (no ack) for `room`/`event` with `data`.
 pub(crate) fn publish_frame(room: &str, event: &str, data: Bytes) -> Bytes {
     ClientFrame::Publish {
+        key: None,
         id: 0,
         room: room.to_owned(),
         event: event.to_owned(),
@@ -544,7 +546,13 @@ impl EventLayout {
     /// The layout for events of `room`/`event` carrying `payload` (made by [`payload`]).
     pub(crate) fn new(room: &str, event: &str, payload: &Bytes) -> anyhow::Result<Self> {
         let data = Payload::new(payload.clone(), PayloadLimits::default())?;
-        let frame = encode_event(&RoomName::new(room)?, &EventName::new(event)?, &data, 0);
+        let frame = encode_event(
+            &RoomName::new(room)?,
+            &EventName::new(event)?,
+            &data,
+            0,
+            None,
+        );
         // The encoder writes the data as a byte string holding the payload, then key 5, then seq.
         let seq_at = frame.len() - 1;
         let data_end = seq_at - 1;
@@ -699,7 +707,7 @@ mod tests {
                 EventName::new("tick").unwrap(),
             );
             for seq in [1, 23, 24, 70_000, u64::MAX] {
-                let frame = encode_event(&r, &e, &p, seq);
+                let frame = encode_event(&r, &e, &p, seq, None);
                 assert_eq!(layout.seq(&frame), Some(seq));
                 assert_eq!(layout.stamp(&frame, 0), Some(42));
             }
@@ -745,7 +753,7 @@ mod tests {
             assert_eq!(room, "bench:x");
             // The broker forwards the payload unchanged: the Event carries the stamps.
             let p = Payload::new(data, PayloadLimits::default()).unwrap();
-            let event = encode_event(&r, &e, &p, 5);
+            let event = encode_event(&r, &e, &p, 5, None);
             assert_eq!(layout.stamp(&event, 0), Some(expected[0]));
             assert_eq!(layout.stamp(&event, 1), Some(expected[1]));
             assert_eq!(layout.seq(&event), Some(5));

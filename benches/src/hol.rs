@@ -460,6 +460,7 @@ async fn start_subscriber(
     ));
     for (id, room) in [(1, ROOM_A), (2, ROOM_B)] {
         let subscribe = ClientFrame::Subscribe {
+            since: None,
             id,
             room: room.to_owned(),
         };

@@ -267,6 +267,7 @@ impl WtDialer {
             .with_context(|| format!("WebTransport session to {}", self.url))?;
         let (mut control, control_recv, welcome) = hello(&connection).await?;
         let subscribe = ClientFrame::Subscribe {
+            since: None,
             id: 1,
             room: room.to_owned(),
         };

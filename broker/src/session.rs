@@ -324,7 +324,7 @@ impl Core {
                 }
                 self.outbox.push(frame.encode())
             }
-            Action::Subscribe { id, room } => self
+            Action::Subscribe { id, room, .. } => self
                 .shared
                 .hub
                 .subscribe(&room, self.key, &self.outbox, id)
@@ -340,6 +340,7 @@ impl Core {
                 event,
                 data,
                 ack,
+                ..
             } => match self
                 .shared
                 .bridge

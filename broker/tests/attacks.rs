@@ -122,6 +122,7 @@ fn hello(token: Option<String>) -> ClientFrame {
 
 fn publish(id: u64, room: &str, data: Bytes) -> ClientFrame {
     ClientFrame::Publish {
+        key: None,
         id,
         room: room.into(),
         event: "e".into(),
@@ -366,6 +367,7 @@ async fn ws_permission_attacks_are_forbidden() {
     let mut bystander = Bystander::new(&server).await;
     let mut attacker = ws_open(&server, &alice()).await;
     let subscribe = |id, room: &str| ClientFrame::Subscribe {
+        since: None,
         id,
         room: room.into(),
     };
@@ -445,6 +447,7 @@ async fn ws_permission_attacks_are_forbidden() {
         (
             "schema mismatch",
             ClientFrame::Publish {
+                key: None,
                 id: 16,
                 room: "orders:1042".into(),
                 event: "status".into(),
@@ -584,6 +587,7 @@ async fn ws_subscribe_flood_is_rate_limited_then_closed() {
     for id in 1..=40u64 {
         attacker
             .send(ClientFrame::Subscribe {
+                since: None,
                 id,
                 room: format!("watch:{id}"),
             })
@@ -708,6 +712,7 @@ async fn wt_permission_and_flood_attacks() {
     let mut attacker = wt_open(&server, alice()).await;
     attacker
         .send(ClientFrame::Subscribe {
+            since: None,
             id: 1,
             room: "user:bob".into(),
         })
@@ -730,6 +735,7 @@ async fn wt_permission_and_flood_attacks() {
         .clone();
     attacker
         .send(ClientFrame::Publish {
+            key: None,
             id: 4,
             room: "orders:1042".into(),
             event: "status".into(),
@@ -830,6 +836,7 @@ async fn wt_datagram_flood_is_rate_limited_by_its_own_bucket_then_closed() {
     let mut attacker = wt_open(&server, tracker).await;
     for id in 1..=30u64 {
         let frame = ClientFrame::Publish {
+            key: None,
             id,
             room: "gps:van-1".into(),
             event: "pos".into(),
@@ -865,6 +872,7 @@ async fn wt_malformed_input_and_subscribe_flood() {
     wt_error(&mut attacker, 2, Code::InvalidPayload).await;
     attacker
         .send(ClientFrame::Subscribe {
+            since: None,
             id: 3,
             room: "orders:1042\n".into(),
         })
@@ -889,6 +897,7 @@ async fn wt_malformed_input_and_subscribe_flood() {
     for id in 1..=40u64 {
         attacker
             .send(ClientFrame::Subscribe {
+                since: None,
                 id,
                 room: format!("watch:{id}"),
             })
@@ -968,6 +977,7 @@ async fn a_flood_of_invalid_requests_spends_the_error_budget() {
     for id in 1..=40u64 {
         attacker
             .send(ClientFrame::Subscribe {
+                since: None,
                 id,
                 room: "no namespace".into(),
             })

@@ -31,6 +31,7 @@ impl Bystander {
         self.next += 1;
         self.publisher
             .send(ClientFrame::Publish {
+                key: None,
                 id: self.next,
                 room: "watch:room".into(),
                 event: "tick".into(),
@@ -57,6 +58,7 @@ impl Bystander {
 
 fn publish(room: &str, event: &str, data: &[u8]) -> ClientFrame {
     ClientFrame::Publish {
+        key: None,
         id: 77,
         room: room.into(),
         event: event.into(),
@@ -145,6 +147,7 @@ async fn bad_room_and_event_names_are_request_errors() {
     let mut bad = RawConn::open(&server).await;
     for room in ["noseparator", "UPPER:x", "a:has space", ":x", "a:"] {
         bad.send(ClientFrame::Subscribe {
+            since: None,
             id: 5,
             room: room.into(),
         })
@@ -207,6 +210,7 @@ async fn too_many_subscriptions_is_refused() {
     conn.subscribe(1, "a:1").await;
     conn.subscribe(2, "a:2").await;
     conn.send(ClientFrame::Subscribe {
+        since: None,
         id: 3,
         room: "a:3".into(),
     })
@@ -220,6 +224,7 @@ async fn error_codes_are_counted_in_metrics() {
     let server = start(config()).await;
     let mut bad = RawConn::open(&server).await;
     bad.send(ClientFrame::Subscribe {
+        since: None,
         id: 1,
         room: "bad".into(),
     })

@@ -61,6 +61,7 @@ fn number(n: u64) -> Bytes {
 
 fn publish(id: u64, room: &str, event: &str, data: Bytes, ack: bool) -> ClientFrame {
     ClientFrame::Publish {
+        key: None,
         id,
         room: room.into(),
         event: event.into(),
@@ -383,6 +384,7 @@ async fn hostile_room_names_stay_in_their_own_room() {
     for bad in ["a:x y", "a:\u{e9}", "a:x\ty", "a:\u{1F600}"] {
         let mut conn = RawConn::open(&b).await;
         conn.send(ClientFrame::Subscribe {
+            since: None,
             id: 3,
             room: bad.into(),
         })

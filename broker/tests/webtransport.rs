@@ -11,6 +11,7 @@ use roomcast_protocol::{ClientFrame, Code, Payload, ServerFrame};
 
 fn publish(room: &str, event: &str, data: Bytes, ack: bool) -> ClientFrame {
     ClientFrame::Publish {
+        key: None,
         id: 9,
         room: room.into(),
         event: event.into(),

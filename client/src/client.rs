@@ -91,6 +91,7 @@ pub(crate) async fn start<T: Transport>(
                 code,
                 reason,
                 reconnect,
+                ..
             }) => {
                 return Err(Error::Closed(CloseInfo {
                     code: Some(code),
@@ -217,6 +218,7 @@ impl Client {
     ) -> Result<Option<u64>, Error> {
         let id = self.next_id();
         let frame = ClientFrame::Publish {
+            key: None,
             id,
             room: room.to_owned(),
             event: event.to_owned(),
@@ -251,6 +253,7 @@ impl Client {
     ) -> Result<(), Error> {
         let data = Payload::encode(data).map_err(Error::Encode)?;
         let frame = ClientFrame::Publish {
+            key: None,
             id: self.next_id(),
             room: room.to_owned(),
             event: event.to_owned(),

@@ -411,6 +411,7 @@ impl<T: Transport> Driver<T> {
                 }
                 let buffer = Buffer::new(self.buffer_size);
                 let frame = ClientFrame::Subscribe {
+                    since: None,
                     id,
                     room: room.clone(),
                 }
@@ -567,7 +568,13 @@ impl<T: Transport> Driver<T> {
         };
         match frame {
             ServerFrame::Event(event) => self.on_event(event).await,
-            ServerFrame::Subscribed { id, room, seq } => self.on_subscribed(id, room, seq).await,
+            ServerFrame::Conflation { room, active } => {
+                tracing::debug!(%room, active, "conflation");
+                None
+            }
+            ServerFrame::Subscribed { id, room, seq, .. } => {
+                self.on_subscribed(id, room, seq).await
+            }
             ServerFrame::Unsubscribed { id, room } => {
                 match self.pending.remove(&id) {
                     Some(Pending::Unsubscribe {
@@ -624,6 +631,7 @@ impl<T: Transport> Driver<T> {
                 code,
                 reason,
                 reconnect,
+                ..
             } => {
                 let info = CloseInfo {
                     code: Some(code),

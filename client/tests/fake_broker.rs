@@ -100,9 +100,13 @@ impl Peer {
     /// Expects `Subscribe` for `room` and confirms it at `seq`.
     async fn accept_subscribe(&mut self, room: &str, seq: u64) {
         match self.recv().await {
-            ClientFrame::Subscribe { id, room: asked } => {
+            ClientFrame::Subscribe {
+                id, room: asked, ..
+            } => {
                 assert_eq!(asked, room);
                 self.send(ServerFrame::Subscribed {
+                    epoch: 0,
+                    recovered: None,
                     id,
                     room: RoomName::new(room).unwrap(),
                     seq,
@@ -125,6 +129,7 @@ impl Peer {
 
     async fn event(&mut self, room: &str, seq: u64) {
         self.send(ServerFrame::Event(Event {
+            epoch: None,
             room: RoomName::new(room).unwrap(),
             event: EventName::new("tick").unwrap(),
             data: Payload::encode(&seq).unwrap(),
@@ -136,6 +141,7 @@ impl Peer {
     /// Ends the session the way the broker does: `Close` frame, then a WebSocket close.
     async fn close(&mut self, code: Code, reason: &str) {
         self.send(ServerFrame::Close {
+            retry_after_ms: None,
             code,
             reason: reason.into(),
             reconnect: code.should_retry(),
@@ -197,6 +203,7 @@ async fn subscribe_resolves_with_start_seq_and_events_arrive_in_order() {
                 event,
                 data,
                 ack,
+                ..
             } => {
                 assert_eq!(
                     (room.as_str(), event.as_str(), ack),
@@ -425,7 +432,7 @@ async fn broker_errors_are_returned_and_the_session_goes_on() {
     let (url, broker) = fake_broker(|mut peer| async move {
         peer.handshake().await;
         match peer.recv().await {
-            ClientFrame::Subscribe { id, room } => {
+            ClientFrame::Subscribe { id, room, .. } => {
                 assert_eq!(room, "bad room");
                 peer.send(ServerFrame::Error {
                     id: Some(id),

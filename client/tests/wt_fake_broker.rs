@@ -81,6 +81,7 @@ impl RoomStream {
 
 fn event(room: &str, seq: u64) -> ServerFrame {
     ServerFrame::Event(Event {
+        epoch: None,
         room: RoomName::new(room).unwrap(),
         event: EventName::new("tick").unwrap(),
         data: Payload::encode(&seq).unwrap(),
@@ -154,11 +155,15 @@ impl Peer {
     /// Expects `Subscribe` for `room`, opens the room's stream and confirms on it at `seq`.
     async fn accept_subscribe(&mut self, room: &str, seq: u64) -> RoomStream {
         match self.recv().await {
-            ClientFrame::Subscribe { id, room: asked } => {
+            ClientFrame::Subscribe {
+                id, room: asked, ..
+            } => {
                 assert_eq!(asked, room);
                 let mut stream = self.open_room_stream().await;
                 stream
                     .send(ServerFrame::Subscribed {
+                        epoch: 0,
+                        recovered: None,
                         id,
                         room: RoomName::new(room).unwrap(),
                         seq,
@@ -191,6 +196,7 @@ impl Peer {
     /// acknowledged first, since closing a QUIC connection discards unsent stream data.
     async fn close(mut self, code: Code, reason: &str, reconnect: bool) {
         self.send(ServerFrame::Close {
+            retry_after_ms: None,
             code,
             reason: reason.into(),
             reconnect,

@@ -73,6 +73,8 @@ codes! {
     PayloadTooLarge = 4109, "payload_too_large", false, false;
     /// `data` does not match the schema the namespace configures for the event.
     SchemaMismatch = 4110, "schema_mismatch", false, false;
+    /// `Publish`: the idempotency key is empty or longer than 64 bytes.
+    InvalidKey = 4111, "invalid_key", false, false;
     /// The broker cannot carry the request right now (cluster mode: not connected to NATS, or
     /// its publish queue is full); nothing was done, the same request may succeed later.
     Unavailable = 4503, "unavailable", false, true;

@@ -61,12 +61,21 @@ pub mod key {
     pub const TOKEN: u64 = 15;
     /// Silence after which the broker closes the session, in milliseconds (uint).
     pub const IDLE_TIMEOUT: u64 = 16;
-    /// `Error`: milliseconds after which the same request may succeed (uint).
+    /// `Error`: milliseconds after which the same request may succeed; `Close`: milliseconds
+    /// to wait before reconnecting (uint).
     pub const RETRY_AFTER: u64 = 17;
+    /// History epoch of a room: changes whenever the continuity of its `seq` is lost (uint).
+    pub const EPOCH: u64 = 18;
+    /// `Subscribed`: whether the position in `Subscribe` was recovered (bool).
+    pub const RECOVERED: u64 = 19;
+    /// `Publish`: idempotency key, 1–64 bytes of text.
+    pub const KEY: u64 = 20;
+    /// `Conflation`: whether the subscriber's events of the room are being conflated (bool).
+    pub const CONFLATED: u64 = 21;
 }
 
 /// Frame type values (key 0). Client frames take 1–15, broker frames 16–31; the values in
-/// use (1–6, 16–23) each encode in one byte.
+/// use (1–6, 16–24) each encode in one byte.
 pub mod kind {
     /// Client: open the session.
     pub const HELLO: u64 = 1;
@@ -96,6 +105,20 @@ pub mod kind {
     pub const PONG: u64 = 22;
     /// Broker: the session ends.
     pub const CLOSE: u64 = 23;
+    /// Broker: a room's events to this subscriber are (no longer) being conflated.
+    pub const CONFLATION: u64 = 24;
+}
+
+/// Longest idempotency key a `Publish` may carry, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 64;
+
+/// A place in a room's event stream: the event with `seq` in history `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// Identifies one continuous numbering of the room's events.
+    pub epoch: u64,
+    /// Sequence number of the last event seen (0: none yet).
+    pub seq: u64,
 }
 
 /// A frame sent by a client. Names are raw strings here: the session validates them.
@@ -114,6 +137,8 @@ pub enum ClientFrame {
         id: u64,
         /// Room name (unvalidated).
         room: String,
+        /// Last position the client saw: replay what came after it (recovery).
+        since: Option<Position>,
     },
     /// Leaves a room.
     Unsubscribe {
@@ -134,6 +159,8 @@ pub enum ClientFrame {
         data: Bytes,
         /// Whether the client wants an `Ack`.
         ack: bool,
+        /// Idempotency key: a retry with the same key is not delivered twice (unvalidated).
+        key: Option<String>,
     },
     /// Keepalive; answered by `Pong` with the same id.
     Ping {
@@ -177,6 +204,8 @@ pub struct Event {
     pub data: Payload,
     /// Per-room sequence number assigned by the broker.
     pub seq: u64,
+    /// History epoch of `seq`, for rooms that keep history.
+    pub epoch: Option<u64>,
 }
 
 /// A frame sent by the broker.
@@ -184,15 +213,19 @@ pub struct Event {
 pub enum ServerFrame {
     /// Session accepted.
     Welcome(Welcome),
-    /// Subscription confirmed; `seq` is the room's last sequence number at that moment, so the
-    /// first event the subscriber sees has a larger one.
+    /// Subscription confirmed; `seq` is the position the events that follow continue from:
+    /// the room's last sequence number at that moment, or the recovered `since.seq`.
     Subscribed {
         /// Id of the `Subscribe`.
         id: u64,
         /// The room.
         room: RoomName,
-        /// Room position when the subscription started.
+        /// Room position the following events continue from.
         seq: u64,
+        /// The room's history epoch (0: the room keeps no history).
+        epoch: u64,
+        /// Present when the `Subscribe` carried `since`: whether every event after it follows.
+        recovered: Option<bool>,
     },
     /// Unsubscription confirmed; no event of the room follows.
     Unsubscribed {
@@ -234,6 +267,16 @@ pub enum ServerFrame {
         reason: String,
         /// Should the client reconnect.
         reconnect: bool,
+        /// Milliseconds to wait before reconnecting (spreads a drain's reconnects).
+        retry_after_ms: Option<u64>,
+    },
+    /// The subscriber fell behind in a conflating room (`active: true`): until it catches up
+    /// (`active: false`) it receives only the latest event per conflation key.
+    Conflation {
+        /// The room.
+        room: RoomName,
+        /// Whether conflation is now on.
+        active: bool,
     },
 }
 
@@ -291,6 +334,12 @@ impl ClientFrame {
             },
             kind::SUBSCRIBE => ClientFrame::Subscribe {
                 id: f.id.ok_or(missing("Subscribe", "id"))?,
+                since: match (f.epoch, f.seq) {
+                    (Some(epoch), Some(seq)) => Some(Position { epoch, seq }),
+                    (None, None) => None,
+                    (None, Some(_)) => return Err(missing("Subscribe", "epoch")),
+                    (Some(_), None) => return Err(missing("Subscribe", "seq")),
+                },
                 room: f.room.ok_or(missing("Subscribe", "room"))?,
             },
             kind::UNSUBSCRIBE => ClientFrame::Unsubscribe {
@@ -303,6 +352,7 @@ impl ClientFrame {
                 event: f.event.ok_or(missing("Publish", "event"))?,
                 data: f.data.ok_or(missing("Publish", "data"))?,
                 ack: f.ack.unwrap_or(false),
+                key: f.key,
             },
             kind::PING => ClientFrame::Ping { id: f.id },
             kind::REFRESH => ClientFrame::Refresh {
@@ -349,6 +399,8 @@ impl ServerFrame {
                 id: f.id.ok_or(missing("Subscribed", "id"))?,
                 room: room("Subscribed")?,
                 seq: f.seq.ok_or(missing("Subscribed", "seq"))?,
+                epoch: f.epoch.ok_or(missing("Subscribed", "epoch"))?,
+                recovered: f.recovered,
             },
             kind::UNSUBSCRIBED => ServerFrame::Unsubscribed {
                 id: f.id.ok_or(missing("Unsubscribed", "id"))?,
@@ -362,6 +414,7 @@ impl ServerFrame {
                     event: EventName::new(event).map_err(|e| invalid("event", e))?,
                     data: Payload::new(data, limits).map_err(|e| invalid("data", e))?,
                     seq: f.seq.ok_or(missing("Event", "seq"))?,
+                    epoch: f.epoch,
                 })
             }
             kind::ACK => ServerFrame::Ack {
@@ -379,6 +432,11 @@ impl ServerFrame {
                 code: code("Close")?,
                 reason: f.message.clone().unwrap_or_default(),
                 reconnect: f.reconnect.unwrap_or(false),
+                retry_after_ms: f.retry_after,
+            },
+            kind::CONFLATION => ServerFrame::Conflation {
+                room: room("Conflation")?,
+                active: f.conflated.ok_or(missing("Conflation", "conflated"))?,
             },
             other => {
                 return Err(DecodeError::UnknownType {
@@ -392,12 +450,19 @@ impl ServerFrame {
 
 /// Encodes an `Event` frame straight from borrowed parts: the fan-out path calls this once per
 /// publish and shares the result with every subscriber.
-pub fn encode_event(room: &RoomName, event: &EventName, data: &Payload, seq: u64) -> Bytes {
+pub fn encode_event(
+    room: &RoomName,
+    event: &EventName,
+    data: &Payload,
+    seq: u64,
+    epoch: Option<u64>,
+) -> Bytes {
     encode(&EventRef {
         room,
         event,
         data,
         seq,
+        epoch,
     })
 }
 
@@ -494,9 +559,15 @@ impl Serialize for ClientFrame {
                     None => e,
                 }
             }
-            ClientFrame::Subscribe { id, room } => Entries::new(kind::SUBSCRIBE)
-                .uint(key::ID, *id)
-                .text(key::ROOM, room),
+            ClientFrame::Subscribe { id, room, since } => {
+                let e = Entries::new(kind::SUBSCRIBE)
+                    .uint(key::ID, *id)
+                    .text(key::ROOM, room);
+                match since {
+                    Some(p) => e.uint(key::SEQ, p.seq).uint(key::EPOCH, p.epoch),
+                    None => e,
+                }
+            }
             ClientFrame::Unsubscribe { id, room } => Entries::new(kind::UNSUBSCRIBE)
                 .uint(key::ID, *id)
                 .text(key::ROOM, room),
@@ -506,13 +577,18 @@ impl Serialize for ClientFrame {
                 event,
                 data,
                 ack,
+                key,
             } => {
                 let e = Entries::new(kind::PUBLISH)
                     .uint(key::ID, *id)
                     .text(key::ROOM, room)
                     .text(key::EVENT, event)
                     .bytes(key::DATA, data);
-                if *ack { e.bool(key::ACK, true) } else { e }
+                let e = if *ack { e.bool(key::ACK, true) } else { e };
+                match key {
+                    Some(k) => e.text(key::KEY, k),
+                    None => e,
+                }
             }
             ClientFrame::Ping { id } => Entries::new(kind::PING).opt_uint(key::ID, *id),
             ClientFrame::Refresh { id, token } => Entries::new(kind::REFRESH)
@@ -533,10 +609,23 @@ impl Serialize for ServerFrame {
                 .uint(key::MAX_FRAME, w.max_frame_size)
                 .uint(key::PING_INTERVAL, w.ping_interval_ms)
                 .uint(key::IDLE_TIMEOUT, w.idle_timeout_ms),
-            ServerFrame::Subscribed { id, room, seq } => Entries::new(kind::SUBSCRIBED)
-                .uint(key::ID, *id)
-                .text(key::ROOM, room.as_str())
-                .uint(key::SEQ, *seq),
+            ServerFrame::Subscribed {
+                id,
+                room,
+                seq,
+                epoch,
+                recovered,
+            } => {
+                let e = Entries::new(kind::SUBSCRIBED)
+                    .uint(key::ID, *id)
+                    .text(key::ROOM, room.as_str())
+                    .uint(key::SEQ, *seq)
+                    .uint(key::EPOCH, *epoch);
+                match recovered {
+                    Some(r) => e.bool(key::RECOVERED, *r),
+                    None => e,
+                }
+            }
             ServerFrame::Unsubscribed { id, room } => Entries::new(kind::UNSUBSCRIBED)
                 .uint(key::ID, *id)
                 .text(key::ROOM, room.as_str()),
@@ -546,6 +635,7 @@ impl Serialize for ServerFrame {
                     event: &e.event,
                     data: &e.data,
                     seq: e.seq,
+                    epoch: e.epoch,
                 }
                 .serialize(s);
             }
@@ -567,10 +657,15 @@ impl Serialize for ServerFrame {
                 code,
                 reason,
                 reconnect,
+                retry_after_ms,
             } => Entries::new(kind::CLOSE)
                 .uint(key::CODE, code.value().into())
                 .text(key::MESSAGE, reason)
-                .bool(key::RECONNECT, *reconnect),
+                .bool(key::RECONNECT, *reconnect)
+                .opt_uint(key::RETRY_AFTER, *retry_after_ms),
+            ServerFrame::Conflation { room, active } => Entries::new(kind::CONFLATION)
+                .text(key::ROOM, room.as_str())
+                .bool(key::CONFLATED, *active),
         }
         .write(s)
     }
@@ -582,16 +677,21 @@ struct EventRef<'a> {
     event: &'a EventName,
     data: &'a Payload,
     seq: u64,
+    epoch: Option<u64>,
 }
 
 impl Serialize for EventRef<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut map = s.serialize_map(Some(5))?;
+        let len = if self.epoch.is_some() { 6 } else { 5 };
+        let mut map = s.serialize_map(Some(len))?;
         map.serialize_entry(&key::TYPE, &kind::EVENT)?;
         map.serialize_entry(&key::ROOM, self.room.as_str())?;
         map.serialize_entry(&key::EVENT, self.event.as_str())?;
         map.serialize_entry(&key::DATA, &ByteString(self.data.as_bytes()))?;
         map.serialize_entry(&key::SEQ, &self.seq)?;
+        if let Some(epoch) = &self.epoch {
+            map.serialize_entry(&key::EPOCH, epoch)?;
+        }
         map.end()
     }
 }
@@ -617,6 +717,10 @@ struct Fields {
     token: Option<String>,
     idle_timeout: Option<u64>,
     retry_after: Option<u64>,
+    epoch: Option<u64>,
+    recovered: Option<bool>,
+    key: Option<String>,
+    conflated: Option<bool>,
 }
 
 impl Fields {
@@ -704,6 +808,10 @@ impl<'de> Deserialize<'de> for FieldsOrDup {
                         key::TOKEN => f.token = Some(map.next_value()?),
                         key::IDLE_TIMEOUT => f.idle_timeout = Some(map.next_value()?),
                         key::RETRY_AFTER => f.retry_after = Some(map.next_value()?),
+                        key::EPOCH => f.epoch = Some(map.next_value()?),
+                        key::RECOVERED => f.recovered = Some(map.next_value()?),
+                        key::KEY => f.key = Some(map.next_value()?),
+                        key::CONFLATED => f.conflated = Some(map.next_value()?),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
@@ -749,6 +857,7 @@ mod tests {
                 token: Some("t".into()),
             },
             ClientFrame::Subscribe {
+                since: None,
                 id: 1,
                 room: "orders:1042".into(),
             },
@@ -757,6 +866,7 @@ mod tests {
                 room: "orders:1042".into(),
             },
             ClientFrame::Publish {
+                key: None,
                 id: 2,
                 room: "orders:1042".into(),
                 event: "status".into(),
@@ -764,6 +874,7 @@ mod tests {
                 ack: true,
             },
             ClientFrame::Publish {
+                key: None,
                 id: 0,
                 room: "gps:7".into(),
                 event: "pos".into(),
@@ -795,6 +906,8 @@ mod tests {
                 idle_timeout_ms: 60_000,
             }),
             ServerFrame::Subscribed {
+                epoch: 0,
+                recovered: None,
                 id: 1,
                 room: room("a:b"),
                 seq: 0,
@@ -804,6 +917,7 @@ mod tests {
                 room: room("a:b"),
             },
             ServerFrame::Event(Event {
+                epoch: None,
                 room: room("a:b"),
                 event: EventName::new("e").unwrap(),
                 data: Payload::new(Bytes::from_static(&[0x80]), PayloadLimits::default()).unwrap(),
@@ -834,6 +948,7 @@ mod tests {
             },
             ServerFrame::Pong { id: Some(1) },
             ServerFrame::Close {
+                retry_after_ms: None,
                 code: Code::SlowConsumer,
                 reason: "slow".into(),
                 reconnect: true,
@@ -853,12 +968,13 @@ mod tests {
         let data = Payload::encode(&"hi").unwrap();
         let (r, e) = (room("a:b"), EventName::new("e").unwrap());
         let frame = ServerFrame::Event(Event {
+            epoch: None,
             room: r.clone(),
             event: e.clone(),
             data: data.clone(),
             seq: 42,
         });
-        assert_eq!(encode_event(&r, &e, &data, 42), frame.encode());
+        assert_eq!(encode_event(&r, &e, &data, 42, None), frame.encode());
     }
 
     #[test]
@@ -937,7 +1053,7 @@ mod tests {
         // A 100-byte payload: a byte string of 98 bytes.
         let payload = Payload::encode(&ByteStringOwned(vec![0u8; 98])).unwrap();
         assert_eq!(payload.len(), 100);
-        let frame = encode_event(&r, &e, &payload, 70_000);
+        let frame = encode_event(&r, &e, &payload, 70_000, None);
         let overhead = frame.len() - r.as_str().len() - e.as_str().len() - payload.len();
         assert!(overhead <= 16, "envelope overhead {overhead} bytes");
     }

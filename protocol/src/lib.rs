@@ -21,7 +21,7 @@ pub mod session;
 pub mod stream;
 
 pub use code::Code;
-pub use frame::{ClientFrame, DecodeError, ServerFrame};
+pub use frame::{ClientFrame, DecodeError, Position, ServerFrame};
 pub use name::{EventName, NameError, RoomName};
 pub use payload::{Payload, PayloadError, PayloadLimits};
 pub use session::{Action, ServerSession, SessionConfig};

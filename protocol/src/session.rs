@@ -16,7 +16,7 @@ use bytes::Bytes;
 use crate::{
     PROTOCOL_VERSION,
     code::Code,
-    frame::{ClientFrame, DecodeError, ServerFrame, Welcome},
+    frame::{ClientFrame, DecodeError, MAX_IDEMPOTENCY_KEY_LEN, Position, ServerFrame, Welcome},
     name::{EventName, RoomName},
     payload::{Payload, PayloadLimits},
 };
@@ -145,12 +145,15 @@ pub enum Action {
     None,
     /// Send this frame to the client.
     Send(ServerFrame),
-    /// Add the session to `room`, then confirm with `Subscribed { id, room, seq }`.
+    /// Add the session to `room`, then confirm with `Subscribed`; with `since`, replay the
+    /// events after that position first when the room's history still holds them.
     Subscribe {
         /// Request id.
         id: u64,
         /// The room.
         room: RoomName,
+        /// Position to recover from.
+        since: Option<Position>,
     },
     /// Remove the session from `room`, then confirm with `Unsubscribed { id, room }`.
     Unsubscribe {
@@ -171,6 +174,8 @@ pub enum Action {
         data: Payload,
         /// Whether to send `Ack`.
         ack: bool,
+        /// Idempotency key (1–64 bytes), if the client gave one.
+        key: Option<String>,
     },
     /// Send `Close` with this code and reason, then close the transport. The session is over:
     /// leave every room in [`ServerSession::subscriptions`].
@@ -206,6 +211,7 @@ pub fn close_frame(code: Code, reason: &str) -> ServerFrame {
         code,
         reason: reason.to_owned(),
         reconnect: code.should_retry(),
+        retry_after_ms: None,
     }
 }
 
@@ -397,7 +403,7 @@ impl ServerSession {
 
     fn request(&mut self, frame: ClientFrame, now: Instant, gate: &mut impl Gate) -> Action {
         match frame {
-            ClientFrame::Subscribe { id, room } => {
+            ClientFrame::Subscribe { id, room, since } => {
                 let room = match RoomName::new(&room) {
                     Ok(room) => room,
                     Err(e) => return Action::error(Some(id), Code::InvalidRoom, e),
@@ -414,7 +420,7 @@ impl ServerSession {
                     );
                 }
                 self.subscriptions.insert(room.clone());
-                Action::Subscribe { id, room }
+                Action::Subscribe { id, room, since }
             }
             ClientFrame::Unsubscribe { id, room } => {
                 let room = match RoomName::new(&room) {
@@ -436,7 +442,20 @@ impl ServerSession {
                 event,
                 data,
                 ack,
-            } => self.publish(id, &room, &event, data, ack, now, gate),
+                key,
+            } => {
+                if key
+                    .as_ref()
+                    .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN)
+                {
+                    return Action::error(
+                        Some(id),
+                        Code::InvalidKey,
+                        format!("idempotency key must be 1-{MAX_IDEMPOTENCY_KEY_LEN} bytes"),
+                    );
+                }
+                self.publish(id, &room, &event, data, ack, key, now, gate)
+            }
             ClientFrame::Ping { id } => Action::Send(ServerFrame::Pong { id }),
             ClientFrame::Refresh { id, token } => {
                 match gate.check(Request::Refresh { token: &token }, now) {
@@ -458,6 +477,7 @@ impl ServerSession {
         event: &str,
         data: Bytes,
         ack: bool,
+        key: Option<String>,
         now: Instant,
         gate: &mut impl Gate,
     ) -> Action {
@@ -488,6 +508,7 @@ impl ServerSession {
             event,
             data,
             ack,
+            key,
         }
     }
 
@@ -537,6 +558,7 @@ mod tests {
 
     fn subscribe(id: u64, room: &str) -> Bytes {
         ClientFrame::Subscribe {
+            since: None,
             id,
             room: room.into(),
         }
@@ -613,6 +635,7 @@ mod tests {
         assert_eq!(
             s.handle_frame(&subscribe(1, "orders:1"), now, 0),
             Action::Subscribe {
+                since: None,
                 id: 1,
                 room: RoomName::new("orders:1").unwrap()
             }
@@ -642,6 +665,7 @@ mod tests {
         );
         let publish = |event: &str, data: &'static [u8]| {
             ClientFrame::Publish {
+                key: None,
                 id: 4,
                 room: "a:b".into(),
                 event: event.into(),
@@ -792,6 +816,7 @@ mod tests {
             Action::Subscribe { .. }
         ));
         let publish = ClientFrame::Publish {
+            key: None,
             id: 4,
             room: "ok:1".into(),
             event: "e".into(),

@@ -120,6 +120,7 @@ fn position() -> Payload {
 /// Every vector the document must hold, by name.
 fn vectors() -> Vec<(&'static str, Want)> {
     let publish_gps = ClientFrame::Publish {
+        key: None,
         id: 0,
         room: "gps:7".into(),
         event: "pos".into(),
@@ -152,6 +153,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
         (
             "subscribe",
             Want::Client(ClientFrame::Subscribe {
+                since: None,
                 id: 1,
                 room: "orders:1042".into(),
             }),
@@ -166,6 +168,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
         (
             "publish-ack",
             Want::Client(ClientFrame::Publish {
+                key: None,
                 id: 3,
                 room: "orders:1042".into(),
                 event: "status".into(),
@@ -236,6 +239,8 @@ fn vectors() -> Vec<(&'static str, Want)> {
         (
             "subscribed",
             Want::Server(ServerFrame::Subscribed {
+                epoch: 0,
+                recovered: None,
                 id: 1,
                 room: room("orders:1042"),
                 seq: 41,
@@ -251,6 +256,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
         (
             "event",
             Want::Server(ServerFrame::Event(Event {
+                epoch: None,
                 room: room("orders:1042"),
                 event: event("status"),
                 data: shipped(),
@@ -300,6 +306,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
         (
             "close",
             Want::Server(ServerFrame::Close {
+                retry_after_ms: None,
                 code: Code::SlowConsumer,
                 reason: "outbound queue over its byte cap".into(),
                 reconnect: true,
@@ -308,6 +315,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
         (
             "close-normal",
             Want::Server(ServerFrame::Close {
+                retry_after_ms: None,
                 code: Code::Normal,
                 reason: "bye".into(),
                 reconnect: false,
@@ -319,6 +327,7 @@ fn vectors() -> Vec<(&'static str, Want)> {
             Want::ServerLenient(
                 cbor(&m(vec![(u(0), u(kind::CLOSE)), (u(7), u(4000))])),
                 ServerFrame::Close {
+                    retry_after_ms: None,
                     code: Code::Normal,
                     reason: String::new(),
                     reconnect: false,
@@ -962,7 +971,7 @@ fn formula(room: usize, event: usize, data: usize, seq: u64) -> usize {
 }
 
 fn overhead(r: &RoomName, e: &EventName, p: &Payload, seq: u64) -> (usize, usize) {
-    let frame = encode_event(r, e, p, seq);
+    let frame = encode_event(r, e, p, seq, None);
     (
         frame.len(),
         frame.len() - r.as_str().len() - e.as_str().len() - p.len(),
@@ -1131,6 +1140,7 @@ fn vectors_cover_every_frame_variant() {
                 ServerFrame::Error { id, .. } => format!("Error id={}", id.is_some()),
                 ServerFrame::Pong { id } => format!("Pong id={}", id.is_some()),
                 ServerFrame::Close { reconnect, .. } => format!("Close reconnect={reconnect}"),
+                ServerFrame::Conflation { .. } => "Conflation".into(),
             },
             Want::ClientInvalid(_, e) | Want::ServerInvalid(_, e) => {
                 format!("invalid {}", e.split(' ').next().unwrap_or(e))

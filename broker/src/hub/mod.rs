@@ -89,6 +89,8 @@ impl Default for Hub {
 fn subscribed(room: &RoomName, id: u64, seq: u64, room_id: u64) -> Outgoing {
     Outgoing {
         frame: ServerFrame::Subscribed {
+            epoch: 0,
+            recovered: None,
             id,
             room: room.clone(),
             seq,
@@ -299,7 +301,7 @@ impl Hub {
         } else {
             Lane::Room(id)
         };
-        let frame: Bytes = encode_event(room, event, data, seq);
+        let frame: Bytes = encode_event(room, event, data, seq, None);
         let before = state.subscribers.len();
         let mut delivery = Delivery {
             seq: Some(seq),
@@ -491,6 +493,8 @@ mod tests {
         assert_eq!(
             drain(&a),
             vec![ServerFrame::Subscribed {
+                epoch: 0,
+                recovered: None,
                 id: 8,
                 room: r.clone(),
                 seq: 1
@@ -525,6 +529,8 @@ mod tests {
             drain(&a),
             vec![
                 ServerFrame::Subscribed {
+                    epoch: 0,
+                    recovered: None,
                     id: 3,
                     room: r.clone(),
                     seq: 0

@@ -126,6 +126,7 @@ impl RawConn {
     /// Subscribes and waits for Subscribed; returns its seq.
     pub async fn subscribe(&mut self, id: u64, room: &str) -> u64 {
         self.send(ClientFrame::Subscribe {
+            since: None,
             id,
             room: room.into(),
         })

@@ -181,6 +181,7 @@ impl RawWt {
     /// Subscribes; returns the room's stream, whose first frame (Subscribed) was checked.
     pub async fn subscribe(&mut self, id: u64, room: &str) -> FrameStream {
         self.send(ClientFrame::Subscribe {
+            since: None,
             id,
             room: room.into(),
         })
