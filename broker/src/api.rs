@@ -154,7 +154,7 @@ mod publish {
         http::{HeaderMap, StatusCode, header},
         response::{IntoResponse, Response},
     };
-    use roomcast_protocol::{Code, EventName, Payload, RoomName};
+    use roomcast_protocol::{Code, EventName, Payload, RoomName, frame::MAX_IDEMPOTENCY_KEY_LEN};
     use sha2::{Digest, Sha256};
 
     use crate::server::Shared;
@@ -165,6 +165,8 @@ mod publish {
         room: String,
         event: String,
         data: serde_json::Value,
+        #[serde(default)]
+        key: Option<String>,
     }
 
     /// The CBOR body: a map with text keys; `data` is any CBOR item.
@@ -173,6 +175,8 @@ mod publish {
         room: String,
         event: String,
         data: ciborium::Value,
+        #[serde(default)]
+        key: Option<String>,
     }
 
     fn answer(status: StatusCode, body: serde_json::Value) -> Response {
@@ -236,13 +240,13 @@ mod publish {
             .unwrap_or("")
             .trim()
             .to_ascii_lowercase();
-        let (room, event, data) = match content_type.as_str() {
+        let (room, event, data, key) = match content_type.as_str() {
             "application/json" => match serde_json::from_slice::<JsonBody>(&body) {
-                Ok(b) => (b.room, b.event, Payload::encode(&b.data)),
+                Ok(b) => (b.room, b.event, Payload::encode(&b.data), b.key),
                 Err(e) => return bad_request(&format!("JSON body: {e}")),
             },
             "application/cbor" => match ciborium::from_reader::<CborBody, _>(&body[..]) {
-                Ok(b) => (b.room, b.event, Payload::encode(&b.data)),
+                Ok(b) => (b.room, b.event, Payload::encode(&b.data), b.key),
                 Err(e) => return bad_request(&format!("CBOR body: {e}")),
             },
             _ => {
@@ -253,6 +257,23 @@ mod publish {
                     .into_response();
             }
         };
+        // The `Idempotency-Key` header stands in for a body without `key`.
+        let key = key.or_else(|| {
+            headers
+                .get("idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        });
+        if key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN)
+        {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidKey,
+                "idempotency key must be 1-64 bytes",
+            );
+        }
         let room = match RoomName::new(&room) {
             Ok(room) => room,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidRoom, &e.to_string()),
@@ -269,13 +290,20 @@ mod publish {
             Ok(data) => data,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidPayload, &e),
         };
-        match shared.bridge.publish(&shared.hub, &room, &event, &data) {
+        match shared
+            .bridge
+            .publish(&shared.hub, &room, &event, &data, key.as_deref())
+        {
             Ok(delivery) => {
                 shared.metrics.events_in.inc();
                 shared.metrics.events_out.inc_by(delivery.delivered as u64);
                 let mut body = serde_json::json!({"ok": true});
                 if let Some(seq) = delivery.seq {
                     body["seq"] = seq.into();
+                }
+                if delivery.duplicate {
+                    shared.metrics.duplicates.inc();
+                    body["duplicate"] = true.into();
                 }
                 answer(StatusCode::OK, body)
             }

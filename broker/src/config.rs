@@ -48,9 +48,41 @@ pub struct Config {
     #[arg(long, env = "ROOMCAST_OUTBOUND_QUEUE_BYTES", default_value_t = 512 * 1024)]
     pub outbound_queue_bytes: usize,
 
-    /// On shutdown, how long sessions get to receive their Close frame before being dropped.
+    /// On shutdown, how long sessions get to receive their Close frame before being dropped
+    /// (counted after the drain window).
     #[arg(long, env = "ROOMCAST_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub drain_timeout: Duration,
+
+    /// On shutdown, sessions are closed (with `shutting_down`, reconnect) at random moments
+    /// spread over this window, each told to wait a further random 0–500 ms before
+    /// reconnecting, so their reconnects do not hit the other nodes at once. They keep being
+    /// served until their moment. `0s` closes every session at once.
+    #[arg(long, env = "ROOMCAST_DRAIN_WINDOW", default_value = "5s", value_parser = duration)]
+    pub drain_window: Duration,
+
+    /// Default history of reliable rooms, in events (0: no history, no recovery). A namespace
+    /// of the `--config` file may set its own (`history_events`).
+    #[arg(long, env = "ROOMCAST_HISTORY_EVENTS", default_value_t = 256)]
+    pub history_events: usize,
+
+    /// Default history of reliable rooms, in bytes of encoded events per room (the newest
+    /// event is always kept).
+    #[arg(long, env = "ROOMCAST_HISTORY_BYTES", default_value_t = 128 * 1024)]
+    pub history_bytes: usize,
+
+    /// Default age limit of a room's history; a room without subscribers is kept this long
+    /// after its newest event so a returning client can recover.
+    #[arg(long, env = "ROOMCAST_HISTORY_TTL", default_value = "5m", value_parser = duration)]
+    pub history_ttl: Duration,
+
+    /// Bytes all room histories together may hold (embedded mode); beyond it rooms give up
+    /// their oldest events first.
+    #[arg(long, env = "ROOMCAST_HISTORY_MEMORY", default_value_t = 256 << 20)]
+    pub history_memory: usize,
+
+    /// How long a publish's idempotency key is remembered in its room (0s: keys are ignored).
+    #[arg(long, env = "ROOMCAST_DEDUP_WINDOW", default_value = "2m", value_parser = duration)]
+    pub dedup_window: Duration,
 
     /// Namespaces whose rooms are volatile (comma-separated, e.g. `ticker,gps`): their events
     /// travel as QUIC datagrams on WebTransport when they fit, may be lost, and are dropped
@@ -223,6 +255,12 @@ impl Default for Config {
             hello_timeout: session.hello_timeout,
             outbound_queue_bytes: 512 * 1024,
             drain_timeout: Duration::from_secs(5),
+            drain_window: Duration::from_secs(5),
+            history_events: 256,
+            history_bytes: 128 * 1024,
+            history_ttl: Duration::from_secs(300),
+            history_memory: 256 << 20,
+            dedup_window: Duration::from_secs(120),
             ws_read_buffer: 512,
             volatile_namespaces: Vec::new(),
             wt_single_stream: false,

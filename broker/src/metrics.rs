@@ -32,8 +32,12 @@ pub struct Metrics {
     pub sessions_opened: Family<TransportLabel, Counter>,
     /// Active subscriptions (session × room).
     pub subscriptions: Gauge,
-    /// Rooms with at least one local subscriber.
+    /// Rooms in the hub: with a local subscriber, or kept for their history.
     pub rooms: Gauge,
+    /// Bytes held by room histories.
+    pub history_bytes: Gauge,
+    /// Publishes dropped as repeats of an idempotency key.
+    pub duplicates: Counter,
     /// Events accepted from publishers.
     pub events_in: Counter,
     /// Event deliveries queued to subscribers.
@@ -88,6 +92,8 @@ impl Metrics {
             sessions_opened: Family::default(),
             subscriptions: Gauge::default(),
             rooms: Gauge::default(),
+            history_bytes: Gauge::default(),
+            duplicates: Counter::default(),
             events_in: Counter::default(),
             events_out: Counter::default(),
             slow_consumers: Counter::default(),
@@ -107,7 +113,21 @@ impl Metrics {
             "Active subscriptions",
             m.subscriptions.clone(),
         );
-        registry.register("rooms", "Rooms with local subscribers", m.rooms.clone());
+        registry.register(
+            "rooms",
+            "Rooms with local subscribers or kept for their history",
+            m.rooms.clone(),
+        );
+        registry.register(
+            "history_bytes",
+            "Bytes held by room histories",
+            m.history_bytes.clone(),
+        );
+        registry.register(
+            "duplicate_publishes",
+            "Publishes dropped as repeats of an idempotency key",
+            m.duplicates.clone(),
+        );
         registry.register(
             "events_in",
             "Events accepted from publishers",

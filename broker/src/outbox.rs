@@ -215,6 +215,11 @@ impl Outbox {
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
     }
+
+    /// Bytes that may still be queued before the cap is reached.
+    pub fn free_bytes(&self) -> usize {
+        self.cap_bytes.saturating_sub(self.lock().bytes)
+    }
 }
 
 #[cfg(test)]

@@ -95,6 +95,19 @@ pub struct NamespacePolicy {
     /// are not checked. Parsed once when the file is loaded. Default none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub schemas: BTreeMap<String, String>,
+    /// History kept per room for recovery, in events (0: none). Default `--history-events`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_events: Option<usize>,
+    /// History kept per room, in bytes of encoded events. Default `--history-bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_bytes: Option<usize>,
+    /// Age limit of the history, in seconds. Default `--history-ttl`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_ttl_secs: Option<u64>,
+    /// How long publishes' idempotency keys are remembered, in seconds (0: ignored). Default
+    /// `--dedup-window`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup_window_secs: Option<u64>,
 }
 
 fn default_subscribe() -> SubscribeRule {
@@ -114,6 +127,10 @@ impl NamespacePolicy {
             volatile: false,
             max_payload_bytes: None,
             schemas: BTreeMap::new(),
+            history_events: None,
+            history_bytes: None,
+            history_ttl_secs: None,
+            dedup_window_secs: None,
         }
     }
 }
@@ -312,6 +329,11 @@ impl FileConfig {
                 )
             }),
         }
+    }
+
+    /// Every namespace the file names, with its policy.
+    pub fn namespaces(&self) -> impl Iterator<Item = (&str, &NamespacePolicy)> {
+        self.namespaces.iter().map(|(name, p)| (name.as_str(), p))
     }
 
     /// Namespaces whose rooms are volatile.

@@ -7,6 +7,7 @@
 //! the drain timeout.
 
 use std::{
+    collections::HashMap,
     future::Future,
     net::SocketAddr,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -41,8 +42,9 @@ use crate::{
     cluster::{Bridge, InProcess, nats::NatsBridge},
     config::Config,
     gate::Security,
-    hub::{Hub, SessionKey},
+    hub::{HistoryLimits, Hub, RoomRule, RoomRules, SessionKey},
     metrics::Metrics,
+    policy::NamespacePolicy,
     session,
     transport::wt,
 };
@@ -102,6 +104,62 @@ pub fn exposure_warning(config: &Config, security: &Security) -> Option<&'static
     )
 }
 
+/// How the hub treats each namespace: `--volatile-namespaces`, the history and dedup flags,
+/// and the `--config` file's namespace sections (which override the flags).
+fn room_rules(config: &Config, security: &Security) -> RoomRules {
+    let clustered = !config.cluster.nats.is_empty();
+    let merge = |base: RoomRule, policy: Option<&NamespacePolicy>| -> RoomRule {
+        let Some(p) = policy else { return base };
+        if p.volatile {
+            return RoomRule::VOLATILE;
+        }
+        let mut rule = base;
+        if !clustered {
+            rule.history.events = p.history_events.unwrap_or(rule.history.events);
+            rule.history.bytes = p.history_bytes.unwrap_or(rule.history.bytes);
+            if let Some(secs) = p.history_ttl_secs {
+                rule.history.ttl = Duration::from_secs(secs);
+            }
+        }
+        if let Some(secs) = p.dedup_window_secs {
+            rule.dedup_window = Duration::from_secs(secs);
+        }
+        rule
+    };
+    let base = RoomRule {
+        volatile: false,
+        // Cluster mode: the node's rooms hold no history of their own (events reach a node
+        // only while it has local subscribers, so its history would have holes).
+        history: if clustered {
+            HistoryLimits::OFF
+        } else {
+            HistoryLimits {
+                events: config.history_events,
+                bytes: config.history_bytes,
+                ttl: config.history_ttl,
+            }
+        },
+        dedup_window: config.dedup_window,
+    };
+    let file = &security.file;
+    let mut rules = RoomRules {
+        default: merge(base, file.default.as_ref()),
+        namespaces: HashMap::new(),
+        history_budget: config.history_memory,
+    };
+    for ns in &config.volatile_namespaces {
+        rules.namespaces.insert(ns.clone(), RoomRule::VOLATILE);
+    }
+    for (ns, policy) in file.namespaces() {
+        // Volatile by flag or by file: either makes it volatile.
+        rules
+            .namespaces
+            .entry(ns.to_owned())
+            .or_insert_with(|| merge(base, Some(policy)));
+    }
+    rules
+}
+
 impl Shared {
     /// Fresh state for a broker with `config` and the open security default.
     pub fn new(config: Config) -> Self {
@@ -121,14 +179,8 @@ impl Shared {
             None => Arc::new(InProcess),
         };
         Shared {
-            hub: Arc::new(Hub::with_interest(
-                config
-                    .volatile_namespaces
-                    .iter()
-                    .map(String::as_str)
-                    .chain(security.file.volatile_namespaces())
-                    .map(str::to_owned)
-                    .collect(),
+            hub: Arc::new(Hub::with_rules(
+                room_rules(&config, &security),
                 bridge.interest(),
             )),
             security: Arc::new(security),
@@ -176,6 +228,9 @@ impl Shared {
     pub fn render_metrics(&self) -> String {
         self.metrics.rooms.set(self.hub.room_count() as i64);
         self.metrics
+            .history_bytes
+            .set(self.hub.history_bytes() as i64);
+        self.metrics
             .subscriptions
             .set(self.hub.subscription_count() as i64);
         self.metrics.render()
@@ -212,6 +267,19 @@ async fn serve_shared(
             token.cancel();
         }
     });
+    tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            let mut tick = tokio::time::interval(HISTORY_SWEEP_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shared.shutdown.cancelled() => return,
+                }
+                shared.hub.sweep(std::time::Instant::now());
+            }
+        }
+    });
     let webtransport: Vec<_> = endpoints
         .iter()
         .map(|endpoint| tokio::spawn(wt_accept_loop(endpoint.clone(), shared.clone())))
@@ -223,7 +291,7 @@ async fn serve_shared(
     // No new connections; every session has been told to close. Wait for them (and for HTTP
     // requests in flight) up to the drain timeout.
     shared.tracker.close();
-    let drain = shared.config.drain_timeout;
+    let drain = shared.config.drain_window + shared.config.drain_timeout;
     if tokio::time::timeout(drain, shared.tracker.wait())
         .await
         .is_err()
@@ -320,6 +388,9 @@ where
 
 /// A bound WebTransport server endpoint.
 type QuicEndpoint = Endpoint<endpoint_side::Server>;
+
+/// How often expired history, idempotency keys and history-only rooms are dropped.
+const HISTORY_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// On shutdown, how long the QUIC endpoints get to send the connections' closes.
 const ENDPOINT_IDLE_WAIT: Duration = Duration::from_secs(2);

@@ -8,6 +8,7 @@
 
 use std::{
     future::Future,
+    pin::Pin,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -78,6 +79,7 @@ pub(crate) fn run<R: FrameReader, W: FrameWriter>(
             shared,
             key,
             transport,
+            retry_after_ms: None,
         },
         reader,
         writer,
@@ -100,6 +102,8 @@ struct Core {
     outbox: Arc<Outbox>,
     state: ServerSession,
     gate: SessionGate,
+    /// Draining: the `retry_after` hint the Close frame carries.
+    retry_after_ms: Option<u64>,
 }
 
 impl Core {
@@ -171,7 +175,11 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         // queue overflowed: a slow consumer gets only the Close frame.
         let mut batch = Vec::new();
         self.core.outbox.drain_into(&mut batch);
-        batch.push(Outgoing::control(close_frame(code, &reason).encode()));
+        let mut frame = close_frame(code, &reason);
+        if let ServerFrame::Close { retry_after_ms, .. } = &mut frame {
+            *retry_after_ms = self.core.retry_after_ms;
+        }
+        batch.push(Outgoing::control(frame.encode()));
         let writer = &mut self.writer;
         let flush = async {
             match writer.send_batch(&mut batch).await {
@@ -212,14 +220,34 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         let deadline = tokio::time::sleep_until(core.deadline().into());
         tokio::pin!(cancelled, overflowed, ready, deadline);
         let mut batch: Vec<Outgoing> = Vec::new();
+        // Shutting down with a drain window: this session's moment to close (boxed, so
+        // sessions that never drain do not carry a timer).
+        let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let drain_window = core.shared.config.drain_window;
         loop {
             // The write happens after this select! has ended, so the futures of the two
             // selects share storage in the task instead of adding up.
             let write_now = tokio::select! {
                 biased;
-                () = &mut cancelled => {
-                    return End::Close(Code::ShuttingDown, "broker shutting down".into());
+                () = &mut cancelled, if drain.is_none() => {
+                    if drain_window.is_zero() {
+                        return shutting_down();
+                    }
+                    // A random moment in the window, and a short random wait before the
+                    // client reconnects: the node's sessions land on the others spread out.
+                    drain = Some(Box::pin(tokio::time::sleep(
+                        drain_window.mul_f64(fastrand::f64()),
+                    )));
+                    let window_ms = u64::try_from(drain_window.as_millis()).unwrap_or(u64::MAX);
+                    core.retry_after_ms = Some(fastrand::u64(0..=window_ms.min(500)));
+                    false
                 }
+                () = async {
+                    match drain.as_mut() {
+                        Some(moment) => moment.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => return shutting_down(),
                 () = &mut overflowed => return slow_consumer(),
                 () = &mut ready => {
                     ready.set(outbox.ready());
@@ -297,7 +325,8 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                         Err(_) => return End::Gone,
                     },
                     () = &mut overflowed => return slow_consumer(),
-                    () = &mut cancelled => return End::Gone,
+                    // With a drain window the session is served until its moment comes.
+                    () = &mut cancelled, if drain_window.is_zero() => return End::Gone,
                 }
                 batch.clear();
             }
@@ -324,10 +353,10 @@ impl Core {
                 }
                 self.outbox.push(frame.encode())
             }
-            Action::Subscribe { id, room, .. } => self
+            Action::Subscribe { id, room, since } => self
                 .shared
                 .hub
-                .subscribe(&room, self.key, &self.outbox, id)
+                .subscribe(&room, self.key, &self.outbox, id, since)
                 .map(|_| ()),
             Action::Unsubscribe { id, room } => {
                 self.shared
@@ -340,13 +369,18 @@ impl Core {
                 event,
                 data,
                 ack,
-                ..
-            } => match self
-                .shared
-                .bridge
-                .publish(&self.shared.hub, &room, &event, &data)
-            {
+                key,
+            } => match self.shared.bridge.publish(
+                &self.shared.hub,
+                &room,
+                &event,
+                &data,
+                key.as_deref(),
+            ) {
                 Ok(delivery) => {
+                    if delivery.duplicate {
+                        metrics.duplicates.inc();
+                    }
                     metrics.events_in.inc();
                     metrics.events_out.inc_by(delivery.delivered as u64);
                     if ack {
@@ -393,6 +427,10 @@ impl Core {
                 .unsubscribe(room, self.key, &self.outbox, None);
         }
     }
+}
+
+fn shutting_down() -> End {
+    End::Close(Code::ShuttingDown, "broker shutting down".into())
 }
 
 fn slow_consumer() -> End {

@@ -77,6 +77,8 @@ pub trait Interest: Send + Sync {
 /// The guarantees an implementation gives are written in the module documentation.
 pub trait Bridge: Interest {
     /// Publishes a validated event to the room on every node, this one included. Never blocks.
+    /// `key` is the publish's idempotency key: a repeat within the room's dedup window is not
+    /// delivered again.
     ///
     /// `Ok` carries what is known at once: the local [`Delivery`] when the event was fanned out
     /// here immediately (in-process), or an empty one when the fan-out happens when the event
@@ -87,6 +89,7 @@ pub trait Bridge: Interest {
         room: &RoomName,
         event: &EventName,
         data: &Payload,
+        key: Option<&str>,
     ) -> Result<Delivery, Unavailable>;
 
     /// Whether the bridge can publish right now (for `/readyz`).
@@ -113,8 +116,9 @@ impl Bridge for InProcess {
         room: &RoomName,
         event: &EventName,
         data: &Payload,
+        key: Option<&str>,
     ) -> Result<Delivery, Unavailable> {
-        Ok(hub.publish(room, event, data))
+        Ok(hub.publish(room, event, data, key))
     }
 
     fn is_ready(&self) -> bool {

@@ -15,6 +15,7 @@
 //! | `Roomcast-Event` | yes | the event name |
 //! | `Roomcast-Room` | no | the room name; when present it must name the subject's room |
 //! | `Roomcast-Origin` | no | the publishing node's id (`--node-id`), or any id of a backend |
+//! | `Roomcast-Key` | no | the publish's idempotency key (1–64 bytes): every node drops a repeat within the room's dedup window |
 //!
 //! A message without a valid event name, with a room header naming another room, or whose
 //! payload is not one well-formed CBOR item within the size and depth caps is dropped and
@@ -44,7 +45,9 @@ use async_nats::{
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
-use roomcast_protocol::{EventName, Payload, PayloadLimits, RoomName};
+use roomcast_protocol::{
+    EventName, Payload, PayloadLimits, RoomName, frame::MAX_IDEMPOTENCY_KEY_LEN,
+};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -62,6 +65,8 @@ pub const HEADER_EVENT: &str = "Roomcast-Event";
 pub const HEADER_ROOM: &str = "Roomcast-Room";
 /// Header carrying the publishing node's id (informational).
 pub const HEADER_ORIGIN: &str = "Roomcast-Origin";
+/// Header carrying a publish's idempotency key.
+pub const HEADER_KEY: &str = "Roomcast-Key";
 
 /// Longest node id, in bytes.
 const MAX_NODE_ID: usize = 64;
@@ -88,6 +93,7 @@ struct Outbound {
     room: RoomName,
     event: EventName,
     data: Bytes,
+    key: Option<Box<str>>,
 }
 
 /// What the node wants for one room.
@@ -358,6 +364,7 @@ impl Bridge for NatsBridge {
         room: &RoomName,
         event: &EventName,
         data: &Payload,
+        key: Option<&str>,
     ) -> Result<Delivery, Unavailable> {
         if !self.client_connected() {
             return Err(Unavailable("not connected to NATS"));
@@ -366,6 +373,7 @@ impl Bridge for NatsBridge {
             room: room.clone(),
             event: event.clone(),
             data: data.as_bytes().clone(),
+            key: key.map(Box::from),
         };
         match self.queue.try_send(outbound) {
             Ok(()) => Ok(Delivery::default()),
@@ -405,6 +413,9 @@ async fn publisher(
         headers.insert(HEADER_EVENT, out.event.as_str());
         headers.insert(HEADER_ROOM, out.room.as_str());
         headers.insert(HEADER_ORIGIN, node_id.as_str());
+        if let Some(key) = &out.key {
+            headers.insert(HEADER_KEY, &**key);
+        }
         let subject = subject::subject_for(&prefix, &out.room);
         let sent = tokio::select! {
             sent = client.publish_with_headers(subject, headers, out.data) => sent,
@@ -622,8 +633,8 @@ async fn read_room(
         let Some(message) = message else { break };
         inbound.metrics.received.inc();
         match check(&room, message, inbound.limits, inbound.max_payload) {
-            Ok((event, data)) => {
-                let delivery = inbound.hub.publish(&room, &event, &data);
+            Ok((event, data, key)) => {
+                let delivery = inbound.hub.publish(&room, &event, &data, key.as_deref());
                 inbound.events_out.inc_by(delivery.delivered as u64);
             }
             Err(why) => {
@@ -640,8 +651,15 @@ fn check(
     message: Message,
     limits: PayloadLimits,
     max_payload: usize,
-) -> Result<(EventName, Payload), &'static str> {
+) -> Result<(EventName, Payload, Option<String>), &'static str> {
     let headers = message.headers.as_ref().ok_or("no headers")?;
+    let key = match headers.get(HEADER_KEY) {
+        Some(k) if k.as_str().is_empty() || k.as_str().len() > MAX_IDEMPOTENCY_KEY_LEN => {
+            return Err("bad Roomcast-Key header");
+        }
+        Some(k) => Some(k.as_str().to_owned()),
+        None => None,
+    };
     let event = headers
         .get(HEADER_EVENT)
         .ok_or("no Roomcast-Event header")?;
@@ -655,5 +673,5 @@ fn check(
         return Err("payload larger than --max-frame-size");
     }
     let data = Payload::new(message.payload, limits).map_err(|_| "payload is not one CBOR item")?;
-    Ok((event, data))
+    Ok((event, data, key))
 }

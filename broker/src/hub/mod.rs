@@ -7,9 +7,18 @@
 //! one is dropped; fan-out never waits on a subscriber. Confirmations (`Subscribed`,
 //! `Unsubscribed`) are queued under the room lock so they are ordered with the room's events.
 //!
+//! Rooms of namespaces with history ([`RoomRule::history`]) keep their recent `Event` frames
+//! (the same `Bytes`) with their `seq` in one epoch, so a subscriber that gives the position it
+//! last saw gets what it missed replayed under the room lock — before any later event, with no
+//! gap and no duplicate at the seam. Such a room outlives its last subscriber until its history
+//! expires ([`Hub::sweep`]). Idempotency keys of publishes are remembered per room for the
+//! namespace's dedup window.
+//!
 //! The hub does not touch sockets, sessions' protocol state or the cluster. It only tells an
 //! optional [`Interest`] listener (the cluster bridge) when a room appears and disappears,
 //! under the shard write lock, so those calls are ordered per room.
+
+mod history;
 
 use std::{
     collections::HashMap,
@@ -18,15 +27,100 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use roomcast_protocol::{EventName, Payload, RoomName, ServerFrame, frame::encode_event};
+use roomcast_protocol::{EventName, Payload, Position, RoomName, ServerFrame, frame::encode_event};
 
+pub use self::history::HistoryLimits;
+use self::history::{DEDUP_KEYS_PER_ROOM, Dedup, History, Replay};
 use crate::{
     cluster::Interest,
     outbox::{Lane, Outbox, Outgoing, PushError},
 };
+
+/// How the rooms of one namespace behave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomRule {
+    /// Events may be dropped (oldest first) or sent as datagrams; never any history.
+    pub volatile: bool,
+    /// Recent events kept for recovery.
+    pub history: HistoryLimits,
+    /// How long a publish's idempotency key is remembered (zero: keys are ignored).
+    pub dedup_window: Duration,
+}
+
+impl RoomRule {
+    /// Reliable, with the default history (256 events, 128 KiB, 5 minutes) and a 2-minute
+    /// dedup window.
+    pub const RELIABLE: RoomRule = RoomRule {
+        volatile: false,
+        history: HistoryLimits {
+            events: 256,
+            bytes: 128 * 1024,
+            ttl: Duration::from_secs(300),
+        },
+        dedup_window: Duration::from_secs(120),
+    };
+
+    /// Volatile: no history, no dedup.
+    pub const VOLATILE: RoomRule = RoomRule {
+        volatile: true,
+        history: HistoryLimits::OFF,
+        dedup_window: Duration::ZERO,
+    };
+}
+
+/// The rule of every namespace: a default plus exceptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomRules {
+    /// The rule of namespaces not listed.
+    pub default: RoomRule,
+    /// Rules by namespace.
+    pub namespaces: HashMap<String, RoomRule>,
+    /// Bytes all histories together may hold (each room keeps at least its newest event).
+    pub history_budget: usize,
+}
+
+impl Default for RoomRules {
+    fn default() -> Self {
+        RoomRules {
+            default: RoomRule::RELIABLE,
+            namespaces: HashMap::new(),
+            history_budget: 256 << 20,
+        }
+    }
+}
+
+impl RoomRules {
+    /// The default rules with `namespaces` volatile.
+    pub fn with_volatile(namespaces: impl IntoIterator<Item = String>) -> Self {
+        let mut rules = RoomRules::default();
+        for ns in namespaces {
+            rules.namespaces.insert(ns, RoomRule::VOLATILE);
+        }
+        rules
+    }
+
+    /// The rule of `room`'s namespace.
+    pub fn rule(&self, room: &RoomName) -> RoomRule {
+        self.namespaces
+            .get(room.namespace())
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+/// What a subscription started from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    /// The position the following events continue from.
+    pub position: Position,
+    /// Whether the requested position was recovered (`None`: none was requested, or the reply
+    /// waits until the room is live).
+    pub recovered: Option<bool>,
+}
 
 /// Identifies a session inside this process.
 pub type SessionKey = u64;
@@ -42,14 +136,17 @@ pub struct Delivery {
     pub delivered: usize,
     /// Subscribers dropped because their outbox overflowed.
     pub slow: usize,
+    /// The idempotency key was seen within the dedup window: nothing was delivered, `seq` is
+    /// the earlier event's.
+    pub duplicate: bool,
 }
 
 struct Subscriber {
     session: SessionKey,
     outbox: Arc<Outbox>,
-    /// The request id of a `Subscribed` not sent yet: the room is not live (see
-    /// [`Hub::mark_live`]); such a subscriber receives no event until it is.
-    pending: Option<u64>,
+    /// The request id (and requested position) of a `Subscribed` not sent yet: the room is not
+    /// live (see [`Hub::mark_live`]); such a subscriber receives no event until it is.
+    pending: Option<(u64, Option<Position>)>,
 }
 
 struct RoomState {
@@ -57,8 +154,16 @@ struct RoomState {
     id: u64,
     /// Events may be dropped (oldest first) or sent as datagrams.
     volatile: bool,
+    /// Numbering of `seq`: random per room state, 0 when the room keeps no history.
+    epoch: u64,
     seq: u64,
+    /// Recent events, when the namespace keeps history.
+    history: Option<History>,
+    /// Recent idempotency keys, when the namespace has a dedup window.
+    dedup: Option<Dedup>,
     subscribers: Vec<Subscriber>,
+    /// The interest listener was told of this room (`interest_on` without `interest_off`).
+    interested: bool,
     /// Events reach this node: always in-process; in cluster mode once the bridge confirmed
     /// its subscription ([`Hub::mark_live`]). Until then `Subscribed` replies wait.
     live: bool,
@@ -73,8 +178,10 @@ pub struct Hub {
     rooms: AtomicUsize,
     subscriptions: AtomicUsize,
     next_room_id: AtomicU64,
-    /// Namespaces whose events are volatile (latest value wins, loss allowed).
-    volatile_namespaces: Vec<String>,
+    /// How each namespace's rooms behave.
+    rules: RoomRules,
+    /// Bytes held by all room histories.
+    history_bytes: Arc<AtomicUsize>,
     /// Told when a room gains its first and loses its last subscriber (cluster mode).
     interest: Option<Arc<dyn Interest>>,
 }
@@ -86,17 +193,83 @@ impl Default for Hub {
 }
 
 /// The `Subscribed` reply, on the room's opening lane.
-fn subscribed(room: &RoomName, id: u64, seq: u64, room_id: u64) -> Outgoing {
+fn subscribed(room: &RoomName, id: u64, start: Start, room_id: u64) -> Outgoing {
     Outgoing {
         frame: ServerFrame::Subscribed {
-            epoch: 0,
-            recovered: None,
             id,
             room: room.clone(),
-            seq,
+            seq: start.position.seq,
+            epoch: start.position.epoch,
+            recovered: start.recovered,
         }
         .encode(),
         lane: Lane::RoomOpen(room_id),
+    }
+}
+
+/// A fresh epoch: random, non-zero, below 2^53 (exact in every client's number type).
+fn new_epoch() -> u64 {
+    loop {
+        let epoch = RandomState::new().hash_one(Instant::now()) & ((1 << 53) - 1);
+        if epoch != 0 {
+            return epoch;
+        }
+    }
+}
+
+impl RoomState {
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch,
+            seq: self.seq,
+        }
+    }
+
+    /// Queues `Subscribed` (recovering from `since` when asked and possible) and any replay
+    /// into `outbox`, under the room lock.
+    fn answer(
+        &self,
+        room: &RoomName,
+        id: u64,
+        since: Option<Position>,
+        outbox: &Outbox,
+    ) -> Result<Start, PushError> {
+        let replay = match (since, &self.history) {
+            (Some(p), Some(history)) if p.epoch == self.epoch => {
+                match history.after(p.seq, self.seq) {
+                    // The replay must fit the queue with room to spare, or the session would
+                    // be closed as slow in the middle of it.
+                    Replay::Complete(frames)
+                        if frames.iter().map(|f| f.len()).sum::<usize>()
+                            <= outbox.free_bytes().saturating_sub(4096) =>
+                    {
+                        Some((p, frames))
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let Some((from, frames)) = replay else {
+            let start = Start {
+                position: self.position(),
+                recovered: since.map(|_| false),
+            };
+            outbox.push_to(subscribed(room, id, start, self.id))?;
+            return Ok(start);
+        };
+        let start = Start {
+            position: from,
+            recovered: Some(true),
+        };
+        outbox.push_to(subscribed(room, id, start, self.id))?;
+        for frame in frames {
+            outbox.push_to(Outgoing {
+                frame: frame.clone(),
+                lane: Lane::Room(self.id),
+            })?;
+        }
+        Ok(start)
     }
 }
 
@@ -105,22 +278,23 @@ fn lock_room(room: &Mutex<RoomState>) -> std::sync::MutexGuard<'_, RoomState> {
 }
 
 impl Hub {
-    /// An empty hub with no volatile namespace.
+    /// An empty hub with the default rules (every namespace reliable, with history).
     pub fn new() -> Self {
-        Hub::with_volatile_namespaces(Vec::new())
+        Hub::with_rules(RoomRules::default(), None)
     }
 
     /// An empty hub whose rooms in `namespaces` are volatile: their events may travel as
     /// datagrams and are dropped oldest-first instead of closing a slow subscriber.
     pub fn with_volatile_namespaces(namespaces: Vec<String>) -> Self {
-        Hub::with_interest(namespaces, None)
+        Hub::with_rules(RoomRules::with_volatile(namespaces), None)
     }
 
-    /// Like [`Hub::with_volatile_namespaces`], telling `interest` (if any) when a room gets its
-    /// first subscriber and when it is dropped.
-    pub fn with_interest(namespaces: Vec<String>, interest: Option<Arc<dyn Interest>>) -> Self {
+    /// An empty hub with `rules`, telling `interest` (if any) when a room gets its first
+    /// subscriber and when it is dropped.
+    pub fn with_rules(rules: RoomRules, interest: Option<Arc<dyn Interest>>) -> Self {
         Hub {
-            volatile_namespaces: namespaces,
+            rules,
+            history_bytes: Arc::new(AtomicUsize::new(0)),
             interest,
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
@@ -132,9 +306,31 @@ impl Hub {
 
     /// Whether events of `room` are volatile.
     pub fn is_volatile(&self, room: &RoomName) -> bool {
-        self.volatile_namespaces
-            .iter()
-            .any(|ns| ns == room.namespace())
+        self.rules.rule(room).volatile
+    }
+
+    fn new_room(&self, room: &RoomName, live: bool) -> RoomState {
+        let rule = self.rules.rule(room);
+        let history = (!rule.volatile && rule.history.is_on()).then(|| {
+            History::new(
+                rule.history,
+                self.history_bytes.clone(),
+                self.rules.history_budget,
+            )
+        });
+        let dedup = (!rule.volatile && !rule.dedup_window.is_zero())
+            .then(|| Dedup::new(rule.dedup_window, DEDUP_KEYS_PER_ROOM));
+        RoomState {
+            id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
+            volatile: rule.volatile,
+            epoch: if history.is_some() { new_epoch() } else { 0 },
+            seq: 0,
+            history,
+            dedup,
+            subscribers: Vec::new(),
+            interested: false,
+            live,
+        }
     }
 
     fn shard(&self, room: &RoomName) -> &Shard {
@@ -142,8 +338,11 @@ impl Hub {
         &self.shards[index]
     }
 
-    /// Adds `session` to `room` (idempotent) and queues `Subscribed { id, room, seq }` into its
-    /// outbox, ordered before any later event of the room. Returns the room's seq.
+    /// Adds `session` to `room` (idempotent) and queues `Subscribed` into its outbox, ordered
+    /// before any later event of the room. With `since`, and when the room's history holds
+    /// every event after it (same epoch, nothing expired, and the replay fits the outbox), the
+    /// reply says `recovered: true` and those events follow it at once; otherwise
+    /// `recovered: false` and the current position.
     ///
     /// When the interest listener confirms subscriptions ([`Interest::confirms_live`], cluster
     /// mode) a new room is not live yet: the reply waits for [`Hub::mark_live`], so a client
@@ -154,45 +353,49 @@ impl Hub {
         session: SessionKey,
         outbox: &Arc<Outbox>,
         id: u64,
-    ) -> Result<u64, PushError> {
+        since: Option<Position>,
+    ) -> Result<Start, PushError> {
         let mut shard = self.shard(room).write().unwrap_or_else(|e| e.into_inner());
         let state = shard.entry(room.clone()).or_insert_with(|| {
             self.rooms.fetch_add(1, Ordering::Relaxed);
-            let live = match &self.interest {
-                Some(interest) => {
-                    interest.interest_on(room);
-                    !interest.confirms_live()
-                }
-                None => true,
-            };
-            Arc::new(Mutex::new(RoomState {
-                id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
-                volatile: self.is_volatile(room),
-                seq: 0,
-                subscribers: Vec::new(),
-                live,
-            }))
+            Arc::new(Mutex::new(self.new_room(room, true)))
         });
         let mut state = lock_room(state);
+        if !state.interested {
+            // The room's first subscriber (maybe of a room kept only for its history).
+            if let Some(interest) = &self.interest {
+                interest.interest_on(room);
+                state.interested = true;
+                if interest.confirms_live() {
+                    state.live = false;
+                }
+            }
+        }
         let live = state.live;
+        let mut start = Start {
+            position: state.position(),
+            recovered: None,
+        };
         match state.subscribers.iter_mut().find(|s| s.session == session) {
-            // Not live yet: the newest request id gets the reply.
-            Some(existing) if existing.pending.is_some() => existing.pending = Some(id),
+            // Not live yet: the newest request gets the reply.
+            Some(existing) if existing.pending.is_some() => {
+                existing.pending = Some((id, since));
+                return Ok(start);
+            }
             Some(_) => {}
             None => {
                 self.subscriptions.fetch_add(1, Ordering::Relaxed);
                 state.subscribers.push(Subscriber {
                     session,
                     outbox: outbox.clone(),
-                    pending: (!live).then_some(id),
+                    pending: (!live).then_some((id, since)),
                 });
             }
         }
-        let seq = state.seq;
         if live {
-            outbox.push_to(subscribed(room, id, seq, state.id))?;
+            start = state.answer(room, id, since, outbox)?;
         }
-        Ok(seq)
+        Ok(start)
     }
 
     /// The bridge's subscription for `room` is live: sends the waiting `Subscribed` replies
@@ -211,14 +414,14 @@ impl Hub {
             return;
         }
         state.live = true;
-        let (seq, room_id) = (state.seq, state.id);
-        for subscriber in &mut state.subscribers {
-            if let Some(id) = subscriber.pending.take() {
-                // A full or closed outbox ends that session anyway; nothing else to do here.
-                let _ = subscriber
-                    .outbox
-                    .push_to(subscribed(room, id, seq, room_id));
-            }
+        let waiting: Vec<_> = state
+            .subscribers
+            .iter_mut()
+            .filter_map(|s| s.pending.take().map(|p| (s.outbox.clone(), p)))
+            .collect();
+        for (outbox, (id, since)) in waiting {
+            // A full or closed outbox ends that session anyway; nothing else to do here.
+            let _ = state.answer(room, id, since, &outbox);
         }
     }
 
@@ -248,10 +451,21 @@ impl Hub {
             });
             self.subscriptions
                 .fetch_sub(before - state.subscribers.len(), Ordering::Relaxed);
-            empty = state.subscribers.is_empty();
-            if let (Some(subscribe_id), Some(_)) = (unanswered, reply_id) {
+            if state.interested && state.subscribers.is_empty() {
+                if let Some(interest) = &self.interest {
+                    interest.interest_off(room);
+                }
+                state.interested = false;
+            }
+            // A room with history outlives its last subscriber until the history expires.
+            empty = state.subscribers.is_empty() && state.history.is_none();
+            if let (Some((subscribe_id, _)), Some(_)) = (unanswered, reply_id) {
                 // Left before the room went live: the Subscribe still gets its answer first.
-                result = outbox.push_to(subscribed(room, subscribe_id, state.seq, state.id));
+                let start = Start {
+                    position: state.position(),
+                    recovered: None,
+                };
+                result = outbox.push_to(subscribed(room, subscribe_id, start, state.id));
             }
             if let (Some(id), Ok(())) = (reply_id, &result) {
                 // Under the room lock: no event of the room can follow it.
@@ -277,15 +491,53 @@ impl Hub {
         }
         if empty && shard.remove(room).is_some() {
             self.rooms.fetch_sub(1, Ordering::Relaxed);
-            if let Some(interest) = &self.interest {
-                interest.interest_off(room);
-            }
         }
         result
     }
 
-    /// Publishes an event to the room's local subscribers: one encode, one shared `Bytes`.
-    pub fn publish(&self, room: &RoomName, event: &EventName, data: &Payload) -> Delivery {
+    /// Drops expired history and idempotency keys, and rooms left with neither a subscriber
+    /// nor history. Call every second or so. Returns the rooms dropped.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.write().unwrap_or_else(|e| e.into_inner());
+            shard.retain(|room, state| {
+                let mut state = lock_room(state);
+                let history_empty = state.history.as_mut().is_none_or(|h| h.expire(now));
+                if let Some(dedup) = &mut state.dedup {
+                    dedup.expire(now);
+                }
+                let keep = !state.subscribers.is_empty() || !history_empty;
+                if !keep {
+                    dropped += 1;
+                    if state.interested {
+                        if let Some(interest) = &self.interest {
+                            interest.interest_off(room);
+                        }
+                    }
+                }
+                keep
+            });
+        }
+        self.rooms.fetch_sub(dropped, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Bytes held by all room histories.
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Publishes an event to the room's local subscribers: one encode, one shared `Bytes`,
+    /// recorded in the room's history when it keeps one. With an idempotency `key` seen in
+    /// the room within its dedup window, nothing happens (`Delivery::duplicate`).
+    pub fn publish(
+        &self,
+        room: &RoomName,
+        event: &EventName,
+        data: &Payload,
+        key: Option<&str>,
+    ) -> Delivery {
         let state = {
             let shard = self.shard(room).read().unwrap_or_else(|e| e.into_inner());
             match shard.get(room) {
@@ -294,6 +546,16 @@ impl Hub {
             }
         };
         let mut state = lock_room(&state);
+        let now = Instant::now();
+        if let (Some(key), Some(dedup)) = (key, &mut state.dedup) {
+            if let Some(seq) = dedup.get(key, now) {
+                return Delivery {
+                    seq: Some(seq),
+                    duplicate: true,
+                    ..Delivery::default()
+                };
+            }
+        }
         state.seq += 1;
         let (seq, id) = (state.seq, state.id);
         let lane = if state.volatile {
@@ -302,6 +564,12 @@ impl Hub {
             Lane::Room(id)
         };
         let frame: Bytes = encode_event(room, event, data, seq, None);
+        if let Some(history) = &mut state.history {
+            history.record(seq, frame.clone(), now);
+        }
+        if let (Some(key), Some(dedup)) = (key, &mut state.dedup) {
+            dedup.insert(key, seq, now);
+        }
         let before = state.subscribers.len();
         let mut delivery = Delivery {
             seq: Some(seq),
@@ -358,6 +626,175 @@ mod tests {
         ServerFrame::decode(frame, PayloadLimits::default()).unwrap()
     }
 
+    /// Rules of cluster mode: reliable rooms without history of their own.
+    fn no_history() -> RoomRules {
+        RoomRules {
+            default: RoomRule {
+                history: HistoryLimits::OFF,
+                ..RoomRule::RELIABLE
+            },
+            ..RoomRules::default()
+        }
+    }
+
+    fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::Event(e) => Some(e.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn publish_n(hub: &Hub, r: &RoomName, n: u64) {
+        let event = EventName::new("e").unwrap();
+        for i in 0..n {
+            hub.publish(r, &event, &Payload::encode(&i).unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn recovery_replays_what_was_missed_then_goes_live_without_gap_or_duplicate() {
+        let hub = Hub::new();
+        let r = room("orders:1");
+        let a = Arc::new(Outbox::new(1 << 20));
+        let start = hub.subscribe(&r, 1, &a, 1, None).unwrap();
+        assert_ne!(start.position.epoch, 0, "a room with history has an epoch");
+        assert_eq!((start.position.seq, start.recovered), (0, None));
+        publish_n(&hub, &r, 3);
+        let seen = drain(&a);
+        assert_eq!(seqs(&seen), [1, 2, 3]);
+        let held = Position {
+            epoch: start.position.epoch,
+            seq: 3,
+        };
+        // The client goes away; the room (its only subscriber gone) keeps its history.
+        hub.unsubscribe(&r, 1, &a, None).unwrap();
+        assert_eq!(hub.room_count(), 1);
+        publish_n(&hub, &r, 4); // 4..=7 while away
+        let b = Arc::new(Outbox::new(1 << 20));
+        let start = hub.subscribe(&r, 2, &b, 9, Some(held)).unwrap();
+        assert_eq!(start.recovered, Some(true));
+        assert_eq!(start.position, held);
+        publish_n(&hub, &r, 1); // 8, live
+        let frames = drain(&b);
+        assert!(matches!(
+            frames[0],
+            ServerFrame::Subscribed { id: 9, seq: 3, recovered: Some(true), epoch, .. }
+                if epoch == held.epoch
+        ));
+        assert_eq!(seqs(&frames), [4, 5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn unrecoverable_positions_say_recovered_false_with_the_current_position() {
+        let rules = RoomRules {
+            default: RoomRule {
+                history: HistoryLimits {
+                    events: 2,
+                    ..RoomRule::RELIABLE.history
+                },
+                ..RoomRule::RELIABLE
+            },
+            ..RoomRules::default()
+        };
+        let hub = Hub::with_rules(rules, None);
+        let r = room("orders:1");
+        let a = Arc::new(Outbox::new(1 << 20));
+        let epoch = hub.subscribe(&r, 1, &a, 1, None).unwrap().position.epoch;
+        publish_n(&hub, &r, 5); // history holds 4, 5
+        let cases = [
+            (Position { epoch, seq: 1 }, "too old"),
+            (
+                Position {
+                    epoch: epoch ^ 1,
+                    seq: 5,
+                },
+                "another epoch",
+            ),
+            (Position { epoch, seq: 9 }, "beyond the room's last event"),
+            (Position { epoch: 0, seq: 0 }, "epoch 0"),
+        ];
+        for (i, (since, why)) in cases.into_iter().enumerate() {
+            let o = Arc::new(Outbox::new(1 << 20));
+            let start = hub
+                .subscribe(&r, 10 + i as u64, &o, 1, Some(since))
+                .unwrap();
+            assert_eq!(start.recovered, Some(false), "{why}");
+            assert_eq!(start.position, Position { epoch, seq: 5 }, "{why}");
+            assert!(seqs(&drain(&o)).is_empty(), "{why}: nothing replayed");
+        }
+        // Holding exactly the oldest kept event's predecessor still recovers.
+        let o = Arc::new(Outbox::new(1 << 20));
+        let start = hub
+            .subscribe(&r, 20, &o, 1, Some(Position { epoch, seq: 3 }))
+            .unwrap();
+        assert_eq!(start.recovered, Some(true));
+        assert_eq!(seqs(&drain(&o)), [4, 5]);
+        // A replay that would not fit the subscriber's queue is refused, not half-sent.
+        let small = Arc::new(Outbox::new(4096 + 10));
+        let start = hub
+            .subscribe(&r, 21, &small, 1, Some(Position { epoch, seq: 3 }))
+            .unwrap();
+        assert_eq!(start.recovered, Some(false));
+        assert!(!small.is_overflowed());
+    }
+
+    #[test]
+    fn a_repeated_idempotency_key_is_delivered_once() {
+        let hub = Hub::new();
+        let r = room("orders:1");
+        let a = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe(&r, 1, &a, 1, None).unwrap();
+        let event = EventName::new("e").unwrap();
+        let data = Payload::encode(&1).unwrap();
+        let first = hub.publish(&r, &event, &data, Some("k1"));
+        let again = hub.publish(&r, &event, &data, Some("k1"));
+        let other = hub.publish(&r, &event, &data, Some("k2"));
+        assert_eq!(
+            (first.seq, first.duplicate, first.delivered),
+            (Some(1), false, 1)
+        );
+        assert_eq!(
+            (again.seq, again.duplicate, again.delivered),
+            (Some(1), true, 0)
+        );
+        assert_eq!((other.seq, other.duplicate), (Some(2), false));
+        assert_eq!(seqs(&drain(&a)), [1, 2]);
+    }
+
+    #[test]
+    fn sweep_drops_history_only_rooms_once_their_history_expired() {
+        let recorder = Arc::new(Recorder::default());
+        let hub = Hub::with_rules(RoomRules::default(), Some(recorder.clone()));
+        let r = room("orders:1");
+        let a = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe(&r, 1, &a, 1, None).unwrap();
+        publish_n(&hub, &r, 2);
+        hub.unsubscribe(&r, 1, &a, None).unwrap();
+        assert!(hub.history_bytes() > 0);
+        let now = Instant::now();
+        assert_eq!(hub.sweep(now), 0, "history still young");
+        assert_eq!(hub.room_count(), 1);
+        let later = now + RoomRule::RELIABLE.history.ttl + Duration::from_secs(1);
+        assert_eq!(hub.sweep(later), 1);
+        assert_eq!(hub.room_count(), 0);
+        assert_eq!(hub.history_bytes(), 0, "the budget is given back");
+        // Interest went off when the last subscriber left, once.
+        let seen = recorder.0.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            [
+                ("orders:1".to_string(), true),
+                ("orders:1".to_string(), false)
+            ]
+        );
+        // A publish to a room with no state records nothing (nobody can hold its epoch).
+        publish_n(&hub, &r, 1);
+        assert_eq!(hub.room_count(), 0);
+    }
+
     fn drain(outbox: &Outbox) -> Vec<ServerFrame> {
         let mut batch = Vec::new();
         outbox.drain_into(&mut batch);
@@ -370,11 +807,15 @@ mod tests {
         let r = room("orders:1");
         let outboxes: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(1 << 20))).collect();
         for (i, o) in outboxes.iter().enumerate() {
-            assert_eq!(hub.subscribe(&r, i as u64, o, 1), Ok(0));
+            assert_eq!(
+                hub.subscribe(&r, i as u64, o, 1, None)
+                    .map(|s| s.position.seq),
+                Ok(0)
+            );
         }
         let event = EventName::new("e").unwrap();
         for n in 0..5u32 {
-            let d = hub.publish(&r, &event, &Payload::encode(&n).unwrap());
+            let d = hub.publish(&r, &event, &Payload::encode(&n).unwrap(), None);
             assert_eq!(d.seq, Some(u64::from(n) + 1));
             assert_eq!(d.delivered, 3);
         }
@@ -408,11 +849,21 @@ mod tests {
     fn volatile_namespaces_put_events_on_the_volatile_lane() {
         let hub = Hub::with_volatile_namespaces(vec!["gps".into()]);
         let o = Arc::new(Outbox::new(1 << 20));
-        hub.subscribe(&room("gps:truck-1"), 1, &o, 1).unwrap();
-        hub.subscribe(&room("orders:1"), 1, &o, 2).unwrap();
+        hub.subscribe(&room("gps:truck-1"), 1, &o, 1, None).unwrap();
+        hub.subscribe(&room("orders:1"), 1, &o, 2, None).unwrap();
         let event = EventName::new("e").unwrap();
-        hub.publish(&room("gps:truck-1"), &event, &Payload::encode(&1).unwrap());
-        hub.publish(&room("orders:1"), &event, &Payload::encode(&2).unwrap());
+        hub.publish(
+            &room("gps:truck-1"),
+            &event,
+            &Payload::encode(&1).unwrap(),
+            None,
+        );
+        hub.publish(
+            &room("orders:1"),
+            &event,
+            &Payload::encode(&2).unwrap(),
+            None,
+        );
         let mut batch = Vec::new();
         o.drain_into(&mut batch);
         assert!(matches!(batch[2].lane, Lane::Volatile(_)));
@@ -421,15 +872,15 @@ mod tests {
 
     #[test]
     fn unsubscribe_stops_delivery_and_drops_empty_rooms() {
-        let hub = Hub::new();
+        let hub = Hub::with_rules(no_history(), None);
         let r = room("a:b");
         let o = Arc::new(Outbox::new(1 << 20));
-        hub.subscribe(&r, 1, &o, 1).unwrap();
-        hub.subscribe(&r, 1, &o, 2).unwrap(); // idempotent
+        hub.subscribe(&r, 1, &o, 1, None).unwrap();
+        hub.subscribe(&r, 1, &o, 2, None).unwrap(); // idempotent
         assert_eq!(hub.room_count(), 1);
         let event = EventName::new("e").unwrap();
         assert_eq!(
-            hub.publish(&r, &event, &Payload::encode(&1).unwrap())
+            hub.publish(&r, &event, &Payload::encode(&1).unwrap(), None)
                 .delivered,
             1
         );
@@ -437,7 +888,7 @@ mod tests {
         hub.unsubscribe(&r, 1, &o, Some(3)).unwrap();
         assert_eq!(hub.room_count(), 0);
         assert_eq!(hub.subscription_count(), 0);
-        let d = hub.publish(&r, &event, &Payload::encode(&2).unwrap());
+        let d = hub.publish(&r, &event, &Payload::encode(&2).unwrap(), None);
         assert_eq!(d, Delivery::default());
         let frames = drain(&o);
         assert_eq!(frames.len(), 4);
@@ -469,15 +920,21 @@ mod tests {
 
     #[test]
     fn subscribed_waits_until_the_room_is_live_and_no_event_comes_before_it() {
-        let hub = Hub::with_interest(Vec::new(), Some(Arc::new(Confirming)));
+        let hub = Hub::with_rules(no_history(), Some(Arc::new(Confirming)));
         let r = room("orders:1");
         let (a, b) = (
             Arc::new(Outbox::new(1 << 20)),
             Arc::new(Outbox::new(1 << 20)),
         );
-        assert_eq!(hub.subscribe(&r, 1, &a, 7), Ok(0));
+        assert_eq!(
+            hub.subscribe(&r, 1, &a, 7, None).map(|s| s.position.seq),
+            Ok(0)
+        );
         // A second Subscribe while waiting: the newest request id gets the reply.
-        assert_eq!(hub.subscribe(&r, 1, &a, 8), Ok(0));
+        assert_eq!(
+            hub.subscribe(&r, 1, &a, 8, None).map(|s| s.position.seq),
+            Ok(0)
+        );
         assert_eq!(hub.subscription_count(), 1);
         assert!(
             drain(&a).is_empty(),
@@ -486,7 +943,7 @@ mod tests {
         // An event reaching the node before the confirmation (a lingering subscription) is
         // counted but reaches nobody waiting.
         let event = EventName::new("e").unwrap();
-        let d = hub.publish(&r, &event, &Payload::encode(&1).unwrap());
+        let d = hub.publish(&r, &event, &Payload::encode(&1).unwrap(), None);
         assert_eq!((d.seq, d.delivered), (Some(1), 0));
         assert_eq!(hub.subscription_count(), 1, "waiting subscribers stay");
         hub.mark_live(&r);
@@ -506,8 +963,11 @@ mod tests {
             "marking a live room again sends nothing"
         );
         // Live now: a new subscriber is answered at once; events reach both.
-        assert_eq!(hub.subscribe(&r, 2, &b, 1), Ok(1));
-        hub.publish(&r, &event, &Payload::encode(&2).unwrap());
+        assert_eq!(
+            hub.subscribe(&r, 2, &b, 1, None).map(|s| s.position.seq),
+            Ok(1)
+        );
+        hub.publish(&r, &event, &Payload::encode(&2).unwrap(), None);
         for outbox in [&a, &b] {
             let frames = drain(outbox);
             let last = frames.last().unwrap();
@@ -520,10 +980,10 @@ mod tests {
 
     #[test]
     fn leaving_before_the_room_is_live_answers_subscribe_then_unsubscribe() {
-        let hub = Hub::with_interest(Vec::new(), Some(Arc::new(Confirming)));
+        let hub = Hub::with_rules(no_history(), Some(Arc::new(Confirming)));
         let r = room("orders:1");
         let a = Arc::new(Outbox::new(1 << 20));
-        hub.subscribe(&r, 1, &a, 3).unwrap();
+        hub.subscribe(&r, 1, &a, 3, None).unwrap();
         hub.unsubscribe(&r, 1, &a, Some(4)).unwrap();
         assert_eq!(
             drain(&a),
@@ -544,18 +1004,18 @@ mod tests {
     #[test]
     fn interest_follows_first_and_last_subscriber() {
         let recorder = Arc::new(Recorder::default());
-        let hub = Hub::with_interest(Vec::new(), Some(recorder.clone()));
+        let hub = Hub::with_rules(no_history(), Some(recorder.clone()));
         let (a, b) = (room("a:1"), room("b:1"));
         let o1 = Arc::new(Outbox::new(1 << 20));
         let o2 = Arc::new(Outbox::new(1 << 20));
-        hub.subscribe(&a, 1, &o1, 1).unwrap();
-        hub.subscribe(&a, 2, &o2, 1).unwrap();
-        hub.subscribe(&a, 1, &o1, 2).unwrap(); // again: no new interest
-        hub.subscribe(&b, 1, &o1, 3).unwrap();
+        hub.subscribe(&a, 1, &o1, 1, None).unwrap();
+        hub.subscribe(&a, 2, &o2, 1, None).unwrap();
+        hub.subscribe(&a, 1, &o1, 2, None).unwrap(); // again: no new interest
+        hub.subscribe(&b, 1, &o1, 3, None).unwrap();
         hub.unsubscribe(&a, 1, &o1, None).unwrap();
         hub.unsubscribe(&a, 2, &o2, None).unwrap();
         hub.unsubscribe(&a, 2, &o2, None).unwrap(); // room already gone: nothing more
-        hub.subscribe(&a, 2, &o2, 4).unwrap();
+        hub.subscribe(&a, 2, &o2, 4, None).unwrap();
         let seen = recorder.0.lock().unwrap().clone();
         let want = [("a:1", true), ("b:1", true), ("a:1", false), ("a:1", true)];
         let want: Vec<_> = want.iter().map(|(r, on)| (r.to_string(), *on)).collect();
@@ -568,13 +1028,13 @@ mod tests {
         let r = room("a:b");
         let slow = Arc::new(Outbox::new(200));
         let fast = Arc::new(Outbox::new(1 << 20));
-        hub.subscribe(&r, 1, &slow, 1).unwrap();
-        hub.subscribe(&r, 2, &fast, 1).unwrap();
+        hub.subscribe(&r, 1, &slow, 1, None).unwrap();
+        hub.subscribe(&r, 2, &fast, 1, None).unwrap();
         let event = EventName::new("e").unwrap();
         let data = Payload::encode(&vec![7u8; 64]).unwrap();
         let mut slow_seen = 0;
         for _ in 0..10 {
-            slow_seen += hub.publish(&r, &event, &data).slow;
+            slow_seen += hub.publish(&r, &event, &data, None).slow;
         }
         assert_eq!(slow_seen, 1, "the slow subscriber is dropped once");
         assert_eq!(hub.subscription_count(), 1);

@@ -24,10 +24,11 @@ use tokio_tungstenite::{
 /// Generous bound for anything a test waits on, so a broken feature fails instead of hanging.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A test config: loopback, port 0.
+/// A test config: loopback, port 0, sessions closed at once on shutdown (no drain window).
 pub fn config() -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        drain_window: Duration::ZERO,
         ..Config::default()
     }
 }
