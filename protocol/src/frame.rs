@@ -75,7 +75,7 @@ pub mod key {
 }
 
 /// Frame type values (key 0). Client frames take 1–15, broker frames 16–31; the values in
-/// use (1–6, 16–24) each encode in one byte.
+/// use (1–6, 16–24) each encode in one byte, except 24 (`Conflation`), which takes two.
 pub mod kind {
     /// Client: open the session.
     pub const HELLO: u64 = 1;

@@ -5,7 +5,9 @@
 //! then re-encoded and compared byte for byte; invalid vectors must fail with the named
 //! [`DecodeError`] variant. The document must hold exactly the vectors listed here. The key,
 //! frame type, code, default, name and envelope-overhead tables of the document are checked
-//! against the crate too.
+//! against the crate too; the frame type table's required and optional key columns (with the
+//! value an absent optional key takes) are checked by decoding and encoding frames built from
+//! them.
 //!
 //! To print the vector blocks after a deliberate change of the format:
 //! `ROOMCAST_PRINT_VECTORS=1 cargo test -p roomcast-protocol --test vectors -- --nocapture print_vectors`.
@@ -14,9 +16,9 @@ use std::collections::BTreeSet;
 
 use ciborium::Value;
 use roomcast_protocol::{
-    ClientFrame, Code, DecodeError, EventName, PROTOCOL_VERSION, Payload, PayloadLimits, RoomName,
-    ServerFrame, SessionConfig,
-    frame::{Event, Welcome, encode_event, key, kind},
+    ClientFrame, Code, DecodeError, EventName, PROTOCOL_VERSION, Payload, PayloadLimits, Position,
+    RoomName, ServerFrame, SessionConfig,
+    frame::{Event, MAX_IDEMPOTENCY_KEY_LEN, Welcome, encode_event, key, kind},
 };
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md");
@@ -159,6 +161,14 @@ fn vectors() -> Vec<(&'static str, Want)> {
             }),
         ),
         (
+            "subscribe-since",
+            Want::Client(ClientFrame::Subscribe {
+                since: Some(Position { epoch: 7, seq: 42 }),
+                id: 1,
+                room: "orders:1042".into(),
+            }),
+        ),
+        (
             "unsubscribe",
             Want::Client(ClientFrame::Unsubscribe {
                 id: 2,
@@ -177,6 +187,17 @@ fn vectors() -> Vec<(&'static str, Want)> {
             }),
         ),
         ("publish-no-ack", Want::Client(publish_gps.clone())),
+        (
+            "publish-key",
+            Want::Client(ClientFrame::Publish {
+                key: Some("f47ac10b-58cc-4372-a567-0e02b2c3d479".into()),
+                id: 9,
+                room: "orders:1042".into(),
+                event: "status".into(),
+                data: shipped().as_bytes().clone(),
+                ack: true,
+            }),
+        ),
         ("ping", Want::Client(ClientFrame::Ping { id: None })),
         ("ping-id", Want::Client(ClientFrame::Ping { id: Some(42) })),
         (
@@ -239,11 +260,41 @@ fn vectors() -> Vec<(&'static str, Want)> {
         (
             "subscribed",
             Want::Server(ServerFrame::Subscribed {
-                epoch: 0,
+                epoch: 7,
                 recovered: None,
                 id: 1,
                 room: room("orders:1042"),
                 seq: 41,
+            }),
+        ),
+        (
+            "subscribed-no-history",
+            Want::Server(ServerFrame::Subscribed {
+                epoch: 0,
+                recovered: None,
+                id: 2,
+                room: room("gps:7"),
+                seq: 311,
+            }),
+        ),
+        (
+            "subscribed-recovered",
+            Want::Server(ServerFrame::Subscribed {
+                epoch: 7,
+                recovered: Some(true),
+                id: 1,
+                room: room("orders:1042"),
+                seq: 42,
+            }),
+        ),
+        (
+            "subscribed-not-recovered",
+            Want::Server(ServerFrame::Subscribed {
+                epoch: 7,
+                recovered: Some(false),
+                id: 1,
+                room: room("orders:1042"),
+                seq: 1200,
             }),
         ),
         (
@@ -261,6 +312,16 @@ fn vectors() -> Vec<(&'static str, Want)> {
                 event: event("status"),
                 data: shipped(),
                 seq: 42,
+            })),
+        ),
+        (
+            "event-epoch",
+            Want::Server(ServerFrame::Event(Event {
+                epoch: Some(8),
+                room: room("orders:1042"),
+                event: event("status"),
+                data: shipped(),
+                seq: 1,
             })),
         ),
         (
@@ -319,6 +380,29 @@ fn vectors() -> Vec<(&'static str, Want)> {
                 code: Code::Normal,
                 reason: "bye".into(),
                 reconnect: false,
+            }),
+        ),
+        (
+            "close-retry-after",
+            Want::Server(ServerFrame::Close {
+                retry_after_ms: Some(1500),
+                code: Code::ShuttingDown,
+                reason: "draining".into(),
+                reconnect: true,
+            }),
+        ),
+        (
+            "conflation-active",
+            Want::Server(ServerFrame::Conflation {
+                room: room("prices:eurusd"),
+                active: true,
+            }),
+        ),
+        (
+            "conflation-inactive",
+            Want::Server(ServerFrame::Conflation {
+                room: room("prices:eurusd"),
+                active: false,
             }),
         ),
         // Broker frames, accepted but not canonical.
@@ -391,6 +475,18 @@ fn vectors() -> Vec<(&'static str, Want)> {
             ),
         ),
         (
+            "bad-since-no-epoch",
+            Want::ClientInvalid(
+                cbor(&m(vec![
+                    (u(0), u(kind::SUBSCRIBE)),
+                    (u(1), u(1)),
+                    (u(2), t("orders:1042")),
+                    (u(5), u(42)),
+                ])),
+                "MissingField frame=Subscribe field=epoch",
+            ),
+        ),
+        (
             "bad-id-type",
             Want::ClientInvalid(
                 cbor(&m(vec![(u(0), u(kind::PING)), (u(1), t("42"))])),
@@ -423,8 +519,21 @@ fn vectors() -> Vec<(&'static str, Want)> {
                     (u(1), u(1)),
                     (u(2), t("orders")),
                     (u(5), u(0)),
+                    (u(18), u(7)),
                 ])),
                 "InvalidValue field=room",
+            ),
+        ),
+        (
+            "bad-server-no-epoch",
+            Want::ServerInvalid(
+                cbor(&m(vec![
+                    (u(0), u(kind::SUBSCRIBED)),
+                    (u(1), u(1)),
+                    (u(2), t("orders:1042")),
+                    (u(5), u(41)),
+                ])),
+                "MissingField frame=Subscribed field=epoch",
             ),
         ),
         (
@@ -777,27 +886,34 @@ fn check_vector(v: &DocVector, want: &Want) -> Result<(), String> {
     Ok(())
 }
 
+/// The key table (§3.1): number, name, CBOR type.
+const KEYS: &[(u64, &str, &str)] = &[
+    (key::TYPE, "type", "uint"),
+    (key::ID, "id", "uint"),
+    (key::ROOM, "room", "text"),
+    (key::EVENT, "event", "text"),
+    (key::DATA, "data", "bytes"),
+    (key::SEQ, "seq", "uint"),
+    (key::ACK, "ack", "bool"),
+    (key::CODE, "code", "uint"),
+    (key::MESSAGE, "message", "text"),
+    (key::RECONNECT, "reconnect", "bool"),
+    (key::VERSION, "version", "uint"),
+    (key::SESSION, "session", "text"),
+    (key::TIME, "time", "uint"),
+    (key::MAX_FRAME, "max_frame", "uint"),
+    (key::PING_INTERVAL, "ping_interval", "uint"),
+    (key::TOKEN, "token", "text"),
+    (key::IDLE_TIMEOUT, "idle_timeout", "uint"),
+    (key::RETRY_AFTER, "retry_after", "uint"),
+    (key::EPOCH, "epoch", "uint"),
+    (key::RECOVERED, "recovered", "bool"),
+    (key::KEY, "key", "text"),
+    (key::CONFLATED, "conflated", "bool"),
+];
+
 fn check_keys(doc: &str) -> Vec<String> {
-    let expected: &[(u64, &str, &str)] = &[
-        (key::TYPE, "type", "uint"),
-        (key::ID, "id", "uint"),
-        (key::ROOM, "room", "text"),
-        (key::EVENT, "event", "text"),
-        (key::DATA, "data", "bytes"),
-        (key::SEQ, "seq", "uint"),
-        (key::ACK, "ack", "bool"),
-        (key::CODE, "code", "uint"),
-        (key::MESSAGE, "message", "text"),
-        (key::RECONNECT, "reconnect", "bool"),
-        (key::VERSION, "version", "uint"),
-        (key::SESSION, "session", "text"),
-        (key::TIME, "time", "uint"),
-        (key::MAX_FRAME, "max_frame", "uint"),
-        (key::PING_INTERVAL, "ping_interval", "uint"),
-        (key::TOKEN, "token", "text"),
-        (key::IDLE_TIMEOUT, "idle_timeout", "uint"),
-        (key::RETRY_AFTER, "retry_after", "uint"),
-    ];
+    let expected = KEYS;
     let rows = match table(doc, "| key | name | type |") {
         Ok(rows) => rows,
         Err(e) => return vec![e],
@@ -828,6 +944,7 @@ fn check_kinds(doc: &str) -> Vec<String> {
         (kind::ERROR, "Error", "broker"),
         (kind::PONG, "Pong", "broker"),
         (kind::CLOSE, "Close", "broker"),
+        (kind::CONFLATION, "Conflation", "broker"),
     ];
     let rows = match table(doc, "| type | frame | sent by |") {
         Ok(rows) => rows,
@@ -842,7 +959,209 @@ fn check_kinds(doc: &str) -> Vec<String> {
             "frame type table is {got:?}, expected {expected:?}"
         )];
     }
-    Vec::new()
+    rows.iter().flat_map(|r| check_kind_keys(r)).collect()
+}
+
+/// A well-typed, valid value for a key, other than the default any optional key takes.
+fn sample(key: u64) -> Value {
+    let (_, name, kind) = KEYS.iter().find(|(k, ..)| *k == key).expect("known key");
+    match (*name, *kind) {
+        ("room", _) => t("a:b"),
+        ("event", _) => t("e"),
+        ("code", _) => u(Code::Normal.value().into()),
+        (_, "uint") => u(1),
+        (_, "text") => t("t"),
+        (_, "bytes") => b(&[0x00]),
+        (_, "bool") => Value::Bool(true),
+        other => panic!("no sample for {other:?}"),
+    }
+}
+
+/// Decodes a frame map in the direction of its type, as a comparable string.
+fn decode_as(sender: &str, entries: &[(u64, Value)]) -> Result<String, String> {
+    let bytes = cbor(&m(entries
+        .iter()
+        .map(|(k, v)| (u(*k), v.clone()))
+        .collect()));
+    if sender == "client" {
+        ClientFrame::decode(&bytes).map(|f| format!("{f:?}"))
+    } else {
+        ServerFrame::decode(&bytes, PayloadLimits::default()).map(|f| format!("{f:?}"))
+    }
+    .map_err(|e| render(&e))
+}
+
+/// The keys the reference encoder writes for the frame a map decodes to.
+fn encoded_keys(sender: &str, entries: &[(u64, Value)]) -> BTreeSet<u64> {
+    let bytes = cbor(&m(entries
+        .iter()
+        .map(|(k, v)| (u(*k), v.clone()))
+        .collect()));
+    let encoded = if sender == "client" {
+        ClientFrame::decode(&bytes).map(|f| f.encode())
+    } else {
+        ServerFrame::decode(&bytes, PayloadLimits::default()).map(|f| f.encode())
+    };
+    let Ok(encoded) = encoded else {
+        return BTreeSet::new();
+    };
+    match ciborium::from_reader::<Value, _>(&encoded[..]) {
+        Ok(Value::Map(entries)) => entries
+            .iter()
+            .filter_map(|(k, _)| k.as_integer().and_then(|k| u64::try_from(k).ok()))
+            .collect(),
+        _ => BTreeSet::new(),
+    }
+}
+
+/// Checks the required and optional key columns of one frame type row against the decoder
+/// and the encoder: the required keys suffice and each one is needed; every optional key is
+/// read, takes the stated value when absent and is the only other key the encoder writes.
+fn check_kind_keys(row: &[String]) -> Vec<String> {
+    let [number, name, sender, required, optional, ..] = row else {
+        return vec![format!("short frame type row {row:?}")];
+    };
+    let Ok(number) = number.parse::<u64>() else {
+        return vec![format!("bad frame type {number:?}")];
+    };
+    let sender = if sender == "client" {
+        "client"
+    } else {
+        "server"
+    };
+    let key_of = |field: &str| KEYS.iter().find(|(_, n, _)| *n == field).map(|(k, ..)| *k);
+    let list = |cell: &str| -> Vec<String> {
+        if cell == "–" || cell == "-" {
+            Vec::new()
+        } else {
+            cell.split(',').map(|x| x.trim().to_string()).collect()
+        }
+    };
+    let mut problems = Vec::new();
+    let mut required_keys = Vec::new();
+    for field in list(required) {
+        match key_of(&field) {
+            Some(k) => required_keys.push((field, k)),
+            None => problems.push(format!(
+                "{name}: required key {field:?} is not in the key table"
+            )),
+        }
+    }
+    let mut optional_keys = Vec::new();
+    for item in list(optional) {
+        let Some((field, default)) = item.strip_suffix(')').and_then(|x| x.split_once(" (")) else {
+            problems.push(format!(
+                "{name}: optional key {item:?} is not \"name (default)\""
+            ));
+            continue;
+        };
+        let default = match default {
+            "none" => None,
+            "0" => Some(u(0)),
+            "false" => Some(Value::Bool(false)),
+            "\"\"" => Some(t("")),
+            other => {
+                problems.push(format!("{name}: default {other:?} of {field}"));
+                continue;
+            }
+        };
+        match key_of(field) {
+            Some(k) => optional_keys.push((field.to_string(), k, default)),
+            None => problems.push(format!(
+                "{name}: optional key {field:?} is not in the key table"
+            )),
+        }
+    }
+    if !problems.is_empty() {
+        return problems;
+    }
+    let base: Vec<(u64, Value)> = [(key::TYPE, u(number))]
+        .into_iter()
+        .chain(required_keys.iter().map(|(_, k)| (*k, sample(*k))))
+        .collect();
+    let minimal = match decode_as(sender, &base) {
+        Ok(f) => f,
+        Err(e) => {
+            return vec![format!(
+                "{name}: the required keys alone do not decode: {e}"
+            )];
+        }
+    };
+    for (field, k) in &required_keys {
+        let without: Vec<_> = base.iter().filter(|(x, _)| x != k).cloned().collect();
+        let expected = format!("MissingField frame={name} field={field}");
+        if decode_as(sender, &without) != Err(expected.clone()) {
+            problems.push(format!("{name}: without {field}: expected {expected}"));
+        }
+    }
+    let full: Vec<(u64, Value)> = base
+        .iter()
+        .cloned()
+        .chain(optional_keys.iter().map(|(_, k, _)| (*k, sample(*k))))
+        .collect();
+    let Ok(full_frame) = decode_as(sender, &full) else {
+        return vec![format!(
+            "{name}: the required and optional keys together do not decode"
+        )];
+    };
+    let allowed: BTreeSet<u64> = full.iter().map(|(k, _)| *k).collect();
+    let written = encoded_keys(sender, &full);
+    if !written.is_subset(&allowed) || !base.iter().all(|(k, _)| written.contains(k)) {
+        problems.push(format!(
+            "{name}: the encoder writes keys {written:?}, the table allows {allowed:?}"
+        ));
+    }
+    // Every other known key is ignored by this frame type (§3.2).
+    for (k, field, _) in KEYS {
+        if allowed.contains(k) {
+            continue;
+        }
+        let with: Vec<_> = full.iter().cloned().chain([(*k, sample(*k))]).collect();
+        if decode_as(sender, &with).as_ref() != Ok(&full_frame) {
+            problems.push(format!(
+                "{name}: reads {field}, which the table does not list"
+            ));
+        }
+    }
+    for (field, k, default) in &optional_keys {
+        // Read: leaving the key out changes the frame (or, for a key that only comes with
+        // another one, is refused as that one's absence).
+        let without: Vec<_> = full.iter().filter(|(x, _)| x != k).cloned().collect();
+        match decode_as(sender, &without) {
+            Ok(f) if f != full_frame => {}
+            Err(e)
+                if optional_keys.len() > 1
+                    && e == format!("MissingField frame={name} field={field}") => {}
+            other => problems.push(format!("{name}: optional {field} is not read ({other:?})")),
+        }
+        // The stated default: writing it changes nothing. "none": absence is no value, so
+        // even the zero value of the key's type makes another frame.
+        match default {
+            Some(default) => {
+                let with: Vec<_> = base
+                    .iter()
+                    .cloned()
+                    .chain([(*k, default.clone())])
+                    .collect();
+                if decode_as(sender, &with).as_ref() != Ok(&minimal) {
+                    problems.push(format!("{name}: {field} absent is not {default:?}"));
+                }
+            }
+            None => {
+                let zero = match sample(*k) {
+                    Value::Integer(_) => u(0),
+                    Value::Text(_) => t(""),
+                    Value::Bool(_) => Value::Bool(false),
+                    _ => b(&[]),
+                };
+                let with: Vec<_> = base.iter().cloned().chain([(*k, zero.clone())]).collect();
+                if decode_as(sender, &with).as_ref() == Ok(&minimal) {
+                    problems.push(format!("{name}: {field} absent is {zero:?}, not none"));
+                }
+            }
+        }
+    }
+    problems
 }
 
 fn check_codes(doc: &str) -> Vec<String> {
@@ -901,6 +1220,7 @@ fn check_defaults(doc: &str) -> Vec<String> {
             roomcast_protocol::name::MAX_NAMESPACE_LEN as u64,
         ),
         ("max_event", roomcast_protocol::name::MAX_EVENT_LEN as u64),
+        ("max_key", MAX_IDEMPOTENCY_KEY_LEN as u64),
     ];
     let rows = match table(doc, "| setting | value |") {
         Ok(rows) => rows,
@@ -1092,6 +1412,22 @@ fn checker_detects_drift() {
             doc.replacen("| 5 | seq | uint |", "| 5 | seq | text |", 1),
         ),
         (
+            "change a required key",
+            doc.replacen(
+                "| Subscribed | broker | id, room, seq, epoch | recovered (none) |",
+                "| Subscribed | broker | id, room, seq | epoch (none), recovered (none) |",
+                1,
+            ),
+        ),
+        (
+            "change an optional key's default",
+            doc.replacen("reconnect (false)", "reconnect (none)", 1),
+        ),
+        (
+            "drop an optional key",
+            doc.replacen("ack (false), key (none)", "ack (false)", 1),
+        ),
+        (
             "change a limit",
             doc.replacen("| idle_timeout | 60000", "| idle_timeout | 6000", 1),
         ),
@@ -1125,26 +1461,38 @@ fn vectors_cover_every_frame_variant() {
         let label = match want {
             Want::Client(f) => match f {
                 ClientFrame::Hello { token, .. } => format!("Hello token={}", token.is_some()),
-                ClientFrame::Subscribe { .. } => "Subscribe".into(),
+                ClientFrame::Subscribe { since, .. } => {
+                    format!("Subscribe since={}", since.is_some())
+                }
                 ClientFrame::Unsubscribe { .. } => "Unsubscribe".into(),
-                ClientFrame::Publish { ack, .. } => format!("Publish ack={ack}"),
+                ClientFrame::Publish { ack, key, .. } => {
+                    format!("Publish ack={ack} key={}", key.is_some())
+                }
                 ClientFrame::Ping { id } => format!("Ping id={}", id.is_some()),
                 ClientFrame::Refresh { .. } => "Refresh".into(),
             },
             Want::Server(f) => match f {
                 ServerFrame::Welcome(_) => "Welcome".into(),
-                ServerFrame::Subscribed { .. } => "Subscribed".into(),
+                ServerFrame::Subscribed {
+                    epoch, recovered, ..
+                } => format!("Subscribed epoch0={} recovered={recovered:?}", epoch == 0),
                 ServerFrame::Unsubscribed { .. } => "Unsubscribed".into(),
-                ServerFrame::Event(_) => "Event".into(),
+                ServerFrame::Event(e) => format!("Event epoch={}", e.epoch.is_some()),
                 ServerFrame::Ack { seq, .. } => format!("Ack seq={}", seq.is_some()),
                 ServerFrame::Error { id, .. } => format!("Error id={}", id.is_some()),
                 ServerFrame::Pong { id } => format!("Pong id={}", id.is_some()),
-                ServerFrame::Close { reconnect, .. } => format!("Close reconnect={reconnect}"),
-                ServerFrame::Conflation { .. } => "Conflation".into(),
+                ServerFrame::Close {
+                    reconnect,
+                    retry_after_ms,
+                    ..
+                } => format!(
+                    "Close reconnect={reconnect} retry_after={}",
+                    retry_after_ms.is_some()
+                ),
+                ServerFrame::Conflation { active, .. } => format!("Conflation active={active}"),
             },
-            Want::ClientInvalid(_, e) | Want::ServerInvalid(_, e) => {
-                format!("invalid {}", e.split(' ').next().unwrap_or(e))
-            }
+            Want::ClientInvalid(_, e) => format!("invalid client {e}"),
+            Want::ServerInvalid(_, e) => format!("invalid server {e}"),
             _ => continue,
         };
         labels.insert(label);
@@ -1152,31 +1500,57 @@ fn vectors_cover_every_frame_variant() {
     for needed in [
         "Hello token=false",
         "Hello token=true",
-        "Subscribe",
+        "Subscribe since=false",
+        "Subscribe since=true",
         "Unsubscribe",
-        "Publish ack=false",
-        "Publish ack=true",
+        "Publish ack=false key=false",
+        "Publish ack=true key=false",
+        "Publish ack=true key=true",
         "Ping id=false",
         "Ping id=true",
         "Refresh",
         "Welcome",
-        "Subscribed",
+        "Subscribed epoch0=false recovered=None",
+        "Subscribed epoch0=true recovered=None",
+        "Subscribed epoch0=false recovered=Some(true)",
+        "Subscribed epoch0=false recovered=Some(false)",
         "Unsubscribed",
-        "Event",
+        "Event epoch=false",
+        "Event epoch=true",
         "Ack seq=false",
         "Ack seq=true",
         "Error id=false",
         "Error id=true",
         "Pong id=false",
         "Pong id=true",
-        "Close reconnect=false",
-        "Close reconnect=true",
-        "invalid Malformed",
-        "invalid DuplicateKey",
-        "invalid TrailingBytes",
-        "invalid MissingField",
-        "invalid UnknownType",
-        "invalid InvalidValue",
+        "Close reconnect=false retry_after=false",
+        "Close reconnect=true retry_after=false",
+        "Close reconnect=true retry_after=true",
+        "Conflation active=true",
+        "Conflation active=false",
+    ] {
+        assert!(labels.contains(needed), "no vector for {needed}");
+    }
+    // Refused input: every DecodeError variant, and each "both or neither" / required-key rule
+    // of the recovery fields.
+    for variant in [
+        "Malformed",
+        "DuplicateKey",
+        "TrailingBytes",
+        "MissingField",
+        "UnknownType",
+        "InvalidValue",
+    ] {
+        assert!(
+            labels
+                .iter()
+                .any(|l| l.starts_with("invalid ") && l.split(' ').nth(2) == Some(variant)),
+            "no invalid vector for {variant}"
+        );
+    }
+    for needed in [
+        "invalid client MissingField frame=Subscribe field=epoch",
+        "invalid server MissingField frame=Subscribed field=epoch",
     ] {
         assert!(labels.contains(needed), "no vector for {needed}");
     }

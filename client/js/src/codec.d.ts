@@ -10,6 +10,8 @@ export const FRAME_TYPES: Readonly<
 export const CODES: Readonly<Record<number, readonly [string, 'Error' | 'Close', boolean]>>;
 /** Deepest payload nesting a broker accepts by default (§4). */
 export const MAX_PAYLOAD_DEPTH: number;
+/** Longest idempotency key (`Publish.key`) a broker accepts, in bytes (§6.3); at least 1. */
+export const MAX_IDEMPOTENCY_KEY_LEN: number;
 
 /** The name of a code (`"invalid_room"` for 4101), or undefined outside the table. */
 export function codeName(code: number): string | undefined;
@@ -17,10 +19,21 @@ export function codeName(code: number): string | undefined;
 /** A frame as a plain object; `type` names the frame type, fields use camelCase. */
 export type Frame =
   | { type: 'Hello'; version: number; token?: string }
-  | { type: 'Subscribe'; id: number; room: string }
+  /** `seq` and `epoch` together are the position `since` to recover from (§6.3): both or neither. */
+  | ({ type: 'Subscribe'; id: number; room: string } & ({ seq?: undefined; epoch?: undefined } | { seq: number; epoch: number }))
   | { type: 'Unsubscribe'; id: number; room: string }
-  | { type: 'Publish'; id?: number; room: string; event: string; data: Uint8Array; ack?: boolean }
+  | {
+      type: 'Publish';
+      id?: number;
+      room: string;
+      event: string;
+      data: Uint8Array;
+      ack?: boolean;
+      /** Idempotency key, 1–64 bytes (§6.3). */
+      key?: string;
+    }
   | { type: 'Ping'; id?: number }
+  | { type: 'Refresh'; id: number; token: string }
   | {
       type: 'Welcome';
       version: number;
@@ -30,13 +43,41 @@ export type Frame =
       pingInterval: number;
       idleTimeout: number;
     }
-  | { type: 'Subscribed'; id: number; room: string; seq: number }
+  | {
+      type: 'Subscribed';
+      id: number;
+      room: string;
+      /** With `epoch`: the position the room's events that follow continue from (§6.3). */
+      seq: number;
+      /** The room's history epoch; 0: the room keeps no history (never send `since` for it). */
+      epoch: number;
+      /** Present exactly when the Subscribe carried `seq` and `epoch`. */
+      recovered?: boolean;
+    }
   | { type: 'Unsubscribed'; id: number; room: string }
-  | { type: 'Event'; room: string; event: string; data: Uint8Array; seq: number; readonly value?: unknown }
+  | {
+      type: 'Event';
+      room: string;
+      event: string;
+      data: Uint8Array;
+      seq: number;
+      /** Present only when the room's numbering restarted: the room's epoch from this event on. */
+      epoch?: number;
+      readonly value?: unknown;
+    }
   | { type: 'Ack'; id: number; seq?: number }
-  | { type: 'Error'; id?: number; code: number; message: string }
+  | { type: 'Error'; id?: number; code: number; message: string; retryAfter?: number }
   | { type: 'Pong'; id?: number }
-  | { type: 'Close'; code: number; message: string; reconnect: boolean };
+  | {
+      type: 'Close';
+      code: number;
+      message: string;
+      reconnect: boolean;
+      /** Milliseconds to wait at least before reconnecting. */
+      retryAfter?: number;
+    }
+  /** The subscriber receives only the latest event per conflation key (`conflated: true`) or every event again. */
+  | { type: 'Conflation'; room: string; conflated: boolean };
 
 /** Why a frame was refused: `kind` is the reference crate's DecodeError variant (§3.5). */
 export class DecodeError extends Error {

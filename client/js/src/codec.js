@@ -35,6 +35,10 @@ export const KEYS = Object.freeze({
   15: ['token', 'text'],
   16: ['idle_timeout', 'uint'],
   17: ['retry_after', 'uint'],
+  18: ['epoch', 'uint'],
+  19: ['recovered', 'bool'],
+  20: ['key', 'text'],
+  21: ['conflated', 'bool'],
 });
 
 const KEY = Object.fromEntries(Object.entries(KEYS).map(([k, [name]]) => [name, Number(k)]));
@@ -54,20 +58,28 @@ const prop = (field) => PROPERTY[field] ?? field;
  */
 export const FRAME_TYPES = Object.freeze({
   1: ['Hello', 'client', ['version'], { token: undefined }],
-  2: ['Subscribe', 'client', ['id', 'room'], {}],
+  2: ['Subscribe', 'client', ['id', 'room'], { seq: undefined, epoch: undefined }],
   3: ['Unsubscribe', 'client', ['id', 'room'], {}],
-  4: ['Publish', 'client', ['room', 'event', 'data'], { id: 0, ack: false }],
+  4: ['Publish', 'client', ['room', 'event', 'data'], { id: 0, ack: false, key: undefined }],
   5: ['Ping', 'client', [], { id: undefined }],
   6: ['Refresh', 'client', ['id', 'token'], {}],
   16: ['Welcome', 'broker', ['version', 'session', 'time', 'max_frame', 'ping_interval', 'idle_timeout'], {}],
-  17: ['Subscribed', 'broker', ['id', 'room', 'seq'], {}],
+  17: ['Subscribed', 'broker', ['id', 'room', 'seq', 'epoch'], { recovered: undefined }],
   18: ['Unsubscribed', 'broker', ['id', 'room'], {}],
-  19: ['Event', 'broker', ['room', 'event', 'data', 'seq'], {}],
+  19: ['Event', 'broker', ['room', 'event', 'data', 'seq'], { epoch: undefined }],
   20: ['Ack', 'broker', ['id'], { seq: undefined }],
   21: ['Error', 'broker', ['code'], { id: undefined, message: '', retry_after: undefined }],
   22: ['Pong', 'broker', [], { id: undefined }],
-  23: ['Close', 'broker', ['code'], { message: '', reconnect: false }],
+  23: ['Close', 'broker', ['code'], { message: '', reconnect: false, retry_after: undefined }],
+  24: ['Conflation', 'broker', ['room', 'conflated'], {}],
 });
+
+/**
+ * Optional fields that come together or not at all (§3.2): `Subscribe`'s `seq` and `epoch` are
+ * the position `since` to recover from. Decoding one without the other is MissingField naming
+ * the absent one, as in the reference decoder.
+ */
+const PAIRED = { Subscribe: [['seq', 'epoch']] };
 
 const TYPE_NUMBER = Object.fromEntries(Object.entries(FRAME_TYPES).map(([k, [name]]) => [name, Number(k)]));
 
@@ -90,6 +102,7 @@ export const CODES = Object.freeze({
   4108: ['rate_limited', 'Error', true],
   4109: ['payload_too_large', 'Error', false],
   4110: ['schema_mismatch', 'Error', false],
+  4111: ['invalid_key', 'Error', false],
   4503: ['unavailable', 'Error', true],
   4000: ['normal', 'Close', false],
   4001: ['shutting_down', 'Close', true],
@@ -112,6 +125,9 @@ export function codeName(code) {
 
 /** Deepest payload nesting a broker accepts by default (§4). */
 export const MAX_PAYLOAD_DEPTH = 32;
+
+/** Longest idempotency key (`Publish.key`) a broker accepts, in bytes (§6.3); at least 1. */
+export const MAX_IDEMPOTENCY_KEY_LEN = 64;
 
 /**
  * Why a frame was refused: `kind` is the reference crate's `DecodeError` variant (§3.5) and
@@ -268,6 +284,10 @@ export function encodeFrame(frame) {
     if (whenTrue.includes(field) && value !== true) continue;
     fields.push([KEY[field], value]);
   }
+  for (const pair of PAIRED[frame.type] ?? []) {
+    const given = pair.filter((field) => frame[prop(field)] !== undefined);
+    if (given.length === 1) throw new TypeError(`${frame.type} needs ${pair.join(' and ')} together`);
+  }
   fields.sort((a, b) => a[0] - b[0]);
   const map = new Map([[0, number]]);
   for (const [key, value] of fields) map.set(key, wireUint(value));
@@ -321,6 +341,10 @@ function decodeFrame(bytes, sender) {
   for (const [field, fallback] of Object.entries(optional)) {
     const value = map.has(KEY[field]) ? fieldValue(map.get(KEY[field])) : fallback;
     if (value !== undefined) frame[prop(field)] = value;
+  }
+  for (const pair of PAIRED[name] ?? []) {
+    const absent = pair.filter((field) => frame[prop(field)] === undefined);
+    if (absent.length === 1) throw new DecodeError('MissingField', { frame: name, field: absent[0] });
   }
   if (sender === 'broker') checkValues(frame);
   return frame;

@@ -1,4 +1,12 @@
-export { CODES, DecodeError, PROTOCOL_VERSION, codeName, decodePayload, encodePayload } from './codec.js';
+export {
+  CODES,
+  DecodeError,
+  MAX_IDEMPOTENCY_KEY_LEN,
+  PROTOCOL_VERSION,
+  codeName,
+  decodePayload,
+  encodePayload,
+} from './codec.js';
 
 /** `webtransport` (HTTP/3 over QUIC) or `websocket`. */
 export type TransportKind = 'webtransport' | 'websocket';

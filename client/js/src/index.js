@@ -9,4 +9,12 @@ export {
   brokerUrls,
   connect,
 } from './client.js';
-export { CODES, DecodeError, PROTOCOL_VERSION, codeName, decodePayload, encodePayload } from './codec.js';
+export {
+  CODES,
+  DecodeError,
+  MAX_IDEMPOTENCY_KEY_LEN,
+  PROTOCOL_VERSION,
+  codeName,
+  decodePayload,
+  encodePayload,
+} from './codec.js';

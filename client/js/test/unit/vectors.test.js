@@ -13,6 +13,7 @@ import {
   CODES,
   FRAME_TYPES,
   KEYS,
+  MAX_IDEMPOTENCY_KEY_LEN,
   DecodeError,
   decodeClientFrame,
   decodeServerFrame,
@@ -57,9 +58,19 @@ const EXPECTED = {
   'hello-token': { type: 'Hello', version: 1, token: 'secret-token' },
   'hello-v2': { type: 'Hello', version: 2 },
   subscribe: { type: 'Subscribe', id: 1, room: ORDERS },
+  'subscribe-since': { type: 'Subscribe', id: 1, room: ORDERS, seq: 42, epoch: 7 },
   unsubscribe: { type: 'Unsubscribe', id: 2, room: ORDERS },
   'publish-ack': { type: 'Publish', id: 3, room: ORDERS, event: 'status', data: shipped, ack: true },
   'publish-no-ack': { type: 'Publish', id: 0, room: 'gps:7', event: 'pos', data: gps, ack: false },
+  'publish-key': {
+    type: 'Publish',
+    id: 9,
+    room: ORDERS,
+    event: 'status',
+    data: shipped,
+    ack: true,
+    key: 'f47ac10b-58cc-4372-a567-0e02b2c3d479',
+  },
   ping: { type: 'Ping' },
   'ping-id': { type: 'Ping', id: 42 },
   refresh: { type: 'Refresh', id: 8, token: 'a.b.c' },
@@ -73,9 +84,13 @@ const EXPECTED = {
     pingInterval: 25000,
     idleTimeout: 60000,
   },
-  subscribed: { type: 'Subscribed', id: 1, room: ORDERS, seq: 41 },
+  subscribed: { type: 'Subscribed', id: 1, room: ORDERS, seq: 41, epoch: 7 },
+  'subscribed-no-history': { type: 'Subscribed', id: 2, room: 'gps:7', seq: 311, epoch: 0 },
+  'subscribed-recovered': { type: 'Subscribed', id: 1, room: ORDERS, seq: 42, epoch: 7, recovered: true },
+  'subscribed-not-recovered': { type: 'Subscribed', id: 1, room: ORDERS, seq: 1200, epoch: 7, recovered: false },
   unsubscribed: { type: 'Unsubscribed', id: 2, room: ORDERS },
   event: { type: 'Event', room: ORDERS, event: 'status', data: shipped, seq: 42 },
+  'event-epoch': { type: 'Event', room: ORDERS, event: 'status', data: shipped, seq: 1, epoch: 8 },
   ack: { type: 'Ack', id: 3, seq: 42 },
   'ack-no-seq': { type: 'Ack', id: 5 },
   error: { type: 'Error', id: 6, code: 4105, message: 'not subscribed' },
@@ -85,6 +100,9 @@ const EXPECTED = {
   'pong-id': { type: 'Pong', id: 42 },
   close: { type: 'Close', code: 4429, message: 'outbound queue over its byte cap', reconnect: true },
   'close-normal': { type: 'Close', code: 4000, message: 'bye', reconnect: false },
+  'close-retry-after': { type: 'Close', code: 4001, message: 'draining', reconnect: true, retryAfter: 1500 },
+  'conflation-active': { type: 'Conflation', room: 'prices:eurusd', conflated: true },
+  'conflation-inactive': { type: 'Conflation', room: 'prices:eurusd', conflated: false },
   // 9.3 accepted non-canonical input
   'publish-minimal': { type: 'Publish', id: 0, room: 'gps:7', event: 'pos', data: gps, ack: false },
   'publish-ack-false': { type: 'Publish', id: 0, room: 'gps:7', event: 'pos', data: gps, ack: false },
@@ -98,6 +116,7 @@ const EXPECTED = {
   'bad-unknown-type': 'UnknownType kind=15 id=7',
   'bad-no-type': 'MissingField frame=any field=type',
   'bad-missing-room': 'MissingField frame=Subscribe field=room',
+  'bad-since-no-epoch': 'MissingField frame=Subscribe field=epoch',
   'bad-id-type': 'Malformed',
   'bad-data-not-bytes': 'Malformed',
   'bad-not-a-map': 'Malformed',
@@ -105,6 +124,7 @@ const EXPECTED = {
   'bad-server-code': 'InvalidValue field=code',
   'bad-server-payload': 'InvalidValue field=data',
   'bad-server-client-type': 'UnknownType kind=5 id=none',
+  'bad-server-no-epoch': 'MissingField frame=Subscribed field=epoch',
 };
 
 const CLIENT_DIR = new Set(Object.values(FRAME_TYPES).filter((t) => t[1] === 'client').map((t) => t[0]));
@@ -206,4 +226,31 @@ test('name table (§5) matches the name checks', () => {
   assert.equal(roomNameError(`a:${'b'.repeat(127)}`), 'TooLong(128)');
   assert.equal(eventNameError('e'.repeat(64)), null);
   assert.equal(eventNameError('e'.repeat(65)), 'TooLong(64)');
+});
+
+test('limits table (§6.4): the idempotency key length', () => {
+  const row = table('| setting | value | unit |').find(([setting]) => setting === 'max_key');
+  assert.ok(row, 'no max_key row');
+  assert.equal(Number(row[1]), MAX_IDEMPOTENCY_KEY_LEN);
+});
+
+test('Subscribe carries seq and epoch together or not at all (§3.2)', () => {
+  // Encoding refuses half a position; decoding refuses it as MissingField of the absent half.
+  assert.throws(() => encodeFrame({ type: 'Subscribe', id: 1, room: ORDERS, seq: 42 }), TypeError);
+  assert.throws(() => encodeFrame({ type: 'Subscribe', id: 1, room: ORDERS, epoch: 7 }), TypeError);
+  const half = (key, value) => {
+    const map = new Map([[0, 2], [1, 1], [2, ORDERS], [key, value]]);
+    return encodePayload(map);
+  };
+  assert.throws(
+    () => decodeClientFrame(half(18, 7)),
+    (e) => e instanceof DecodeError && e.render() === 'MissingField frame=Subscribe field=seq',
+  );
+  assert.throws(
+    () => decodeClientFrame(half(5, 42)),
+    (e) => e instanceof DecodeError && e.render() === 'MissingField frame=Subscribe field=epoch',
+  );
+  // Position 0/0 is a position, not an absent one.
+  const zero = encodeFrame({ type: 'Subscribe', id: 1, room: ORDERS, seq: 0, epoch: 0 });
+  assert.deepEqual(decodeClientFrame(zero), { type: 'Subscribe', id: 1, room: ORDERS, seq: 0, epoch: 0 });
 });
