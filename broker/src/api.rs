@@ -157,7 +157,13 @@ mod publish {
     use roomcast_protocol::{Code, EventName, Payload, RoomName, frame::MAX_IDEMPOTENCY_KEY_LEN};
     use sha2::{Digest, Sha256};
 
-    use crate::server::Shared;
+    use crate::{
+        cluster::{AckTo, Unavailable},
+        server::Shared,
+    };
+
+    /// Longest wait for a history stream to acknowledge a publish.
+    const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
     /// The JSON body: `data` is any JSON value, sent to subscribers as its CBOR encoding.
     #[derive(serde::Deserialize)]
@@ -290,10 +296,24 @@ mod publish {
             Ok(data) => data,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidPayload, &e),
         };
-        match shared
-            .bridge
-            .publish(&shared.hub, &room, &event, &data, key.as_deref())
-        {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let published = match shared.bridge.publish(
+            &shared.hub,
+            &room,
+            &event,
+            &data,
+            key.as_deref(),
+            AckTo::Reply(reply),
+        ) {
+            Ok(Some(delivery)) => Ok(delivery),
+            // Stored in the room's history stream first: answer once it is.
+            Ok(None) => match tokio::time::timeout(STORE_WAIT, outcome).await {
+                Ok(Ok(outcome)) => outcome,
+                _ => Err(Unavailable("the publish was not acknowledged in time")),
+            },
+            Err(e) => Err(e),
+        };
+        match published {
             Ok(delivery) => {
                 shared.metrics.events_in.inc();
                 shared.metrics.events_out.inc_by(delivery.delivered as u64);

@@ -201,6 +201,18 @@ pub struct ClusterConfig {
     #[arg(long, env = "ROOMCAST_NATS_REQUIRE_TLS")]
     pub nats_require_tls: bool,
 
+    /// Do not keep room history in JetStream: reliable rooms go over core NATS, their
+    /// `Subscribed` carries epoch 0 and nothing can be recovered. By default every reliable
+    /// namespace has a stream `<prefix>_<namespace>` (created on first use; the NATS server
+    /// must have JetStream enabled) sized by the history settings.
+    #[arg(long, env = "ROOMCAST_NO_NATS_HISTORY")]
+    pub no_nats_history: bool,
+
+    /// Replicas of each history stream (JetStream clusters: 3 survives a NATS server loss;
+    /// a single NATS server: 1). Applies when a stream is created.
+    #[arg(long, env = "ROOMCAST_NATS_HISTORY_REPLICAS", default_value_t = 1)]
+    pub nats_history_replicas: usize,
+
     /// How long a node keeps a room's subscription after the room's last local subscriber
     /// left, so a quick re-subscribe does not cost an UNSUB/SUB round.
     #[arg(long, env = "ROOMCAST_NATS_INTEREST_LINGER", default_value = "1s", value_parser = duration)]
@@ -235,6 +247,8 @@ impl Default for ClusterConfig {
             nats_tls_cert: None,
             nats_tls_key: None,
             nats_require_tls: false,
+            no_nats_history: false,
+            nats_history_replicas: 1,
             nats_interest_linger: Duration::from_secs(1),
             nats_publish_queue: 8192,
             nats_subscription_capacity: 4096,

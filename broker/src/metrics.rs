@@ -74,6 +74,13 @@ pub struct NatsMetrics {
     pub slow_consumers: Counter,
     /// Room subjects this node is subscribed to.
     pub subscriptions: Gauge,
+    /// Events read from JetStream to fill a gap in a room's live feed (missed while the
+    /// node's connection was down, or dropped as a slow consumer).
+    pub gap_fills: Counter,
+    /// Events read from JetStream to answer recoveries.
+    pub replayed: Counter,
+    /// JetStream requests that failed (stream creation, reads, publish acks).
+    pub jetstream_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -195,6 +202,21 @@ impl Metrics {
             "subscriptions",
             "Room subjects subscribed",
             nats.subscriptions.clone(),
+        );
+        sub.register(
+            "gap_fills",
+            "Events read from JetStream to fill gaps in live feeds",
+            nats.gap_fills.clone(),
+        );
+        sub.register(
+            "replayed",
+            "Events read from JetStream to answer recoveries",
+            nats.replayed.clone(),
+        );
+        sub.register(
+            "jetstream_errors",
+            "JetStream requests that failed",
+            nats.jetstream_errors.clone(),
         );
         Metrics { registry, ..m }
     }

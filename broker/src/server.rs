@@ -107,14 +107,17 @@ pub fn exposure_warning(config: &Config, security: &Security) -> Option<&'static
 /// How the hub treats each namespace: `--volatile-namespaces`, the history and dedup flags,
 /// and the `--config` file's namespace sections (which override the flags).
 fn room_rules(config: &Config, security: &Security) -> RoomRules {
+    // Cluster mode keeps history in JetStream (one stream per namespace) unless turned off;
+    // a node's own memory never does (events reach a node only while it has subscribers).
     let clustered = !config.cluster.nats.is_empty();
+    let sequenced = clustered && !config.cluster.no_nats_history;
     let merge = |base: RoomRule, policy: Option<&NamespacePolicy>| -> RoomRule {
         let Some(p) = policy else { return base };
         if p.volatile {
             return RoomRule::VOLATILE;
         }
         let mut rule = base;
-        if !clustered {
+        if rule.history.is_on() {
             rule.history.events = p.history_events.unwrap_or(rule.history.events);
             rule.history.bytes = p.history_bytes.unwrap_or(rule.history.bytes);
             if let Some(secs) = p.history_ttl_secs {
@@ -128,9 +131,7 @@ fn room_rules(config: &Config, security: &Security) -> RoomRules {
     };
     let base = RoomRule {
         volatile: false,
-        // Cluster mode: the node's rooms hold no history of their own (events reach a node
-        // only while it has local subscribers, so its history would have holes).
-        history: if clustered {
+        history: if clustered && !sequenced {
             HistoryLimits::OFF
         } else {
             HistoryLimits {
@@ -140,6 +141,7 @@ fn room_rules(config: &Config, security: &Security) -> RoomRules {
             }
         },
         dedup_window: config.dedup_window,
+        sequenced,
     };
     let file = &security.file;
     let mut rules = RoomRules {
@@ -217,6 +219,7 @@ impl Shared {
                 &self.metrics,
                 session.payload,
                 self.config.max_frame_size,
+                self.config.outbound_queue_bytes,
                 self.shutdown.clone(),
             )
             .await?;

@@ -18,6 +18,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use crate::{
     admission::Admitted,
+    cluster::AckTo,
     gate::SessionGate,
     hub::SessionKey,
     metrics::TransportLabel,
@@ -376,8 +377,18 @@ impl Core {
                 &event,
                 &data,
                 key.as_deref(),
+                AckTo::Session {
+                    outbox: self.outbox.clone(),
+                    id,
+                    want_ack: ack,
+                },
             ) {
-                Ok(delivery) => {
+                // Stored first (a history stream): the bridge answers once it is.
+                Ok(None) => {
+                    metrics.events_in.inc();
+                    Ok(())
+                }
+                Ok(Some(delivery)) => {
                     if delivery.duplicate {
                         metrics.duplicates.inc();
                     }

@@ -42,13 +42,66 @@
 //!   propagation to other servers of a cluster or gateway stays asynchronous.
 
 pub mod nats;
+mod stream;
 pub mod subject;
 
 use std::sync::Arc;
 
-use roomcast_protocol::{EventName, Payload, RoomName};
+use roomcast_protocol::{Code, EventName, Payload, RoomName, ServerFrame};
+use tokio::sync::oneshot;
 
-use crate::hub::{Delivery, Hub};
+use crate::{
+    hub::{Delivery, Hub},
+    outbox::Outbox,
+};
+
+/// Who hears the outcome of a publish the bridge finishes later (a JetStream acknowledgement).
+pub enum AckTo {
+    /// A session's `Publish`: `Ack { id, seq }` into its outbox when it asked for one, and
+    /// `Error unavailable` whether it asked or not (never silent loss).
+    Session {
+        /// The publishing session's queue.
+        outbox: Arc<Outbox>,
+        /// The `Publish`'s id.
+        id: u64,
+        /// The `Publish` asked for an `Ack`.
+        want_ack: bool,
+    },
+    /// Someone waiting for the outcome (the HTTP API).
+    Reply(oneshot::Sender<Result<Delivery, Unavailable>>),
+}
+
+impl AckTo {
+    /// Tells the publisher how it went.
+    pub fn answer(self, outcome: Result<Delivery, Unavailable>) {
+        match self {
+            AckTo::Session {
+                outbox,
+                id,
+                want_ack,
+            } => {
+                let frame = match outcome {
+                    Ok(_) if !want_ack => return,
+                    Ok(delivery) => ServerFrame::Ack {
+                        id,
+                        seq: delivery.seq,
+                    },
+                    Err(e) => ServerFrame::Error {
+                        id: Some(id),
+                        code: Code::Unavailable,
+                        message: e.to_string(),
+                        retry_after_ms: None,
+                    },
+                };
+                // A session whose queue refuses its own answer is ending anyway.
+                let _ = outbox.push(frame.encode());
+            }
+            AckTo::Reply(reply) => {
+                let _ = reply.send(outcome);
+            }
+        }
+    }
+}
 
 /// A publish could not be handed to the cluster (not connected, or the publish queue is full).
 /// The event was not published anywhere; the same publish may succeed later.
@@ -71,6 +124,9 @@ pub trait Interest: Send + Sync {
     fn confirms_live(&self) -> bool {
         false
     }
+    /// A subscriber of a sequenced room waits to recover ([`Hub::take_recoveries`]): the
+    /// room's reader should answer it.
+    fn recovery_requested(&self, _room: &RoomName) {}
 }
 
 /// Carries events between this node's hub and every node that has subscribers of the room.
@@ -80,9 +136,11 @@ pub trait Bridge: Interest {
     /// `key` is the publish's idempotency key: a repeat within the room's dedup window is not
     /// delivered again.
     ///
-    /// `Ok` carries what is known at once: the local [`Delivery`] when the event was fanned out
-    /// here immediately (in-process), or an empty one when the fan-out happens when the event
-    /// comes back from the cluster. `Err` means the event went nowhere.
+    /// `Ok(Some(_))` is the outcome, known at once: the local [`Delivery`] when the event was
+    /// fanned out here immediately (in-process), or an empty one when the fan-out happens when
+    /// the event comes back from the cluster; the caller answers the publisher. `Ok(None)`: the
+    /// outcome comes later (a room with history in JetStream is acknowledged once stored) and
+    /// the bridge answers through `ack`. `Err` means the event went nowhere.
     fn publish(
         &self,
         hub: &Hub,
@@ -90,7 +148,8 @@ pub trait Bridge: Interest {
         event: &EventName,
         data: &Payload,
         key: Option<&str>,
-    ) -> Result<Delivery, Unavailable>;
+        ack: AckTo,
+    ) -> Result<Option<Delivery>, Unavailable>;
 
     /// Whether the bridge can publish right now (for `/readyz`).
     fn is_ready(&self) -> bool;
@@ -117,8 +176,9 @@ impl Bridge for InProcess {
         event: &EventName,
         data: &Payload,
         key: Option<&str>,
-    ) -> Result<Delivery, Unavailable> {
-        Ok(hub.publish(room, event, data, key))
+        _ack: AckTo,
+    ) -> Result<Option<Delivery>, Unavailable> {
+        Ok(Some(hub.publish(room, event, data, key)))
     }
 
     fn is_ready(&self) -> bool {

@@ -42,20 +42,25 @@ use std::{
 
 use async_nats::{
     Client, ConnectOptions, Event, HeaderMap, Message, Subscriber, connection::State,
+    jetstream::context::PublishAckFuture,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
 use roomcast_protocol::{
-    EventName, Payload, PayloadLimits, RoomName, frame::MAX_IDEMPOTENCY_KEY_LEN,
+    EventName, Payload, PayloadLimits, Position, RoomName, frame::MAX_IDEMPOTENCY_KEY_LEN,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Bridge, Interest, Unavailable, subject};
+use super::{
+    AckTo, Bridge, Interest, Unavailable,
+    stream::{self as history, Streams},
+    subject,
+};
 use crate::{
     config::ClusterConfig,
-    hub::{Delivery, Hub},
+    hub::{Delivery, Hub, RoomRule},
     metrics::{Metrics, NatsMetrics},
 };
 
@@ -94,6 +99,17 @@ struct Outbound {
     event: EventName,
     data: Bytes,
     key: Option<Box<str>>,
+    /// Sequenced rooms: published through JetStream, answered once stored.
+    stored: Option<(RoomRule, AckTo)>,
+}
+
+/// A room reader's doorbell (sequenced rooms): rung when the room's subscription is confirmed,
+/// when the room comes back while lingering, and when a subscriber waits to recover.
+#[derive(Default)]
+struct RoomHandle {
+    poke: Notify,
+    /// The subscription is in force on the node's server.
+    confirmed: AtomicBool,
 }
 
 /// What the node wants for one room.
@@ -113,6 +129,8 @@ struct TableState {
     rooms: HashMap<RoomName, Want>,
     /// Rooms whose `Want` changed since the reconciler last looked (no duplicates).
     changed: Vec<RoomName>,
+    /// The readers of sequenced rooms.
+    handles: HashMap<RoomName, Arc<RoomHandle>>,
 }
 
 /// The interest table the hub writes into.
@@ -125,7 +143,7 @@ struct Table {
 impl Table {
     fn set(&self, room: &RoomName, on: bool) {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let TableState { rooms, changed } = &mut *state;
+        let TableState { rooms, changed, .. } = &mut *state;
         let want = rooms.entry(room.clone()).or_insert(Want {
             on,
             off_since: Instant::now(),
@@ -155,11 +173,22 @@ impl Interest for Table {
     fn confirms_live(&self) -> bool {
         true
     }
+    fn recovery_requested(&self, room: &RoomName) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // No reader yet: it answers waiting recoveries as soon as it starts.
+        if let Some(handle) = state.handles.get(room) {
+            handle.poke.notify_one();
+        }
+    }
 }
 
 /// What incoming messages need to be checked and delivered.
 struct Inbound {
     hub: Arc<Hub>,
+    streams: Arc<Streams>,
+    prefix: subject::SubjectPrefix,
+    /// Bytes of payload one recovery may replay (the session's outbound queue cap).
+    max_replay: usize,
     limits: PayloadLimits,
     max_payload: usize,
     metrics: NatsMetrics,
@@ -213,6 +242,7 @@ impl NatsBridge {
         metrics: &Metrics,
         limits: PayloadLimits,
         max_payload: usize,
+        max_replay: usize,
         shutdown: CancellationToken,
     ) -> Result<(), StartError> {
         let id = &self.node_id;
@@ -231,10 +261,16 @@ impl NatsBridge {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
+        let streams = Arc::new(Streams::new(
+            client.clone(),
+            self.config.nats_subject_prefix.clone(),
+            self.config.nats_history_replicas,
+        ));
         if let Some(queue) = queue {
             tokio::spawn(publisher(
                 client.clone(),
                 queue,
+                streams.clone(),
                 self.config.nats_subject_prefix.clone(),
                 self.node_id.clone(),
                 self.metrics.clone(),
@@ -243,6 +279,9 @@ impl NatsBridge {
         }
         let inbound = Arc::new(Inbound {
             hub,
+            streams,
+            prefix: self.config.nats_subject_prefix.clone(),
+            max_replay,
             limits,
             max_payload,
             metrics: self.metrics.clone(),
@@ -360,23 +399,28 @@ impl Interest for NatsBridge {
 impl Bridge for NatsBridge {
     fn publish(
         &self,
-        _hub: &Hub,
+        hub: &Hub,
         room: &RoomName,
         event: &EventName,
         data: &Payload,
         key: Option<&str>,
-    ) -> Result<Delivery, Unavailable> {
+        ack: AckTo,
+    ) -> Result<Option<Delivery>, Unavailable> {
         if !self.client_connected() {
             return Err(Unavailable("not connected to NATS"));
         }
+        let rule = hub.rule(room);
+        let stored = rule.sequenced && !rule.volatile;
         let outbound = Outbound {
             room: room.clone(),
             event: event.clone(),
             data: data.as_bytes().clone(),
             key: key.map(Box::from),
+            stored: stored.then_some((rule, ack)),
         };
         match self.queue.try_send(outbound) {
-            Ok(()) => Ok(Delivery::default()),
+            Ok(()) if stored => Ok(None),
+            Ok(()) => Ok(Some(Delivery::default())),
             Err(mpsc::error::TrySendError::Full(_)) => {
                 Err(Unavailable("the NATS publish queue is full"))
             }
@@ -397,11 +441,16 @@ impl Bridge for NatsBridge {
 async fn publisher(
     client: Client,
     mut queue: mpsc::Receiver<Outbound>,
+    streams: Arc<Streams>,
     prefix: subject::SubjectPrefix,
     node_id: String,
     metrics: NatsMetrics,
     shutdown: CancellationToken,
 ) {
+    // JetStream acknowledgements are awaited by a second task, in publish order, so the
+    // publisher never waits for one before sending the next event.
+    let (acks, pending) = mpsc::channel(ACKS_IN_FLIGHT);
+    tokio::spawn(acker(pending, metrics.clone()));
     loop {
         let next = tokio::select! {
             biased;
@@ -417,22 +466,88 @@ async fn publisher(
             headers.insert(HEADER_KEY, &**key);
         }
         let subject = subject::subject_for(&prefix, &out.room);
+        let Some((rule, ack)) = out.stored else {
+            let sent = tokio::select! {
+                sent = client.publish_with_headers(subject, headers, out.data) => sent,
+                () = shutdown.cancelled() => break,
+            };
+            match sent {
+                Ok(()) => {
+                    metrics.published.inc();
+                }
+                Err(e) => {
+                    metrics.publish_failures.inc();
+                    warn!(error = %e, room = %out.room, "NATS refused a publish");
+                }
+            }
+            continue;
+        };
+        // A room with history: stored in its namespace's stream, acknowledged once stored.
+        if let Some(key) = &out.key {
+            if !rule.dedup_window.is_zero() {
+                headers.insert(async_nats::header::NATS_MESSAGE_ID, &**key);
+            }
+        }
+        let stream = tokio::select! {
+            stream = streams.get(&out.room, &rule) => stream,
+            () = shutdown.cancelled() => break,
+        };
+        if let Err(e) = stream {
+            metrics.jetstream_errors.inc();
+            warn!(error = %e, room = %out.room, "no JetStream stream: publish refused (is JetStream enabled on the NATS server?)");
+            ack.answer(Err(Unavailable("the room's history stream is unavailable")));
+            continue;
+        }
         let sent = tokio::select! {
-            sent = client.publish_with_headers(subject, headers, out.data) => sent,
+            sent = streams.context().publish_with_headers(subject, headers, out.data) => sent,
             () = shutdown.cancelled() => break,
         };
         match sent {
-            Ok(()) => {
+            Ok(future) => {
                 metrics.published.inc();
+                if acks.send((future, ack, out.room)).await.is_err() {
+                    break;
+                }
             }
             Err(e) => {
                 metrics.publish_failures.inc();
-                warn!(error = %e, room = %out.room, "NATS refused a publish");
+                warn!(error = %e, room = %out.room, "JetStream publish failed");
+                ack.answer(Err(Unavailable("JetStream refused the publish")));
             }
         }
     }
     // Give what was handed over a moment to reach the server.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+}
+
+/// Longest wait for JetStream before a room goes live without history.
+const STREAM_WAIT: Duration = Duration::from_secs(2);
+
+/// JetStream publishes sent but not acknowledged yet, at most.
+const ACKS_IN_FLIGHT: usize = 4096;
+
+/// Answers stored publishes as their JetStream acknowledgements come back (in publish order).
+async fn acker(
+    mut pending: mpsc::Receiver<(PublishAckFuture, AckTo, RoomName)>,
+    metrics: NatsMetrics,
+) {
+    while let Some((future, ack, room)) = pending.recv().await {
+        match future.await {
+            Ok(stored) => ack.answer(Ok(Delivery {
+                seq: Some(stored.sequence),
+                duplicate: stored.duplicate,
+                ..Delivery::default()
+            })),
+            Err(e) => {
+                // Not acknowledged: stored or not, the publisher is told it may not have been.
+                metrics.jetstream_errors.inc();
+                warn!(error = %e, %room, "JetStream did not acknowledge a publish");
+                ack.answer(Err(Unavailable(
+                    "JetStream did not acknowledge the publish",
+                )));
+            }
+        }
+    }
 }
 
 /// Keeps one subscription per room the table wants (plus linger), none for the others.
@@ -495,6 +610,7 @@ async fn reconcile(
                     }
                     _ => {
                         state.rooms.remove(&room);
+                        state.handles.remove(&room);
                         if let Some(stop) = active.remove(&room) {
                             // The reader stops before any new subscription for the room exists.
                             stop.cancel();
@@ -505,24 +621,48 @@ async fn reconcile(
             }
         }
         for room in &live {
-            inbound.hub.mark_live(room);
+            mark_live(&table, &inbound, room);
         }
         for room in subscribe.iter().cloned() {
-            let subject = subject::subject_for(&prefix, &room);
+            let rule = inbound.hub.rule(&room);
+            let sequenced = rule.sequenced && !rule.volatile;
+            let subject = if sequenced {
+                history::sequenced_subject(&prefix, &room)
+            } else {
+                subject::subject_for(&prefix, &room)
+            };
             let subscribed = tokio::select! {
                 subscribed = client.subscribe(subject) => subscribed,
                 () = shutdown.cancelled() => break,
             };
             match subscribed {
                 Ok(subscriber) => {
-                    debug!(%room, "NATS interest on");
+                    debug!(%room, sequenced, "NATS interest on");
                     let stop = shutdown.child_token();
-                    tokio::spawn(read_room(
-                        room.clone(),
-                        subscriber,
-                        inbound.clone(),
-                        stop.clone(),
-                    ));
+                    if sequenced {
+                        let handle = Arc::new(RoomHandle::default());
+                        table
+                            .state
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .handles
+                            .insert(room.clone(), handle.clone());
+                        tokio::spawn(read_sequenced_room(
+                            room.clone(),
+                            rule,
+                            subscriber,
+                            inbound.clone(),
+                            handle,
+                            stop.clone(),
+                        ));
+                    } else {
+                        tokio::spawn(read_room(
+                            room.clone(),
+                            subscriber,
+                            inbound.clone(),
+                            stop.clone(),
+                        ));
+                    }
                     active.insert(room, stop);
                 }
                 Err(e) => warn!(error = %e, %room, "NATS subscribe failed"),
@@ -545,7 +685,7 @@ async fn reconcile(
                 );
             }
             for room in &subscribe {
-                inbound.hub.mark_live(room);
+                mark_live(&table, &inbound, room);
             }
         }
         inbound.metrics.subscriptions.set(active.len() as i64);
@@ -564,6 +704,25 @@ async fn reconcile(
     }
     for stop in active.values() {
         stop.cancel();
+    }
+}
+
+/// The room's subscription is in force: plain rooms go live at once; a sequenced room's reader
+/// first reads where the room stands in its stream.
+fn mark_live(table: &Table, inbound: &Inbound, room: &RoomName) {
+    let handle = table
+        .state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .handles
+        .get(room)
+        .cloned();
+    match handle {
+        Some(handle) => {
+            handle.confirmed.store(true, Ordering::Release);
+            handle.poke.notify_one();
+        }
+        None => inbound.hub.mark_live(room),
     }
 }
 
@@ -645,6 +804,229 @@ async fn read_room(
     }
 }
 
+/// Delivers a sequenced room's events (republished by its stream, numbered) to the hub in
+/// stream order, until stopped; fills gaps in its feed from the stream and answers the room's
+/// recoveries between two events, so a recovering subscriber's replay meets the live events
+/// with no gap and no duplicate. Dropping the subscriber unsubscribes.
+async fn read_sequenced_room(
+    room: RoomName,
+    rule: RoomRule,
+    mut subscriber: Subscriber,
+    inbound: Arc<Inbound>,
+    handle: Arc<RoomHandle>,
+    stop: CancellationToken,
+) {
+    let subject = subject::subject_for(&inbound.prefix, &room);
+    // Where the room stands: known once the subscription is confirmed. Messages before that
+    // are covered by the position read then.
+    let mut position: Option<Position> = None;
+    let mut stream = None;
+    loop {
+        tokio::select! {
+            biased;
+            () = stop.cancelled() => break,
+            () = handle.poke.notified() => {
+                if !handle.confirmed.load(Ordering::Acquire) {
+                    continue;
+                }
+                if stream.is_none() {
+                    // Bounded: while NATS is unreachable the waiting `Subscribed` replies go
+                    // out without history (epoch 0) rather than hang.
+                    match tokio::time::timeout(STREAM_WAIT, inbound.streams.get(&room, &rule)).await {
+                        Ok(Ok(s)) => stream = Some(s),
+                        Ok(Err(e)) => {
+                            inbound.metrics.jetstream_errors.inc();
+                            warn!(%room, error = %e, "no history stream: the room cannot be recovered");
+                        }
+                        Err(_) => {
+                            inbound.metrics.jetstream_errors.inc();
+                            warn!(%room, "no answer from JetStream: the room cannot be recovered for now");
+                        }
+                    }
+                }
+                let at = match position {
+                    Some(at) => at,
+                    None => {
+                        let read = match &stream {
+                            Some(s) => tokio::time::timeout(STREAM_WAIT, s.position(&subject))
+                                .await
+                                .map_err(|_| "timed out".to_owned())
+                                .and_then(|r| r)
+                                .map(|seq| Position { epoch: s.epoch, seq }),
+                            None => Err("no stream".to_owned()),
+                        };
+                        let at = read.unwrap_or_else(|e| {
+                            inbound.metrics.jetstream_errors.inc();
+                            warn!(%room, error = %e, "reading the room's position");
+                            Position { epoch: 0, seq: 0 }
+                        });
+                        position = Some(at);
+                        at
+                    }
+                };
+                inbound.hub.mark_live_at(&room, at);
+                let waiting = inbound.hub.take_recoveries(&room);
+                if waiting.is_empty() {
+                    continue;
+                }
+                let Some(s) = &stream else {
+                    for (session, _) in waiting {
+                        inbound.hub.answer_recovery(&room, session, None);
+                    }
+                    continue;
+                };
+                // First catch up with what the stream holds beyond the feed, so a client that
+                // saw a later event on another node finds this node at least as far.
+                if let Some(at) = &mut position {
+                    fill(&room, &subject, s, at, u64::MAX, &inbound).await;
+                }
+                let Some(at) = position else { continue };
+                for (session, since) in waiting {
+                    let replay = recover(&subject, s, since, at, &inbound).await;
+                    inbound.hub.answer_recovery(&room, session, replay);
+                }
+            }
+            message = subscriber.next() => {
+                let Some(message) = message else { break };
+                inbound.metrics.received.inc();
+                let Some(at) = &mut position else { continue };
+                let numbers = message.headers.as_ref().and_then(|h| {
+                    let seq = h.get(async_nats::header::NATS_SEQUENCE)?.as_str().parse::<u64>().ok()?;
+                    let previous = h
+                        .get(async_nats::header::NATS_LAST_SEQUENCE)
+                        .and_then(|v| v.as_str().parse::<u64>().ok())
+                        .unwrap_or(0);
+                    Some((seq, previous))
+                });
+                let Some((seq, previous)) = numbers else {
+                    inbound.metrics.invalid.inc();
+                    debug!(%room, "dropped a republished message without its sequence");
+                    continue;
+                };
+                if seq <= at.seq {
+                    continue; // delivered already (read from the stream by a fill)
+                }
+                if previous > at.seq {
+                    // Events this node missed: read them from the stream first, in order.
+                    if let Some(s) = &stream {
+                        fill(&room, &subject, s, at, previous, &inbound).await;
+                    }
+                }
+                let headers = message.headers.unwrap_or_default();
+                match check_parts(&room, &headers, message.payload, inbound.limits, inbound.max_payload) {
+                    Ok((event, data, _)) => {
+                        let delivery = inbound.hub.publish_sequenced(
+                            &room,
+                            &event,
+                            &data,
+                            Position { epoch: at.epoch, seq },
+                        );
+                        inbound.events_out.inc_by(delivery.delivered as u64);
+                    }
+                    Err(why) => {
+                        inbound.metrics.invalid.inc();
+                        debug!(%room, why, "dropped an invalid NATS message");
+                    }
+                }
+                at.seq = seq;
+            }
+        }
+    }
+}
+
+/// Delivers the room's stored events after `at` up to `upto` (a gap in the feed, or a catch
+/// up), advancing `at`.
+async fn fill(
+    room: &RoomName,
+    subject: &str,
+    stream: &history::NamespaceStream,
+    at: &mut Position,
+    upto: u64,
+    inbound: &Inbound,
+) {
+    match stream.read(subject, at.seq, upto, usize::MAX).await {
+        Ok(Some(stored)) => {
+            for event in stored {
+                inbound.metrics.gap_fills.inc();
+                if let Ok((name, data, _)) = check_parts(
+                    room,
+                    &event.headers,
+                    event.payload,
+                    inbound.limits,
+                    inbound.max_payload,
+                ) {
+                    let delivery = inbound.hub.publish_sequenced(
+                        room,
+                        &name,
+                        &data,
+                        Position {
+                            epoch: at.epoch,
+                            seq: event.seq,
+                        },
+                    );
+                    inbound.events_out.inc_by(delivery.delivered as u64);
+                }
+                at.seq = event.seq;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            inbound.metrics.jetstream_errors.inc();
+            warn!(%room, error = %e, "filling a gap from the stream failed: events may be missing");
+        }
+    }
+}
+
+/// The events a subscriber at `since` missed, when the stream still holds all of them.
+async fn recover(
+    subject: &str,
+    stream: &history::NamespaceStream,
+    since: Position,
+    at: Position,
+    inbound: &Inbound,
+) -> Option<Vec<(u64, EventName, Payload)>> {
+    if since.epoch != at.epoch || since.epoch == 0 || since.seq > at.seq {
+        return None;
+    }
+    match stream.continuous_after(subject, since.seq).await {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(e) => {
+            inbound.metrics.jetstream_errors.inc();
+            warn!(subject, error = %e, "recovery check failed");
+            return None;
+        }
+    }
+    let room = subject::room_of(&inbound.prefix, subject)?;
+    let stored = match stream
+        .read(subject, since.seq, at.seq, inbound.max_replay)
+        .await
+    {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return None,
+        Err(e) => {
+            inbound.metrics.jetstream_errors.inc();
+            warn!(subject, error = %e, "reading the history failed");
+            return None;
+        }
+    };
+    let mut events = Vec::with_capacity(stored.len());
+    for event in stored {
+        inbound.metrics.replayed.inc();
+        // An invalid stored message was never delivered: skipping it leaves no gap.
+        if let Ok((name, data, _)) = check_parts(
+            &room,
+            &event.headers,
+            event.payload,
+            inbound.limits,
+            inbound.max_payload,
+        ) {
+            events.push((event.seq, name, data));
+        }
+    }
+    Some(events)
+}
+
 /// Validates a message from NATS: event header, optional room header, payload.
 fn check(
     room: &RoomName,
@@ -652,7 +1034,18 @@ fn check(
     limits: PayloadLimits,
     max_payload: usize,
 ) -> Result<(EventName, Payload, Option<String>), &'static str> {
-    let headers = message.headers.as_ref().ok_or("no headers")?;
+    let headers = message.headers.unwrap_or_default();
+    check_parts(room, &headers, message.payload, limits, max_payload)
+}
+
+/// [`check`] on a message's parts (also for messages read from a stream).
+fn check_parts(
+    room: &RoomName,
+    headers: &HeaderMap,
+    payload: Bytes,
+    limits: PayloadLimits,
+    max_payload: usize,
+) -> Result<(EventName, Payload, Option<String>), &'static str> {
     let key = match headers.get(HEADER_KEY) {
         Some(k) if k.as_str().is_empty() || k.as_str().len() > MAX_IDEMPOTENCY_KEY_LEN => {
             return Err("bad Roomcast-Key header");
@@ -669,9 +1062,9 @@ fn check(
             return Err("Roomcast-Room names another room");
         }
     }
-    if message.payload.len() > max_payload {
+    if payload.len() > max_payload {
         return Err("payload larger than --max-frame-size");
     }
-    let data = Payload::new(message.payload, limits).map_err(|_| "payload is not one CBOR item")?;
+    let data = Payload::new(payload, limits).map_err(|_| "payload is not one CBOR item")?;
     Ok((event, data, key))
 }

@@ -49,6 +49,10 @@ pub struct RoomRule {
     pub history: HistoryLimits,
     /// How long a publish's idempotency key is remembered (zero: keys are ignored).
     pub dedup_window: Duration,
+    /// Cluster mode with JetStream: `seq` and epoch come from the room's stream, the history
+    /// and the idempotency keys live there (`history` and `dedup_window` configure the stream),
+    /// and recoveries are answered by the bridge ([`Hub::take_recoveries`]).
+    pub sequenced: bool,
 }
 
 impl RoomRule {
@@ -62,6 +66,7 @@ impl RoomRule {
             ttl: Duration::from_secs(300),
         },
         dedup_window: Duration::from_secs(120),
+        sequenced: false,
     };
 
     /// Volatile: no history, no dedup.
@@ -69,7 +74,13 @@ impl RoomRule {
         volatile: true,
         history: HistoryLimits::OFF,
         dedup_window: Duration::ZERO,
+        sequenced: false,
     };
+
+    /// Whether rooms of this rule have an epoch (local history, or a stream).
+    pub fn has_history(&self) -> bool {
+        !self.volatile && self.history.is_on()
+    }
 }
 
 /// The rule of every namespace: a default plus exceptions.
@@ -154,6 +165,8 @@ struct RoomState {
     id: u64,
     /// Events may be dropped (oldest first) or sent as datagrams.
     volatile: bool,
+    /// `seq` and epoch come from the cluster ([`RoomRule::sequenced`]).
+    sequenced: bool,
     /// Numbering of `seq`: random per room state, 0 when the room keeps no history.
     epoch: u64,
     seq: u64,
@@ -311,18 +324,20 @@ impl Hub {
 
     fn new_room(&self, room: &RoomName, live: bool) -> RoomState {
         let rule = self.rules.rule(room);
-        let history = (!rule.volatile && rule.history.is_on()).then(|| {
+        let local = !rule.volatile && !rule.sequenced;
+        let history = (local && rule.history.is_on()).then(|| {
             History::new(
                 rule.history,
                 self.history_bytes.clone(),
                 self.rules.history_budget,
             )
         });
-        let dedup = (!rule.volatile && !rule.dedup_window.is_zero())
+        let dedup = (local && !rule.dedup_window.is_zero())
             .then(|| Dedup::new(rule.dedup_window, DEDUP_KEYS_PER_ROOM));
         RoomState {
             id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
             volatile: rule.volatile,
+            sequenced: rule.sequenced && !rule.volatile,
             epoch: if history.is_some() { new_epoch() } else { 0 },
             seq: 0,
             history,
@@ -376,24 +391,36 @@ impl Hub {
             position: state.position(),
             recovered: None,
         };
+        // A stream's history is read by the bridge: such a recovery waits for it.
+        let by_bridge = state.sequenced && since.is_some();
         match state.subscribers.iter_mut().find(|s| s.session == session) {
-            // Not live yet: the newest request gets the reply.
+            // Not answered yet: the newest request gets the reply.
             Some(existing) if existing.pending.is_some() => {
                 existing.pending = Some((id, since));
+            }
+            Some(_) if !by_bridge => {
+                if live {
+                    start = state.answer(room, id, since, outbox)?;
+                }
                 return Ok(start);
             }
-            Some(_) => {}
+            Some(existing) => existing.pending = Some((id, since)),
             None => {
                 self.subscriptions.fetch_add(1, Ordering::Relaxed);
                 state.subscribers.push(Subscriber {
                     session,
                     outbox: outbox.clone(),
-                    pending: (!live).then_some((id, since)),
+                    pending: (!live || by_bridge).then_some((id, since)),
                 });
+                if live && !by_bridge {
+                    start = state.answer(room, id, since, outbox)?;
+                }
             }
         }
-        if live {
-            start = state.answer(room, id, since, outbox)?;
+        if by_bridge {
+            if let Some(interest) = &self.interest {
+                interest.recovery_requested(room);
+            }
         }
         Ok(start)
     }
@@ -402,6 +429,17 @@ impl Hub {
     /// (with the room's current seq) and lets events reach their sessions. No-op for a room
     /// that is gone or already live.
     pub fn mark_live(&self, room: &RoomName) {
+        self.mark_live_inner(room, None);
+    }
+
+    /// [`Hub::mark_live`] for a sequenced room, whose stream says where it stands: the room
+    /// takes `position` (its epoch, and the seq its next event follows) unless it is live
+    /// already. Subscribers waiting to recover stay waiting ([`Hub::take_recoveries`]).
+    pub fn mark_live_at(&self, room: &RoomName, position: Position) {
+        self.mark_live_inner(room, Some(position));
+    }
+
+    fn mark_live_inner(&self, room: &RoomName, position: Option<Position>) {
         let state = {
             let shard = self.shard(room).read().unwrap_or_else(|e| e.into_inner());
             match shard.get(room) {
@@ -414,9 +452,15 @@ impl Hub {
             return;
         }
         state.live = true;
+        if let Some(position) = position {
+            state.epoch = position.epoch;
+            state.seq = state.seq.max(position.seq);
+        }
+        let sequenced = state.sequenced;
         let waiting: Vec<_> = state
             .subscribers
             .iter_mut()
+            .filter(|s| !(sequenced && matches!(s.pending, Some((_, Some(_))))))
             .filter_map(|s| s.pending.take().map(|p| (s.outbox.clone(), p)))
             .collect();
         for (outbox, (id, since)) in waiting {
@@ -538,12 +582,8 @@ impl Hub {
         data: &Payload,
         key: Option<&str>,
     ) -> Delivery {
-        let state = {
-            let shard = self.shard(room).read().unwrap_or_else(|e| e.into_inner());
-            match shard.get(room) {
-                Some(state) => state.clone(),
-                None => return Delivery::default(),
-            }
+        let Some(state) = self.room(room) else {
+            return Delivery::default();
         };
         let mut state = lock_room(&state);
         let now = Instant::now();
@@ -557,12 +597,7 @@ impl Hub {
             }
         }
         state.seq += 1;
-        let (seq, id) = (state.seq, state.id);
-        let lane = if state.volatile {
-            Lane::Volatile(id)
-        } else {
-            Lane::Room(id)
-        };
+        let seq = state.seq;
         let frame: Bytes = encode_event(room, event, data, seq, None);
         if let Some(history) = &mut state.history {
             history.record(seq, frame.clone(), now);
@@ -570,6 +605,46 @@ impl Hub {
         if let (Some(key), Some(dedup)) = (key, &mut state.dedup) {
             dedup.insert(key, seq, now);
         }
+        self.fan_out(&mut state, frame, seq)
+    }
+
+    /// Publishes an event of a sequenced room, numbered by its stream: `position` is the
+    /// event's. An event at or before the room's current seq was delivered already and is
+    /// dropped (`Delivery::duplicate`). Events of a room must be handed over by one task, in
+    /// stream order.
+    pub fn publish_sequenced(
+        &self,
+        room: &RoomName,
+        event: &EventName,
+        data: &Payload,
+        position: Position,
+    ) -> Delivery {
+        let Some(state) = self.room(room) else {
+            return Delivery::default();
+        };
+        let mut state = lock_room(&state);
+        if position.epoch == state.epoch && position.seq <= state.seq {
+            return Delivery {
+                seq: Some(position.seq),
+                duplicate: true,
+                ..Delivery::default()
+            };
+        }
+        // A new epoch (the stream was recreated) is announced on the event itself.
+        let epoch = (position.epoch != state.epoch).then_some(position.epoch);
+        state.epoch = position.epoch;
+        state.seq = position.seq;
+        let frame: Bytes = encode_event(room, event, data, position.seq, epoch);
+        self.fan_out(&mut state, frame, position.seq)
+    }
+
+    /// Queues `frame` (the event `seq`) to every answered subscriber of the locked room.
+    fn fan_out(&self, state: &mut RoomState, frame: Bytes, seq: u64) -> Delivery {
+        let lane = if state.volatile {
+            Lane::Volatile(state.id)
+        } else {
+            Lane::Room(state.id)
+        };
         let before = state.subscribers.len();
         let mut delivery = Delivery {
             seq: Some(seq),
@@ -599,6 +674,100 @@ impl Hub {
             self.subscriptions.fetch_sub(removed, Ordering::Relaxed);
         }
         delivery
+    }
+
+    /// Sequenced rooms: the subscribers of a live `room` waiting to recover, with the position
+    /// each asked for. The bridge answers each with [`Hub::answer_recovery`].
+    pub fn take_recoveries(&self, room: &RoomName) -> Vec<(SessionKey, Position)> {
+        let Some(state) = self.room(room) else {
+            return Vec::new();
+        };
+        let state = lock_room(&state);
+        if !state.live {
+            return Vec::new();
+        }
+        state
+            .subscribers
+            .iter()
+            .filter_map(|s| match s.pending {
+                Some((_, Some(since))) => Some((s.session, since)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The room's current position, if it is in the registry.
+    pub fn position(&self, room: &RoomName) -> Option<Position> {
+        self.room(room).map(|state| lock_room(&state).position())
+    }
+
+    /// Answers `session`'s waiting recovery in a sequenced room: `Some(events)` (every event
+    /// after its `since` up to the room's current seq, in order, as read from the stream)
+    /// recovers it when they fit its outbox; `None` answers `recovered: false` with the room's
+    /// current position. Call from the task that delivers the room's events, so none falls
+    /// between the replay and the live events.
+    pub fn answer_recovery(
+        &self,
+        room: &RoomName,
+        session: SessionKey,
+        replay: Option<Vec<(u64, EventName, Payload)>>,
+    ) {
+        let Some(state) = self.room(room) else {
+            return;
+        };
+        let mut state = lock_room(&state);
+        let (room_id, current) = (state.id, state.position());
+        let Some(subscriber) = state.subscribers.iter_mut().find(|s| s.session == session) else {
+            return;
+        };
+        let Some((id, Some(since))) = subscriber.pending else {
+            return;
+        };
+        subscriber.pending = None;
+        let outbox = subscriber.outbox.clone();
+        let frames: Option<Vec<Bytes>> = replay.map(|events| {
+            events
+                .iter()
+                .filter(|(seq, ..)| *seq > since.seq && *seq <= current.seq)
+                .map(|(seq, event, data)| encode_event(room, event, data, *seq, None))
+                .collect()
+        });
+        let fits = |frames: &Vec<Bytes>| {
+            frames.iter().map(Bytes::len).sum::<usize>() <= outbox.free_bytes().saturating_sub(4096)
+        };
+        // A full or closed outbox ends that session anyway: nothing else to do on errors.
+        match frames {
+            Some(frames) if since.epoch == current.epoch && fits(&frames) => {
+                let start = Start {
+                    position: since,
+                    recovered: Some(true),
+                };
+                let _ = outbox.push_to(subscribed(room, id, start, room_id));
+                for frame in frames {
+                    let _ = outbox.push_to(Outgoing {
+                        frame,
+                        lane: Lane::Room(room_id),
+                    });
+                }
+            }
+            _ => {
+                let start = Start {
+                    position: current,
+                    recovered: Some(false),
+                };
+                let _ = outbox.push_to(subscribed(room, id, start, room_id));
+            }
+        }
+    }
+
+    fn room(&self, room: &RoomName) -> Option<Arc<Mutex<RoomState>>> {
+        let shard = self.shard(room).read().unwrap_or_else(|e| e.into_inner());
+        shard.get(room).cloned()
+    }
+
+    /// The rule of `room`'s namespace.
+    pub fn rule(&self, room: &RoomName) -> RoomRule {
+        self.rules.rule(room)
     }
 
     /// Rooms in the registry: rooms with a local subscriber, plus rooms whose last subscriber

@@ -75,7 +75,18 @@ impl NatsServer {
                 .replace("127.0.0.1:-1", &format!("127.0.0.1:{port}")),
             None => self.body.clone(),
         };
-        let config = format!("listen: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n{body}\n");
+        // JetStream on (room history), its store kept across restarts of this server.
+        let store = self.dir.join("jetstream");
+        let jetstream = if body.contains("jetstream") {
+            String::new()
+        } else {
+            format!(
+                "jetstream {{ store_dir: {:?} }}\n",
+                store.display().to_string()
+            )
+        };
+        let config =
+            format!("listen: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n{jetstream}{body}\n");
         let conf = self.dir.join("nats.conf");
         std::fs::write(&conf, config).unwrap();
         let log = self.dir.join("nats.log");
