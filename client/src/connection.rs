@@ -17,9 +17,10 @@ use crate::{
     transport::{Endpoint, Incoming, LocalClose, Transport, ws::WsTransport, wt::WtTransport},
 };
 
-/// The transport of one connection.
+/// The transport of one connection (boxed: both are large and a link is made once per
+/// connection).
 pub(crate) enum Link {
-    WebSocket(WsTransport),
+    WebSocket(Box<WsTransport>),
     WebTransport(Box<WtTransport>),
 }
 
@@ -110,7 +111,7 @@ pub(crate) async fn open(
     let attempt = async move {
         let link = match endpoint {
             Endpoint::WebSocket { url, tls } => {
-                Link::WebSocket(WsTransport::connect(&url, tls).await?)
+                Link::WebSocket(Box::new(WsTransport::connect(&url, tls).await?))
             }
             Endpoint::WebTransport { url } => {
                 Link::WebTransport(Box::new(WtTransport::connect(&url, options).await?))

@@ -52,6 +52,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// the client flood pings nor overflow an `Instant`.
 const MIN_PING_INTERVAL: Duration = Duration::from_millis(10);
 const MAX_TIMER: Duration = Duration::from_secs(24 * 3600);
+/// Bounds on the wait before retrying a resubscription the broker refused for now.
+const MIN_RESUBSCRIBE_RETRY: Duration = Duration::from_millis(200);
+const MAX_RESUBSCRIBE_RETRY: Duration = Duration::from_secs(60);
 /// The request table is swept for requests whose caller gave up once it reaches this size
 /// (and again at twice the size left after each sweep).
 const PRUNE_MIN: usize = 64;
@@ -239,6 +242,9 @@ struct Room {
     /// Events that arrived while `Subscribing` (on WebTransport a room stream may overtake
     /// the control stream's `Subscribed`), bounded by the buffer size.
     early: Vec<Event>,
+    /// A resubscription was refused for now: send it again at the session's
+    /// `resubscribe_at`.
+    retry: bool,
 }
 
 impl Room {
@@ -249,6 +255,7 @@ impl Room {
             position: Position { epoch: 0, seq: 0 },
             confirmed: false,
             early: Vec::new(),
+            retry: false,
         }
     }
 
@@ -331,6 +338,8 @@ struct Session {
     last_ping: Instant,
     /// When to ask the token provider for a fresh token.
     refresh_at: Option<Instant>,
+    /// When to send the resubscriptions the broker refused for now.
+    resubscribe_at: Option<Instant>,
 }
 
 impl Session {
@@ -360,6 +369,7 @@ impl Session {
             last_received: now,
             last_ping: now,
             refresh_at: None,
+            resubscribe_at: None,
         }
     }
 
@@ -369,12 +379,15 @@ impl Session {
         self.welcome.server_time_ms.saturating_add(elapsed)
     }
 
-    /// When the timer must fire next: the keepalive ping, the dead-broker deadline or the
-    /// token refresh; `None` when none applies.
+    /// When the timer must fire next: the keepalive ping, the dead-broker deadline, the token
+    /// refresh or a resubscription retry; `None` when none applies.
     fn next_deadline(&self) -> Option<Instant> {
         let ping = self.ping_interval.map(|interval| self.ping_due(interval));
         let dead = self.dead_after.map(|after| self.last_received + after);
-        [ping, dead, self.refresh_at].into_iter().flatten().min()
+        [ping, dead, self.refresh_at, self.resubscribe_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Ping when either direction has been quiet for an interval, but at most once per
@@ -594,6 +607,7 @@ impl Driver {
                 && !(room.confirmed && room.buffer.is_abandoned());
             room.state = RoomState::Subscribing;
             room.early.clear();
+            room.retry = false;
             keep
         });
     }
@@ -710,28 +724,7 @@ impl Driver {
             .collect();
         confirmed.sort();
         for name in confirmed {
-            let Some(room) = self.rooms.get(&name) else {
-                continue;
-            };
-            let since = (room.position.epoch != 0).then_some(room.position);
-            let buffer = Arc::clone(&room.buffer);
-            let id = self.next_id();
-            frames.push(
-                ClientFrame::Subscribe {
-                    id,
-                    room: name.clone(),
-                    since,
-                }
-                .encode(),
-            );
-            self.track(
-                id,
-                Pending::Resubscribe {
-                    room: name,
-                    buffer,
-                    since,
-                },
-            );
+            frames.extend(self.resubscribe(name));
         }
         let mut waiting: Vec<(u64, Bytes)> = self
             .pending
@@ -766,6 +759,57 @@ impl Driver {
             }
         }
         None
+    }
+
+    /// Registers the driver's own `Subscribe` for the confirmed room `name`, with `since` =
+    /// the held position when the room keeps history; returns the frame to send.
+    fn resubscribe(&mut self, name: String) -> Option<Bytes> {
+        let room = self.rooms.get_mut(&name)?;
+        room.retry = false;
+        let since = (room.position.epoch != 0).then_some(room.position);
+        let buffer = Arc::clone(&room.buffer);
+        let id = self.next_id();
+        let frame = ClientFrame::Subscribe {
+            id,
+            room: name.clone(),
+            since,
+        }
+        .encode();
+        self.track(
+            id,
+            Pending::Resubscribe {
+                room: name,
+                buffer,
+                since,
+            },
+        );
+        Some(frame)
+    }
+
+    /// The broker refused a resubscription for now (`rate_limited`, `unavailable`): try again
+    /// after its `retry_after` (at least [`MIN_RESUBSCRIBE_RETRY`]).
+    fn retry_resubscribe(&mut self, room: &str, buffer: &Arc<Buffer>, retry_after_ms: Option<u64>) {
+        let Some(entry) = self.registered(room, buffer) else {
+            return;
+        };
+        if entry.state != RoomState::Subscribing {
+            return;
+        }
+        entry.retry = true;
+        let delay = retry_after_ms
+            .map(Duration::from_millis)
+            .unwrap_or(MIN_RESUBSCRIBE_RETRY)
+            .clamp(MIN_RESUBSCRIBE_RETRY, MAX_RESUBSCRIBE_RETRY);
+        tracing::info!(
+            room,
+            delay_ms = delay.as_millis() as u64,
+            "resubscribe refused for now; retrying"
+        );
+        if let Some(session) = self.session.as_mut() {
+            let at = Instant::now() + delay;
+            // The latest of the waits asked for, so the retry does not run into the limit again.
+            session.resubscribe_at = Some(session.resubscribe_at.map_or(at, |due| due.max(at)));
+        }
     }
 
     /// Fails everything that waits on the client with `info` and refuses further commands.
@@ -815,6 +859,23 @@ impl Driver {
             if let Some(provider) = &self.options.token_provider {
                 tracing::debug!("fetching a fresh token");
                 self.fetch = Some(provider.fetch());
+            }
+        }
+        if session.resubscribe_at.is_some_and(|at| now >= at) {
+            session.resubscribe_at = None;
+            let mut again: Vec<String> = self
+                .rooms
+                .iter()
+                .filter(|(_, room)| room.retry && room.state == RoomState::Subscribing)
+                .map(|(name, _)| name.clone())
+                .collect();
+            again.sort();
+            for name in again {
+                if let Some(frame) = self.resubscribe(name) {
+                    if let Some(ending) = self.write(frame).await {
+                        return Some(ending);
+                    }
+                }
             }
         }
         self.prune();
@@ -1151,11 +1212,14 @@ impl Driver {
                 id: Some(id),
                 code,
                 message,
-                ..
+                retry_after_ms,
             } if self.pending.contains_key(&id) => {
-                let error = Error::Server { code, message };
-                if let Some(pending) = self.pending.remove(&id) {
-                    self.settle_error(pending, error);
+                match self.pending.remove(&id) {
+                    Some(Pending::Resubscribe { room, buffer, .. }) if code.should_retry() => {
+                        self.retry_resubscribe(&room, &buffer, retry_after_ms);
+                    }
+                    Some(pending) => self.settle_error(pending, Error::Server { code, message }),
+                    None => {}
                 }
                 None
             }
@@ -1311,8 +1375,10 @@ impl Driver {
                     )));
                     return None;
                 }
-                // Gone meanwhile (dropped and forgotten): nothing to resume.
-                let entry = self.registered(&asked, &buffer)?;
+                // Gone or being left meanwhile: nothing to resume.
+                let entry = self
+                    .registered(&asked, &buffer)
+                    .filter(|entry| entry.state == RoomState::Subscribing)?;
                 let recovery = match (since, recovered) {
                     (None, _) => Recovery::Fresh,
                     (Some(_), Some(true)) => Recovery::Recovered,

@@ -33,8 +33,11 @@ pub struct ConnectOptions {
     /// [`ConnectOptions::token`] is `None`), and before the current token's `exp` (read from
     /// the JWT payload, unverified) to send the broker a fresh one with `Refresh`: at 80 % of
     /// the token's remaining lifetime or 30 s before `exp`, whichever is earlier, by the
-    /// broker's clock (from `Welcome`). See [`TokenProvider`]. Default `None`: the same
-    /// token for every connection and no refresh.
+    /// broker's clock (from `Welcome`). A refresh the broker refuses is reported
+    /// ([`crate::ClientEvent::TokenRefreshFailed`]) and not retried: the broker closes the
+    /// session with `token_expired` at `exp` and the reconnect asks the provider again; a
+    /// failing provider is asked again after 5 s. See [`TokenProvider`]. Default `None`: the
+    /// same token for every connection and no refresh.
     pub token_provider: Option<TokenProvider>,
     /// Reconnect automatically when the connection is lost or the broker closes it with
     /// `reconnect: true`, resubscribing every room (with recovery) and re-sending pending

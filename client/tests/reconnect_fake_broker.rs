@@ -528,7 +528,7 @@ async fn keyed_publishes_are_resent_after_reconnect_and_unkeyed_ones_fail_discon
     let broker = tokio::spawn(async move {
         let mut peer = fake.accept().await;
         peer.handshake("s-1").await;
-        let mut seen = vec![peer.expect_publish().await, peer.expect_publish().await];
+        let mut seen = [peer.expect_publish().await, peer.expect_publish().await];
         seen.sort_by_key(|(_, key, _)| key.clone());
         let first_id = seen[1].0;
         assert_eq!(seen[0].1, None);
@@ -726,6 +726,72 @@ async fn an_event_with_a_new_epoch_resets_the_position_and_is_surfaced() {
         }))
     );
     assert_eq!(next_seq(&mut sub).await, 41);
+    client.close().await;
+    broker.await.unwrap();
+}
+
+#[tokio::test]
+async fn refused_resubscriptions_are_retried_when_the_code_allows_and_end_otherwise() {
+    let fake = Fake::bind().await;
+    let url = fake.url.clone();
+    let broker = tokio::spawn(async move {
+        let mut peer = fake.accept().await;
+        peer.handshake("s-1").await;
+        peer.accept_subscribe("a:1", at(2, 5)).await;
+        peer.accept_subscribe("a:2", at(2, 5)).await;
+        drop(peer);
+        let mut peer = fake.accept().await;
+        peer.handshake("s-2").await;
+        let mut refusals = Vec::new();
+        for _ in 0..2 {
+            let (id, since) = match peer.recv().await {
+                ClientFrame::Subscribe { id, room, since } => {
+                    refusals.push(room);
+                    (id, since)
+                }
+                other => panic!("expected Subscribe, got {other:?}"),
+            };
+            assert_eq!(since, Some(at(2, 5)));
+            let (code, retry_after_ms) = if refusals.last().unwrap() == "a:1" {
+                (Code::RateLimited, Some(300))
+            } else {
+                (Code::Forbidden, None)
+            };
+            peer.send(ServerFrame::Error {
+                id: Some(id),
+                code,
+                message: code.as_str().into(),
+                retry_after_ms,
+            })
+            .await;
+        }
+        refusals.sort();
+        assert_eq!(refusals, ["a:1", "a:2"]);
+        // The rate-limited one comes again, with the same position.
+        let (id, since) = peer.expect_subscribe("a:1").await;
+        assert_eq!(since, Some(at(2, 5)));
+        peer.subscribed(id, "a:1", at(2, 5), Some(true)).await;
+        peer.event("a:1", 6, None).await;
+        peer.until_client_leaves().await;
+    });
+    let client = client(&[&url]).await;
+    let mut first = client.subscribe("a:1").await.unwrap();
+    let mut second = client.subscribe("a:2").await.unwrap();
+    match within("end of a:2", second.next_item()).await {
+        Some(SubscriptionItem::Closed(info)) => {
+            assert_eq!(info.code, Some(Code::Forbidden));
+            assert!(!info.reconnect);
+        }
+        other => panic!("expected a:2 to end, got {other:?}"),
+    }
+    assert!(matches!(
+        within("resumed", first.next_item()).await,
+        Some(SubscriptionItem::Resumed(Resumption {
+            recovery: Recovery::Recovered,
+            ..
+        }))
+    ));
+    assert_eq!(next_seq(&mut first).await, 6);
     client.close().await;
     broker.await.unwrap();
 }
