@@ -28,8 +28,9 @@ pub enum ConnectionState {
         session_id: String,
     },
     /// The connection was lost; the client waits `delay` and then tries `url` (attempt
-    /// `attempt`, from 1, since the last open session). Requests without an idempotency key
-    /// fail with [`Error::Disconnected`] meanwhile.
+    /// `attempt`, from 1, since the last open session). Meanwhile subscribes and publishes
+    /// with an idempotency key wait for the next session; other publishes, pings and raw
+    /// sends fail with [`Error::Disconnected`].
     Reconnecting {
         /// Attempts since the last open session, this one included.
         attempt: u32,
