@@ -232,6 +232,9 @@ fn fast() -> ReconnectPolicy {
     }
 }
 
+/// Connects with [`fast`] reconnects. The tests run on tokio's current-thread runtime, so a
+/// receiver from `Client::events()` taken right after this returns (before the test awaits
+/// anything) sees every event after the first session opened.
 async fn client(urls: &[&str]) -> Client {
     within(
         "connect",
@@ -435,6 +438,47 @@ async fn a_close_whose_reconnect_is_false_ends_the_client_for_good() {
         );
         broker.await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn the_client_gives_up_after_max_attempts() {
+    let fake = Fake::bind().await;
+    let url = fake.url.clone();
+    let broker = tokio::spawn(async move {
+        let mut peer = fake.accept().await;
+        peer.handshake("s-1").await;
+        // Nobody listens any more: every attempt is refused.
+        drop(fake);
+        drop(peer);
+    });
+    let client = within(
+        "connect",
+        Client::builder()
+            .url(&url)
+            .reconnect(ReconnectPolicy {
+                max_attempts: Some(2),
+                ..fast()
+            })
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let mut events = client.events();
+    let info = within("closed", client.closed()).await;
+    assert!(!info.reconnect);
+    assert!(
+        info.reason
+            .starts_with("gave up after 2 reconnect attempts"),
+        "{info}"
+    );
+    let mut failed = 0;
+    while let Some(event) = within("events", events.next()).await {
+        if matches!(event, ClientEvent::ConnectFailed { .. }) {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 2);
+    broker.await.unwrap();
 }
 
 #[tokio::test]
