@@ -7,6 +7,8 @@ use std::fmt;
 
 use roomcast_protocol::Code;
 
+use crate::subscription::Resumption;
+
 /// How a session ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CloseInfo {
@@ -68,6 +70,7 @@ impl fmt::Display for CloseInfo {
 
 /// Why a client operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The broker answered the request with an `Error` frame; the session goes on.
     #[error("broker error {code}: {message}")]
@@ -80,6 +83,16 @@ pub enum Error {
     /// The session is over (or ended while the request was pending).
     #[error("session closed: {0}")]
     Closed(CloseInfo),
+    /// The connection was lost while the request was pending, or the request was made while
+    /// the client was reconnecting (only with [`crate::ConnectOptions::reconnect`]). The client
+    /// goes on reconnecting. A publish that fails this way may or may not have reached the
+    /// broker: publish with an idempotency key ([`crate::Client::publish_with_key`]) to have
+    /// it re-sent safely instead.
+    #[error("disconnected: {0}")]
+    Disconnected(CloseInfo),
+    /// The token provider ([`crate::ConnectOptions::token_provider`]) failed.
+    #[error("token provider: {0}")]
+    Token(String),
     /// The connection could not be opened (DNS, TCP or QUIC, TLS, the WebSocket upgrade or
     /// the WebTransport session request), or a WebTransport option could not be used (an
     /// unreadable CA file).
@@ -106,11 +119,11 @@ pub enum Error {
 
 impl Error {
     /// The broker's code behind this error: the request error code of [`Error::Server`] or the
-    /// close code of [`Error::Closed`].
+    /// close code of [`Error::Closed`] and [`Error::Disconnected`].
     pub fn code(&self) -> Option<Code> {
         match self {
             Error::Server { code, .. } => Some(*code),
-            Error::Closed(info) => info.code,
+            Error::Closed(info) | Error::Disconnected(info) => info.code,
             _ => None,
         }
     }
@@ -118,6 +131,7 @@ impl Error {
 
 /// Why a subscription yielded no event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum SubscriptionError {
     /// The subscription's buffer was full and `missed` events were dropped at this point of
     /// the stream. Events after it follow normally: consume faster or raise
@@ -127,6 +141,14 @@ pub enum SubscriptionError {
         /// How many events were dropped.
         missed: u64,
     },
+    /// The room's event stream was not continued seamlessly (only with
+    /// [`crate::ConnectOptions::reconnect`], or when a cluster broker restarts a room's
+    /// numbering): after a reconnect the room was subscribed again without recovering the
+    /// events in between ([`crate::Recovery::Reset`] or [`crate::Recovery::Fresh`]), or its
+    /// epoch changed. Events after it follow normally; the app should resync the room's state.
+    /// A recovered resubscription is not reported here (see [`crate::Subscription::next_item`]).
+    #[error("subscription {}: events may be missing", .0.recovery)]
+    Reset(Resumption),
     /// The session ended; the stream yields `None` after this.
     #[error("session closed: {0}")]
     Closed(CloseInfo),

@@ -1,10 +1,13 @@
 //! Subscriptions and their bounded event buffers.
 //!
-//! Owns [`Subscription`], [`EventMessage`] and the per-subscription buffer ([`Buffer`]) that the
-//! driver fills and the subscriber drains. Filling never waits: when the buffer is full the
-//! event is dropped and counted, and the subscriber meets a `Lagged` marker exactly where the
-//! gap is (or, if no event follows the gap, once it has drained the buffer). This module must
-//! not talk to the socket; requests go through the [`Client`] handle.
+//! Owns [`Subscription`], [`EventMessage`], the stream markers ([`SubscriptionItem`],
+//! [`Resumption`], [`Recovery`]) and the per-subscription buffer ([`Buffer`]) that the driver
+//! fills and the subscriber drains. Filling never waits: when the buffer is full the event is
+//! dropped and counted, and the subscriber meets a `Lagged` marker exactly where the gap is
+//! (or, if no event follows the gap, once it has drained the buffer). A subscription outlives
+//! reconnects: the driver keeps its buffer and puts a `Resumed` marker where the stream was
+//! re-established. This module must not talk to the socket; requests go through the
+//! [`Client`] handle, and the room's position is tracked by the driver.
 
 use std::{
     collections::VecDeque,
@@ -14,7 +17,7 @@ use std::{
 };
 
 use futures_util::Stream;
-use roomcast_protocol::{EventName, Payload, RoomName};
+use roomcast_protocol::{EventName, Payload, Position, RoomName};
 use serde::de::DeserializeOwned;
 
 use crate::{
@@ -42,11 +45,93 @@ impl EventMessage {
     }
 }
 
+/// How a room's event stream went on after it was re-established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// The broker replayed every event after the position the client held: nothing is
+    /// missing, nothing is repeated.
+    Recovered,
+    /// The broker could not replay from the held position (too old, history restarted, or
+    /// the other node does not have it), or a cluster broker restarted the room's numbering
+    /// (a new epoch): events in between are lost to this subscription; resync the room.
+    Reset,
+    /// The room keeps no history (epoch 0: volatile rooms, or history disabled), so it was
+    /// subscribed again from the broker's current position; events in between are lost.
+    Fresh,
+}
+
+impl Recovery {
+    /// `recovered`, `reset` or `fresh`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Recovery::Recovered => "recovered",
+            Recovery::Reset => "reset",
+            Recovery::Fresh => "fresh",
+        }
+    }
+}
+
+impl std::fmt::Display for Recovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where and how a subscription's stream was re-established (after a reconnect) or reset (an
+/// epoch change).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resumption {
+    /// What happened to the events in between.
+    pub recovery: Recovery,
+    /// The position the client held before: the last event received in the room, or the
+    /// subscription's start if none was.
+    pub previous: Position,
+    /// The position the stream goes on from: every event after the marker has a larger `seq`
+    /// in this `epoch`.
+    pub position: Position,
+}
+
+impl Resumption {
+    /// Two markers with nothing in between read as one: the first's `previous`, the last
+    /// position, and the worse recovery.
+    fn merge(self, later: Resumption) -> Resumption {
+        let recovery = match (self.recovery, later.recovery) {
+            (Recovery::Recovered, later) => later,
+            (earlier, Recovery::Recovered) => earlier,
+            (_, later) => later,
+        };
+        Resumption {
+            recovery,
+            previous: self.previous,
+            position: later.position,
+        }
+    }
+}
+
+/// One item of a subscription's stream, as [`Subscription::next_item`] yields it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubscriptionItem {
+    /// An event.
+    Event(EventMessage),
+    /// `missed` events were dropped here because the subscription's buffer was full.
+    Lagged {
+        /// How many events were dropped.
+        missed: u64,
+    },
+    /// The stream was re-established after a reconnect (recovered, reset or fresh), or the
+    /// room's epoch changed (reset). Events after it continue from
+    /// [`Resumption::position`].
+    Resumed(Resumption),
+    /// The session ended; `None` follows.
+    Closed(CloseInfo),
+}
+
 /// One item of a subscription buffer.
 #[derive(Debug)]
 enum Item {
     Event(EventMessage),
     Lagged(u64),
+    Resumed(Resumption),
 }
 
 /// What [`Buffer::push`] did with an event.
@@ -124,18 +209,28 @@ impl Buffer {
         Pushed::Queued
     }
 
-    /// Drops buffered events with `seq <= start`: they predate the subscription (an earlier
-    /// subscription to the same room was still being torn down when they arrived).
-    pub(crate) fn discard_up_to(&self, start: u64) {
-        let mut state = self.lock();
-        state
-            .items
-            .retain(|item| !matches!(item, Item::Event(e) if e.seq <= start));
-        state.events = state
-            .items
-            .iter()
-            .filter(|item| matches!(item, Item::Event(_)))
-            .count();
+    /// Queues a `Resumed` marker (merged with one that is last in the buffer, so markers
+    /// never outnumber events by more than one) unless the buffer is abandoned. Never waits.
+    pub(crate) fn push_resumed(&self, resumption: Resumption) -> Pushed {
+        let waker = {
+            let mut state = self.lock();
+            if state.abandoned {
+                return Pushed::Abandoned;
+            }
+            if state.missed > 0 {
+                let missed = std::mem::take(&mut state.missed);
+                state.items.push_back(Item::Lagged(missed));
+            }
+            match state.items.back_mut() {
+                Some(Item::Resumed(last)) => *last = last.merge(resumption),
+                _ => state.items.push_back(Item::Resumed(resumption)),
+            }
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Pushed::Queued
     }
 
     /// Ends the stream: after the buffered items the subscriber sees `Closed(info)`, then
@@ -166,23 +261,22 @@ impl Buffer {
         state.waker = None;
     }
 
-    fn poll_next(
-        &self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<EventMessage, SubscriptionError>>> {
+    /// The next item of any kind.
+    fn poll_item(&self, cx: &mut Context<'_>) -> Poll<Option<SubscriptionItem>> {
         let mut state = self.lock();
         if let Some(item) = state.items.pop_front() {
             return Poll::Ready(Some(match item {
                 Item::Event(event) => {
                     state.events -= 1;
-                    Ok(event)
+                    SubscriptionItem::Event(event)
                 }
-                Item::Lagged(missed) => Err(SubscriptionError::Lagged { missed }),
+                Item::Lagged(missed) => SubscriptionItem::Lagged { missed },
+                Item::Resumed(resumption) => SubscriptionItem::Resumed(resumption),
             }));
         }
         if state.missed > 0 {
             let missed = std::mem::take(&mut state.missed);
-            return Poll::Ready(Some(Err(SubscriptionError::Lagged { missed })));
+            return Poll::Ready(Some(SubscriptionItem::Lagged { missed }));
         }
         if let Some(info) = &state.closed {
             if state.close_reported {
@@ -190,13 +284,37 @@ impl Buffer {
             }
             let info = info.clone();
             state.close_reported = true;
-            return Poll::Ready(Some(Err(SubscriptionError::Closed(info))));
+            return Poll::Ready(Some(SubscriptionItem::Closed(info)));
         }
         match &state.waker {
             Some(waker) if waker.will_wake(cx.waker()) => {}
             _ => state.waker = Some(cx.waker().clone()),
         }
         Poll::Pending
+    }
+
+    /// The next event or error: [`SubscriptionItem`]s mapped to `Result`s, recovered
+    /// resumptions skipped (nothing is missing at them).
+    fn poll_next(
+        &self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<EventMessage, SubscriptionError>>> {
+        loop {
+            let item = match self.poll_item(cx) {
+                Poll::Ready(Some(item)) => item,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            return Poll::Ready(Some(match item {
+                SubscriptionItem::Event(event) => Ok(event),
+                SubscriptionItem::Lagged { missed } => Err(SubscriptionError::Lagged { missed }),
+                SubscriptionItem::Resumed(resumption) => match resumption.recovery {
+                    Recovery::Recovered => continue,
+                    Recovery::Reset | Recovery::Fresh => Err(SubscriptionError::Reset(resumption)),
+                },
+                SubscriptionItem::Closed(info) => Err(SubscriptionError::Closed(info)),
+            }));
+        }
     }
 }
 
@@ -220,23 +338,31 @@ impl Drop for Reader {
 /// A live subscription to one room: a stream of its events in `seq` order.
 ///
 /// Yields `Ok(event)` per event, `Err(Lagged { missed })` where events were dropped because
-/// the buffer was full, and `Err(Closed(info))` once when the session ends, then `None`.
+/// the buffer was full, `Err(Reset(..))` where the stream was re-established after a
+/// reconnect without recovery (or the room's epoch changed), and `Err(Closed(info))` once
+/// when the session ends, then `None`. [`Subscription::next_item`] yields the same stream as
+/// [`SubscriptionItem`]s, recovered resumptions included.
+///
+/// With [`crate::ConnectOptions::reconnect`] a subscription survives reconnects: the client
+/// subscribes again with the last position it received, and an event it already has (same
+/// epoch, `seq` not above the held one) is never yielded twice.
+///
 /// Dropping it unsubscribes lazily (when the room's next event arrives); call
 /// [`Subscription::unsubscribe`] to leave the room at once and wait for the broker.
 #[derive(Debug)]
 pub struct Subscription {
     reader: Reader,
     room: RoomName,
-    start_seq: u64,
+    start: Position,
     client: Client,
 }
 
 impl Subscription {
-    pub(crate) fn new(reader: Reader, room: RoomName, start_seq: u64, client: Client) -> Self {
+    pub(crate) fn new(reader: Reader, room: RoomName, start: Position, client: Client) -> Self {
         Subscription {
             reader,
             room,
-            start_seq,
+            start,
             client,
         }
     }
@@ -249,12 +375,25 @@ impl Subscription {
     /// The room's last sequence number when the subscription started (from `Subscribed`):
     /// every event yielded has a larger one.
     pub fn start_seq(&self) -> u64 {
-        self.start_seq
+        self.start.seq
     }
 
-    /// The next event, `Lagged` marker or end of stream (see [`Subscription`]).
+    /// The room's position when the subscription started (from `Subscribed`): its history
+    /// epoch (0: the room keeps none, so it cannot be recovered after a reconnect) and last
+    /// sequence number.
+    pub fn start_position(&self) -> Position {
+        self.start
+    }
+
+    /// The next event, `Lagged` or `Reset` marker, or end of stream (see [`Subscription`]).
     pub async fn next_event(&mut self) -> Option<Result<EventMessage, SubscriptionError>> {
         std::future::poll_fn(|cx| self.reader.0.poll_next(cx)).await
+    }
+
+    /// The next item of the stream, every marker included: events, `Lagged`, `Resumed`
+    /// (recovered, reset or fresh) and `Closed`, then `None`.
+    pub async fn next_item(&mut self) -> Option<SubscriptionItem> {
+        std::future::poll_fn(|cx| self.reader.0.poll_item(cx)).await
     }
 
     /// Leaves the room and waits for the broker's `Unsubscribed`. Events still buffered are
@@ -354,18 +493,63 @@ mod tests {
         assert_eq!(buffer.push(event(2)), Pushed::Abandoned);
     }
 
+    fn resumed(recovery: Recovery, from: u64, to: u64) -> Resumption {
+        Resumption {
+            recovery,
+            previous: Position {
+                epoch: 7,
+                seq: from,
+            },
+            position: Position { epoch: 7, seq: to },
+        }
+    }
+
     #[test]
-    fn discard_up_to_removes_stale_events_only() {
+    fn recovered_markers_are_skipped_by_next_event_and_others_reported() {
         let buffer = Buffer::new(4);
-        for seq in [3, 4, 5] {
-            buffer.push(event(seq));
-        }
-        buffer.discard_up_to(4);
-        assert_eq!(poll(&buffer), Poll::Ready(Some(Ok(5))));
+        buffer.push(event(1));
+        buffer.push_resumed(resumed(Recovery::Recovered, 1, 1));
+        buffer.push(event(2));
+        buffer.push_resumed(resumed(Recovery::Reset, 2, 9));
+        buffer.push(event(10));
+        assert_eq!(poll(&buffer), Poll::Ready(Some(Ok(1))));
+        assert_eq!(poll(&buffer), Poll::Ready(Some(Ok(2))));
+        assert_eq!(
+            poll(&buffer),
+            Poll::Ready(Some(Err(SubscriptionError::Reset(resumed(
+                Recovery::Reset,
+                2,
+                9
+            )))))
+        );
+        assert_eq!(poll(&buffer), Poll::Ready(Some(Ok(10))));
         assert_eq!(poll(&buffer), Poll::Pending);
-        // The freed slots are usable again.
-        for seq in 6..=9 {
-            assert_eq!(buffer.push(event(seq)), Pushed::Queued);
-        }
+    }
+
+    #[test]
+    fn consecutive_markers_merge_into_the_worse_one() {
+        let buffer = Buffer::new(4);
+        buffer.push_resumed(resumed(Recovery::Recovered, 1, 1));
+        buffer.push_resumed(resumed(Recovery::Fresh, 1, 5));
+        buffer.push_resumed(resumed(Recovery::Recovered, 5, 5));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert_eq!(
+            buffer.poll_item(&mut cx),
+            Poll::Ready(Some(SubscriptionItem::Resumed(resumed(
+                Recovery::Fresh,
+                1,
+                5
+            ))))
+        );
+        assert_eq!(buffer.poll_item(&mut cx), Poll::Pending);
+        // A recovered marker alone is visible to next_item only.
+        buffer.push_resumed(resumed(Recovery::Recovered, 5, 5));
+        buffer.close(&CloseInfo::lost("gone"));
+        assert_eq!(
+            poll(&buffer),
+            Poll::Ready(Some(Err(SubscriptionError::Closed(CloseInfo::lost(
+                "gone"
+            )))))
+        );
     }
 }

@@ -11,7 +11,8 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use roomcast_client::{
-    Client, ConnectOptions, Error, EventMessage, Subscription, SubscriptionError, connect,
+    Client, ClientEvent, ConnectOptions, Error, EventMessage, ReconnectPolicy, Recovery,
+    Resumption, Subscription, SubscriptionItem, connect,
 };
 use serde::Serialize;
 
@@ -31,9 +32,24 @@ OUTPUT
   Progress and errors go to stderr: `subscribed ROOM at seq N` once subscribed,
   `lagged: N events dropped` when the client could not keep up.
 
+RECONNECT
+  URL may list several brokers separated by commas; the first that accepts a session is
+  used. When the connection is lost (or the broker closes it asking clients to reconnect),
+  sub reconnects with backoff to the next URL in turn and subscribes again from the last
+  event it printed, so every event is printed once, in order, when the broker can replay
+  the gap. stderr tells what happened:
+    disconnected: <why>
+    reconnecting to URL in N ms (attempt K)
+    connect to URL failed: <error>
+    connected to URL (session S)
+    resumed ROOM: recovered at seq N
+    resumed ROOM: reset at epoch E seq N (events after seq M of epoch P may be missing)
+    resumed ROOM: fresh at seq N (the room keeps no history; events in between are missing)
+  --no-reconnect exits instead.
+
 EXIT STATUS
   0 after --count events; 130 on Ctrl-C; 1 when the connection fails or the broker
-  closes the session (the close code is printed); 2 for bad arguments.";
+  closes the session for good (the close code is printed); 2 for bad arguments.";
 
 const PUB_HELP: &str = "\
 EXIT STATUS
@@ -56,13 +72,16 @@ enum Command {
     #[command(after_help = DATA_HELP)]
     Sub {
         /// Broker URL: ws://127.0.0.1:4433/ws (wss:// for TLS) or, for WebTransport,
-        /// https://127.0.0.1:4433/wt.
+        /// https://127.0.0.1:4433/wt; several separated by commas (see RECONNECT).
         url: String,
         /// Room to subscribe to, e.g. orders:1042.
         room: String,
         /// Exit 0 after this many events.
         #[arg(long, value_name = "N")]
         count: Option<u64>,
+        /// Exit when the connection ends instead of reconnecting.
+        #[arg(long)]
+        no_reconnect: bool,
         /// Authentication token sent in Hello.
         #[arg(long, value_name = "T", env = "ROOMCAST_TOKEN", hide_env_values = true)]
         token: Option<String>,
@@ -154,9 +173,16 @@ async fn main() -> ExitCode {
             url,
             room,
             count,
+            no_reconnect,
             token,
             tls,
-        } => sub(&url, &room, count, options(&url, token, tls)).await,
+        } => {
+            let mut options = options(&url, token, tls);
+            if !no_reconnect {
+                options.reconnect = Some(ReconnectPolicy::default());
+            }
+            sub(&url, &room, count, options).await
+        }
         Command::Pub {
             url,
             room,
@@ -175,9 +201,10 @@ async fn main() -> ExitCode {
 /// The connect options for `url`, with a warning on stderr for `--insecure` and for
 /// certificate flags a non-WebTransport URL ignores.
 fn options(url: &str, token: Option<String>, tls: TlsArgs) -> ConnectOptions {
-    let webtransport = url
-        .get(..8)
-        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"));
+    let webtransport = split_urls(url).into_iter().any(|url| {
+        url.get(..8)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("https://"))
+    });
     let any_tls_flag = tls.cert_hash.is_some() || tls.ca.is_some() || tls.insecure;
     if any_tls_flag && !webtransport {
         eprintln!(
@@ -202,6 +229,14 @@ async fn open(url: &str, options: ConnectOptions) -> Result<Client, ExitCode> {
     connect(url, options).await.map_err(|e| report(&e))
 }
 
+/// The URLs of a comma-separated list, trimmed, empty entries skipped.
+fn split_urls(list: &str) -> Vec<&str> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
 /// Prints `error` to stderr in the documented shape and returns the failure exit code.
 fn report(error: &Error) -> ExitCode {
     match error {
@@ -212,11 +247,42 @@ fn report(error: &Error) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn sub(url: &str, room: &str, count: Option<u64>, options: ConnectOptions) -> ExitCode {
-    let client = match open(url, options).await {
+async fn sub(urls: &str, room: &str, count: Option<u64>, options: ConnectOptions) -> ExitCode {
+    let connected = Client::builder()
+        .urls(split_urls(urls))
+        .options(options)
+        .connect()
+        .await;
+    let client = match connected {
         Ok(client) => client,
-        Err(code) => return code,
+        Err(e) => return report(&e),
     };
+    let mut events = client.events();
+    let reporter = tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                ClientEvent::Disconnected(info) => eprintln!("disconnected: {info}"),
+                ClientEvent::Reconnecting {
+                    attempt,
+                    delay,
+                    url,
+                } => eprintln!(
+                    "reconnecting to {url} in {} ms (attempt {attempt})",
+                    delay.as_millis()
+                ),
+                ClientEvent::ConnectFailed { url, error } => {
+                    eprintln!("connect to {url} failed: {error}")
+                }
+                ClientEvent::Connected { url, session_id } => {
+                    eprintln!("connected to {url} (session {session_id})")
+                }
+                ClientEvent::TokenRefreshFailed(error) => {
+                    eprintln!("token refresh failed: {error}")
+                }
+                _ => {}
+            }
+        }
+    });
     let mut subscription = match client.subscribe(room).await {
         Ok(subscription) => subscription,
         Err(e) => return report(&e),
@@ -228,18 +294,42 @@ async fn sub(url: &str, room: &str, count: Option<u64>, options: ConnectOptions)
     };
     drop(subscription);
     client.close().await;
+    reporter.abort();
     status
+}
+
+/// The stderr line for a resumed subscription.
+fn resumed_line(room: &str, resumed: &Resumption) -> String {
+    let Resumption {
+        recovery,
+        previous,
+        position,
+    } = resumed;
+    match recovery {
+        Recovery::Recovered => format!("resumed {room}: recovered at seq {}", position.seq),
+        Recovery::Reset => format!(
+            "resumed {room}: reset at epoch {} seq {} (events after seq {} of epoch {} may be \
+             missing)",
+            position.epoch, position.seq, previous.seq, previous.epoch
+        ),
+        Recovery::Fresh => format!(
+            "resumed {room}: fresh at seq {} (the room keeps no history; events in between are \
+             missing)",
+            position.seq
+        ),
+    }
 }
 
 async fn print_events(subscription: &mut Subscription, count: Option<u64>) -> ExitCode {
     let mut seen = 0u64;
     let stdout = io::stdout();
+    let room = subscription.room().as_str().to_owned();
     loop {
         if count.is_some_and(|count| seen >= count) {
             return ExitCode::SUCCESS;
         }
-        match subscription.next_event().await {
-            Some(Ok(event)) => {
+        match subscription.next_item().await {
+            Some(SubscriptionItem::Event(event)) => {
                 let mut out = stdout.lock();
                 let written = serde_json::to_writer(&mut out, &EventLine::from(&event))
                     .map_err(io::Error::from)
@@ -255,10 +345,13 @@ async fn print_events(subscription: &mut Subscription, count: Option<u64>) -> Ex
                     }
                 }
             }
-            Some(Err(SubscriptionError::Lagged { missed })) => {
+            Some(SubscriptionItem::Lagged { missed }) => {
                 eprintln!("lagged: {missed} events dropped");
             }
-            Some(Err(SubscriptionError::Closed(info))) => {
+            Some(SubscriptionItem::Resumed(resumed)) => {
+                eprintln!("{}", resumed_line(&room, &resumed));
+            }
+            Some(SubscriptionItem::Closed(info)) => {
                 eprintln!("closed: {info}");
                 return ExitCode::FAILURE;
             }
