@@ -19,7 +19,7 @@ fn bench(c: &mut Criterion) {
         let outboxes: Vec<Arc<Outbox>> = (0..subscribers)
             .map(|i| {
                 let outbox = Arc::new(Outbox::new(usize::MAX / 2));
-                hub.subscribe(&room, i as u64, &outbox, 0).unwrap();
+                hub.subscribe(&room, i as u64, &outbox, 0, None).unwrap();
                 outbox
             })
             .collect();
@@ -30,7 +30,7 @@ fn bench(c: &mut Criterion) {
             &subscribers,
             |b, _| {
                 b.iter(|| {
-                    hub.publish(&room, &event, &data);
+                    hub.publish(&room, &event, &data, None);
                     // Keep queues short, as a writer would.
                     for o in &outboxes {
                         o.drain_into(&mut drained);
