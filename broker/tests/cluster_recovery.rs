@@ -1,0 +1,381 @@
+//! Recovery and ordering in cluster mode, with room history in JetStream, against real
+//! `nats-server` processes (JetStream on) and brokers on loopback: a client that leaves one
+//! node recovers on another from the stream, every node sees a room's events in one order,
+//! a node's death costs its clients nothing, idempotency keys hold across nodes, and positions
+//! the stream no longer covers are refused.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cluster::NatsServer, *};
+use roomcast_broker::{Config, Server};
+use roomcast_protocol::{ClientFrame, Code, Payload, Position, ServerFrame, frame::Event};
+
+fn node(nats: &NatsServer, id: &str) -> Config {
+    let mut c = config();
+    c.cluster.nats = vec![nats.url()];
+    c.cluster.node_id = Some(id.into());
+    c.cluster.nats_interest_linger = Duration::from_millis(100);
+    c
+}
+
+async fn until_ready(server: &Server) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get(server, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "node never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn nodes(nats: &NatsServer, config: impl Fn(Config) -> Config) -> (Server, Server) {
+    let a = start(config(node(nats, "edge-a"))).await;
+    let b = start(config(node(nats, "edge-b"))).await;
+    until_ready(&a).await;
+    until_ready(&b).await;
+    (a, b)
+}
+
+fn publish(id: u64, room: &str, name: &str, key: Option<&str>) -> ClientFrame {
+    ClientFrame::Publish {
+        id,
+        room: room.into(),
+        event: name.into(),
+        data: Payload::encode(&name).unwrap().as_bytes().clone(),
+        ack: true,
+        key: key.map(str::to_owned),
+    }
+}
+
+/// Sends `Subscribe` and reads its `Subscribed`.
+async fn subscribe(
+    conn: &mut RawConn,
+    room: &str,
+    since: Option<Position>,
+) -> (Position, Option<bool>) {
+    conn.send(ClientFrame::Subscribe {
+        id: 1,
+        room: room.into(),
+        since,
+    })
+    .await;
+    match conn.frame().await {
+        ServerFrame::Subscribed {
+            id: 1,
+            seq,
+            epoch,
+            recovered,
+            ..
+        } => (Position { epoch, seq }, recovered),
+        other => panic!("expected Subscribed, got {other:?}"),
+    }
+}
+
+/// Publishes and waits for the Ack; returns the event's seq (the stream's sequence).
+async fn publish_acked(conn: &mut RawConn, id: u64, room: &str, name: &str) -> u64 {
+    conn.send(publish(id, room, name, None)).await;
+    loop {
+        match conn.frame().await {
+            ServerFrame::Ack { id: got, seq } if got == id => {
+                return seq.expect("a stored event's Ack carries its seq");
+            }
+            ServerFrame::Event(_) => {}
+            other => panic!("expected Ack {id}, got {other:?}"),
+        }
+    }
+}
+
+async fn event(conn: &mut RawConn) -> Event {
+    match conn.frame().await {
+        ServerFrame::Event(e) => e,
+        other => panic!("expected an event, got {other:?}"),
+    }
+}
+
+async fn events(conn: &mut RawConn, n: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let e = event(conn).await;
+        out.push((e.seq, e.event.as_str().to_owned()));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_client_recovers_on_another_node_from_the_stream() {
+    let nats = NatsServer::start("");
+    let (a, b) = nodes(&nats, |c| c).await;
+    let room = "orders:r1";
+    let mut sub = RawConn::open(&b).await;
+    let (start, recovered) = subscribe(&mut sub, room, None).await;
+    assert_ne!(start.epoch, 0, "a reliable room has its stream's epoch");
+    assert_eq!(recovered, None);
+    let mut publisher = RawConn::open(&a).await;
+    let mut acked = Vec::new();
+    for n in 1..=3 {
+        acked.push((
+            publish_acked(&mut publisher, n, room, &format!("e{n}")).await,
+            format!("e{n}"),
+        ));
+    }
+    // The seq every node shows is the one the publisher's Ack carried.
+    assert_eq!(events(&mut sub, 3).await, acked);
+    assert!(acked.windows(2).all(|w| w[0].0 < w[1].0));
+    drop(sub);
+
+    let mut missed = Vec::new();
+    for n in 4..=6 {
+        missed.push((
+            publish_acked(&mut publisher, n, room, &format!("e{n}")).await,
+            format!("e{n}"),
+        ));
+    }
+    // The client comes back on the other node, with the position it held.
+    let held = Position {
+        epoch: start.epoch,
+        seq: acked[2].0,
+    };
+    let mut back = RawConn::open(&a).await;
+    assert_eq!(
+        subscribe(&mut back, room, Some(held)).await,
+        (held, Some(true))
+    );
+    assert_eq!(events(&mut back, 3).await, missed);
+    // And goes on live.
+    let mut other = RawConn::open(&b).await;
+    let seq = publish_acked(&mut other, 7, room, "e7").await;
+    assert_eq!(events(&mut back, 1).await, [(seq, "e7".to_owned())]);
+}
+
+#[tokio::test]
+async fn recovery_works_before_the_first_event_of_a_room() {
+    let nats = NatsServer::start("");
+    let (a, b) = nodes(&nats, |c| c).await;
+    let room = "orders:empty";
+    let mut sub = RawConn::open(&b).await;
+    let (start, _) = subscribe(&mut sub, room, None).await;
+    drop(sub);
+    let mut publisher = RawConn::open(&a).await;
+    let s1 = publish_acked(&mut publisher, 1, room, "first").await;
+    let s2 = publish_acked(&mut publisher, 2, room, "second").await;
+    let mut back = RawConn::open(&a).await;
+    assert_eq!(
+        subscribe(&mut back, room, Some(start)).await,
+        (start, Some(true))
+    );
+    assert_eq!(
+        events(&mut back, 2).await,
+        [(s1, "first".to_owned()), (s2, "second".to_owned())]
+    );
+}
+
+/// Two nodes publish into one room at the same time: both nodes' subscribers see the same
+/// events in the same order with the same seq (one sequencer: the room's stream).
+#[tokio::test]
+async fn events_published_on_two_nodes_arrive_in_one_order_everywhere() {
+    const EACH: u64 = 40;
+    let nats = NatsServer::start("");
+    let (a, b) = nodes(&nats, |c| c).await;
+    let room = "orders:total";
+    let mut sub_a = RawConn::open(&a).await;
+    let mut sub_b = RawConn::open(&b).await;
+    subscribe(&mut sub_a, room, None).await;
+    subscribe(&mut sub_b, room, None).await;
+    let spawn_publisher = |server: &Server, tag: &'static str| {
+        let url = server.ws_url();
+        tokio::spawn(async move {
+            let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let mut conn = RawConn { ws };
+            conn.send(ClientFrame::Hello {
+                version: 1,
+                token: None,
+            })
+            .await;
+            let _welcome = conn.frame().await;
+            for n in 1..=EACH {
+                conn.send(publish(n, room, &format!("{tag}{n}"), None))
+                    .await;
+            }
+            for _ in 1..=EACH {
+                assert!(matches!(
+                    conn.frame().await,
+                    ServerFrame::Ack { seq: Some(_), .. }
+                ));
+            }
+        })
+    };
+    let pa = spawn_publisher(&a, "a");
+    let pb = spawn_publisher(&b, "b");
+    let seen_a = events(&mut sub_a, 2 * EACH as usize).await;
+    let seen_b = events(&mut sub_b, 2 * EACH as usize).await;
+    pa.await.unwrap();
+    pb.await.unwrap();
+    assert_eq!(seen_a, seen_b, "the two nodes disagree on the room's order");
+    assert!(seen_a.windows(2).all(|w| w[0].0 < w[1].0));
+    // Each publisher's own order is kept within the total order.
+    for tag in ["a", "b"] {
+        let mine: Vec<_> = seen_a
+            .iter()
+            .filter(|(_, n)| n.starts_with(tag))
+            .map(|(_, n)| n.clone())
+            .collect();
+        let want: Vec<_> = (1..=EACH).map(|n| format!("{tag}{n}")).collect();
+        assert_eq!(mine, want);
+    }
+}
+
+/// A publisher on node A never stops; the subscriber's node B goes away mid-stream. The client
+/// moves to A and, across both sessions, sees every acknowledged event exactly once, in order.
+#[tokio::test]
+async fn a_client_of_a_stopped_node_moves_to_another_and_misses_nothing() {
+    const TOTAL: u64 = 120;
+    let nats = NatsServer::start("");
+    let (a, b) = nodes(&nats, |c| c).await;
+    let room = "orders:moving";
+    let mut sub = RawConn::open(&b).await;
+    let (start, _) = subscribe(&mut sub, room, None).await;
+    let publisher = {
+        let url = a.ws_url();
+        tokio::spawn(async move {
+            let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let mut conn = RawConn { ws };
+            conn.send(ClientFrame::Hello {
+                version: 1,
+                token: None,
+            })
+            .await;
+            let _welcome = conn.frame().await;
+            let mut acked = Vec::new();
+            for n in 1..=TOTAL {
+                let seq = publish_acked(&mut conn, n, room, &format!("e{n}")).await;
+                acked.push((seq, format!("e{n}")));
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            acked
+        })
+    };
+    let mut seen = events(&mut sub, 30).await;
+    // Node B stops: its sessions are closed with `shutting_down`, reconnect.
+    let stopping = tokio::spawn(b.shutdown());
+    loop {
+        match sub.frame().await {
+            ServerFrame::Event(e) => seen.push((e.seq, e.event.as_str().to_owned())),
+            ServerFrame::Close {
+                code: Code::ShuttingDown,
+                reconnect: true,
+                ..
+            } => break,
+            other => panic!("expected events then Close, got {other:?}"),
+        }
+    }
+    stopping.await.unwrap().unwrap();
+    let held = Position {
+        epoch: start.epoch,
+        seq: seen.last().unwrap().0,
+    };
+    let mut moved = RawConn::open(&a).await;
+    assert_eq!(
+        subscribe(&mut moved, room, Some(held)).await,
+        (held, Some(true))
+    );
+    let acked = publisher.await.unwrap();
+    while seen.len() < acked.len() {
+        let e = event(&mut moved).await;
+        seen.push((e.seq, e.event.as_str().to_owned()));
+    }
+    assert_eq!(seen, acked, "lost, repeated or reordered across the move");
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_is_delivered_once_across_nodes() {
+    let nats = NatsServer::start("");
+    let (a, b) = nodes(&nats, |c| c).await;
+    let room = "orders:keys";
+    let mut sub = RawConn::open(&b).await;
+    subscribe(&mut sub, room, None).await;
+    let mut on_a = RawConn::open(&a).await;
+    let mut on_b = RawConn::open(&b).await;
+    on_a.send(publish(1, room, "paid", Some("pay-1"))).await;
+    let first = match on_a.frame().await {
+        ServerFrame::Ack { id: 1, seq } => seq,
+        other => panic!("{other:?}"),
+    };
+    // The retry comes through the other node (the client moved meanwhile).
+    on_b.send(publish(2, room, "paid", Some("pay-1"))).await;
+    let retry = loop {
+        match on_b.frame().await {
+            ServerFrame::Ack { id: 2, seq } => break seq,
+            ServerFrame::Event(_) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(retry, first, "the retry is acknowledged as the original");
+    let next = publish_acked(&mut on_a, 3, room, "shipped").await;
+    assert_eq!(
+        events(&mut sub, 2).await,
+        [
+            (first.unwrap(), "paid".to_owned()),
+            (next, "shipped".to_owned())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn positions_the_stream_no_longer_covers_are_refused() {
+    let nats = NatsServer::start("");
+    let (a, b) = nodes(&nats, |c| Config {
+        history_events: 2,
+        ..c
+    })
+    .await;
+    let room = "orders:short";
+    let mut publisher = RawConn::open(&a).await;
+    let mut seqs = Vec::new();
+    for n in 1..=5 {
+        seqs.push(publish_acked(&mut publisher, n, room, &format!("e{n}")).await);
+    }
+    let mut probe = RawConn::open(&b).await;
+    let (now, _) = subscribe(&mut probe, room, None).await;
+    assert_eq!(now.seq, seqs[4]);
+    for (since, why) in [
+        (
+            Position {
+                epoch: now.epoch,
+                seq: seqs[0],
+            },
+            "dropped by the per-room limit",
+        ),
+        (
+            Position {
+                epoch: now.epoch + 1,
+                seq: seqs[3],
+            },
+            "another epoch",
+        ),
+        (
+            Position {
+                epoch: now.epoch,
+                seq: seqs[4] + 100,
+            },
+            "beyond the room's last event",
+        ),
+    ] {
+        let mut c = RawConn::open(&b).await;
+        assert_eq!(
+            subscribe(&mut c, room, Some(since)).await,
+            (now, Some(false)),
+            "{why}"
+        );
+    }
+    // The newest kept event still recovers.
+    let mut c = RawConn::open(&a).await;
+    let since = Position {
+        epoch: now.epoch,
+        seq: seqs[3],
+    };
+    assert_eq!(
+        subscribe(&mut c, room, Some(since)).await,
+        (since, Some(true))
+    );
+    assert_eq!(events(&mut c, 1).await, [(seqs[4], "e5".to_owned())]);
+}
