@@ -379,3 +379,94 @@ async fn positions_the_stream_no_longer_covers_are_refused() {
     );
     assert_eq!(events(&mut c, 1).await, [(seqs[4], "e5".to_owned())]);
 }
+
+/// A free loopback TCP port right now (for a NATS cluster port a server must name in its own
+/// routes; the window between probing and use is the only race).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One region: a one-server NATS cluster (routed to itself, which JetStream in a supercluster
+/// requires) with JetStream and a gateway.
+fn region(name: &str, dir: &str, gateways: &str) -> NatsServer {
+    let route = free_port();
+    NatsServer::start(&format!(
+        "server_name: {name}-1\n\
+         jetstream {{ store_dir: {dir:?} }}\n\
+         cluster {{ name: {name}, listen: 127.0.0.1:{route}, routes: [\"nats-route://127.0.0.1:{route}\"] }}\n\
+         gateway {{\n  name: {name}\n  listen: 127.0.0.1:-1\n  {gateways}\n}}"
+    ))
+}
+
+/// Two regions joined by gateways (a JetStream supercluster): a client that leaves region B
+/// recovers in region A, from the room's one stream.
+#[tokio::test]
+async fn a_client_recovers_in_another_region() {
+    let base = std::env::temp_dir().join(format!("roomcast-regions-{}", std::process::id()));
+    let a_dir = base.join("a").display().to_string();
+    let b_dir = base.join("b").display().to_string();
+    let region_a = region("region-a", &a_dir, "");
+    let gateway_a = region_a.gateway_port.expect("gateway port");
+    let region_b = region(
+        "region-b",
+        &b_dir,
+        &format!("gateways: [{{ name: region-a, url: \"nats://127.0.0.1:{gateway_a}\" }}]"),
+    );
+    let a = start(node(&region_a, "edge-a")).await;
+    let b = start(node(&region_b, "edge-b")).await;
+    until_ready(&a).await;
+    until_ready(&b).await;
+    let room = "bids:lot-7";
+    // The supercluster elects its JetStream leader first: publish until one is stored.
+    let mut publisher = RawConn::open(&a).await;
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    let mut id = 0;
+    loop {
+        id += 1;
+        publisher.send(publish(id, room, "warmup", None)).await;
+        match publisher.frame().await {
+            ServerFrame::Ack { seq: Some(_), .. } => break,
+            ServerFrame::Error {
+                code: Code::Unavailable,
+                ..
+            } => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "JetStream never ready"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut sub = RawConn::open(&b).await;
+    let (start_at, _) = subscribe(&mut sub, room, None).await;
+    assert_ne!(start_at.epoch, 0);
+    let mut seen = Vec::new();
+    for n in 1..=3 {
+        let seq = publish_acked(&mut publisher, 100 + n, room, &format!("e{n}")).await;
+        seen.push((seq, format!("e{n}")));
+    }
+    assert_eq!(events(&mut sub, 3).await, seen);
+    drop(sub);
+    let mut missed = Vec::new();
+    for n in 4..=6 {
+        let seq = publish_acked(&mut publisher, 100 + n, room, &format!("e{n}")).await;
+        missed.push((seq, format!("e{n}")));
+    }
+    let held = Position {
+        epoch: start_at.epoch,
+        seq: seen[2].0,
+    };
+    let mut moved = RawConn::open(&a).await;
+    assert_eq!(
+        subscribe(&mut moved, room, Some(held)).await,
+        (held, Some(true))
+    );
+    assert_eq!(events(&mut moved, 3).await, missed);
+    let _ = std::fs::remove_dir_all(&base);
+}

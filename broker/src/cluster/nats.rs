@@ -488,8 +488,11 @@ async fn publisher(
                 headers.insert(async_nats::header::NATS_MESSAGE_ID, &**key);
             }
         }
+        // Looked up once per namespace (then cached); bounded, as it holds up the queue.
         let stream = tokio::select! {
-            stream = streams.get(&out.room, &rule) => stream,
+            stream = tokio::time::timeout(STREAM_WAIT, streams.get(&out.room, &rule)) => {
+                stream.unwrap_or_else(|_| Err("JetStream did not answer in time".to_owned()))
+            }
             () = shutdown.cancelled() => break,
         };
         if let Err(e) = stream {
