@@ -28,10 +28,23 @@ async function devCertHash() {
 function setConnection(state) {
   const badge = $('connection');
   badge.dataset.state = state.state;
-  badge.dataset.transport = state.transport ?? '';
+  if (state.transport) badge.dataset.transport = state.transport;
   if (state.state === 'connected') badge.textContent = `connected · ${state.transport} · session ${state.session}`;
   else if (state.state === 'connecting') badge.textContent = `connecting · ${state.transport}…`;
-  else badge.textContent = `disconnected · ${state.code} ${state.reason} · retrying`;
+  else if (state.state === 'disconnected') badge.textContent = `disconnected · ${state.code} ${state.reason}`;
+  else if (state.state === 'reconnecting') badge.textContent = `reconnecting in ${state.delay} ms (attempt ${state.attempt + 1})`;
+  else badge.textContent = `closed · ${state.code} ${state.reason}`;
+}
+
+/** After a reconnect: whether the order board missed events (the client resubscribed it). */
+function onBoardRecovery(r) {
+  const li = document.createElement('li');
+  li.className = 'notice';
+  li.textContent =
+    r.status === 'recovered'
+      ? `${r.room}: reconnected, missed events replayed from #${r.previous.seq}`
+      : `${r.room}: ${r.status} — events since #${r.previous?.seq ?? '?'} are lost, the board may be stale`;
+  $('log').prepend(li);
 }
 
 function log(e) {
@@ -127,18 +140,20 @@ async function run() {
   }
   const certHash = await devCertHash();
   const transports = params.get('transport') === 'websocket' ? ['websocket'] : undefined;
+  // The client reconnects and resubscribes by itself; this loop only retries a first connect
+  // that failed, or starts over after the client stopped for good (e.g. an unauthorized close).
   for (let delay = 500; ; delay = Math.min(delay * 2, 10000)) {
     try {
       const client = await connect(broker, { certHash, transports, onState: setConnection });
       window.roomcastClient = client; // for the browser tests and the console
       delay = 500;
       await Promise.all([
-        ...SYMBOLS.map((s) => client.subscribe(`ticker:${s}`, (e) => (onTick(s, e), log(e)), { latestOnly: true })),
-        client.subscribe('orders:board', (e) => (onOrder(e), log(e))),
+        ...SYMBOLS.map((s) => client.subscribe(`ticker:${s}`, (e) => (onTick(s, e), log(e)))),
+        client.subscribe('orders:board', (e) => (onOrder(e), log(e)), { onRecovery: onBoardRecovery }),
       ]);
       document.body.dataset.ready = 'true';
       wireForm(client);
-      await client.closed; // the client does not reconnect by itself: this page does
+      await client.closed; // settles only when the client stopped for good
     } catch (e) {
       console.warn('roomcast:', e.message);
     }
@@ -165,7 +180,9 @@ function wireForm(client) {
       price: Number(form.price.value) || last || 0,
     };
     try {
-      const ack = await formClient.publish('orders:board', 'new', order);
+      // Idempotent: if the connection drops before the Ack, the client sends it again after
+      // reconnecting and the broker still places the order once.
+      const ack = await formClient.publish('orders:board', 'new', order, { idempotent: true });
       result.className = 'result';
       result.textContent = `placed ${order.id} · ack seq ${ack.seq ?? '–'}`;
     } catch (e) {

@@ -73,10 +73,11 @@ export class WebSocketTransport {
  * rooms. Frames on streams carry a QUIC varint length in front; a datagram is one whole frame.
  */
 export class WebTransportTransport {
-  constructor(url, certHash) {
+  /** `certHashes`: SHA-256 hashes (bytes) of certificates to accept, one or an array of them. */
+  constructor(url, certHashes) {
     this.kind = 'webtransport';
     this.url = url;
-    this.certHash = certHash;
+    this.certHashes = certHashes === undefined || Array.isArray(certHashes) ? (certHashes ?? []) : [certHashes];
     this.session = null;
     this.writer = null;
     this.datagramWriter = null;
@@ -86,8 +87,8 @@ export class WebTransportTransport {
   async open(handlers) {
     if (typeof WebTransport === 'undefined') throw new Error('this browser has no WebTransport');
     const options = {};
-    if (this.certHash) {
-      options.serverCertificateHashes = [{ algorithm: 'sha-256', value: this.certHash }];
+    if (this.certHashes.length > 0) {
+      options.serverCertificateHashes = this.certHashes.map((value) => ({ algorithm: 'sha-256', value }));
     }
     const session = new WebTransport(this.url, options);
     this.session = session;

@@ -19,6 +19,7 @@ import {
   requireChromium,
   startBroker,
   startPackageServer,
+  startTcpProxy,
   stopAll,
 } from './harness.js';
 
@@ -44,14 +45,20 @@ after(async () => {
   await stopAll();
 });
 
-/** A fresh page with the package loaded as `window.roomcast`; page errors fail the case. */
-async function openPage(t) {
+/**
+ * A fresh page with the package loaded as `window.roomcast`; page errors fail the case. With
+ * `expectFailedConnections`, the console errors Chromium logs for refused connections (a
+ * reconnect attempt to a broker that is gone) are not problems.
+ */
+async function openPage(t, { expectFailedConnections = false } = {}) {
   const context = await browser.newContext();
   const page = await context.newPage();
   const problems = [];
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
   page.on('console', (m) => {
-    if (m.type() === 'error') problems.push(`console error: ${m.text()}`);
+    if (m.type() !== 'error') return;
+    if (expectFailedConnections && /WebSocket connection to .* failed|ERR_CONNECTION_REFUSED|WebTransport/.test(m.text())) return;
+    problems.push(`console error: ${m.text()}`);
   });
   await page.goto(`${site}/`);
   await page.waitForFunction(() => document.title === 'ready');
@@ -84,6 +91,9 @@ async function eventsInPage(page, n) {
   await page.waitForFunction((n) => window.events.length >= n, n);
   return page.evaluate(() => window.events.map(({ room, event, data, seq, via }) => ({ room, event, data, seq, via })));
 }
+
+/** A generous failure bound for waits that span a reconnect (never a timing assertion). */
+const RECONNECT_BOUND = { timeout: 30000 };
 
 describe('browser client', () => {
   test('WebTransport: the page receives events published by the Rust client', async (t) => {
@@ -176,7 +186,9 @@ describe('browser client', () => {
     });
     const info = await connectAndSubscribe(page, broker.http, { certHash: broker.certHash }, 'orders:no-wt-api');
     assert.equal(info.transport, 'websocket');
-    assert.deepEqual(info.fallbacks, [{ transport: 'webtransport', error: 'this browser has no WebTransport' }]);
+    assert.deepEqual(info.fallbacks, [
+      { url: broker.http, transport: 'webtransport', error: 'this browser has no WebTransport' },
+    ]);
     await cliPublish(broker.wt, 'orders:no-wt-api', 'status', 'delivered', ['--cert-hash', broker.certHash]);
     assert.deepEqual(await eventsInPage(page, 1), [
       { room: 'orders:no-wt-api', event: 'status', data: 'delivered', seq: 1, via: 'websocket' },
@@ -236,14 +248,15 @@ describe('browser client', () => {
     });
   }
 
-  test('state events: the broker ending the session is reported with its code', async (t) => {
+  test('state events: the broker ending the session is reported with its code (reconnect: false)', async (t) => {
     const { page } = await openPage(t);
-    const own = await startBroker([]);
+    // A short drain window: the session is closed within 300 ms, told to wait 0–300 ms.
+    const own = await startBroker(['--drain-window', '300ms']);
     t.after(() => own.stop());
     const pending = page.evaluate(
       async ({ url, certHash }) => {
         const states = [];
-        const client = await window.roomcast.connect(url, { certHash, onState: (s) => states.push(s) });
+        const client = await window.roomcast.connect(url, { certHash, reconnect: false, onState: (s) => states.push(s) });
         window.ready = true;
         const closed = await client.closed;
         return { states, closed };
@@ -257,7 +270,195 @@ describe('browser client', () => {
     assert.equal(closed.code, 4001, JSON.stringify(closed)); // shutting_down
     assert.equal(closed.reconnect, true);
     assert.match(closed.reason, /shutting down/);
-    assert.deepEqual(states.map((s) => s.state), ['connecting', 'connected', 'disconnected']);
+    assert.ok(Number.isInteger(closed.retryAfter) && closed.retryAfter >= 0 && closed.retryAfter <= 300, JSON.stringify(closed));
+    assert.deepEqual(states.map((s) => s.state), ['connecting', 'connected', 'disconnected', 'closed']);
+  });
+
+  test('failover: broker A is killed (SIGKILL); the page reconnects to B and is told its room was reset', async (t) => {
+    const { page, problems } = await openPage(t, { expectFailedConnections: true });
+    const [a, b] = await Promise.all([startBroker([]), startBroker([])]);
+    t.after(() => Promise.all([a.stop(), b.stop()]));
+    const room = 'orders:failover';
+    const first = await page.evaluate(
+      async ({ urls, certHash, room }) => {
+        window.events = [];
+        window.recoveries = [];
+        window.states = [];
+        const client = await window.roomcast.connect(urls, {
+          // WebSocket: the killed process's TCP connections reset at once. (A QUIC connection
+          // to a process that is gone is noticed only when the browser next sends on it.)
+          transports: ['websocket'],
+          backoffCap: 1000,
+          onState: (s) => window.states.push(s),
+          onRecovery: (r) => window.recoveries.push(r),
+        });
+        window.client = client;
+        await client.subscribe(room, (e) => window.events.push(e));
+        return { url: client.url, transport: client.transport };
+      },
+      { urls: [a.http, b.http], room },
+    );
+    assert.deepEqual(first, { url: a.http, transport: 'websocket' });
+    for (let n = 1; n <= 2; n++) await cliPublish(a.ws, room, 'status', { n });
+    await eventsInPage(page, 2);
+    const before = await page.evaluate((room) => window.client.position(room), room);
+    assert.equal(before.seq, 2);
+    assert.notEqual(before.epoch, 0, 'orders:* keeps history');
+
+    await a.kill();
+    await page.waitForFunction(() => window.recoveries.length >= 1, null, RECONNECT_BOUND);
+    const after = await page.evaluate(
+      (room) => ({
+        url: window.client.url,
+        state: window.client.state,
+        recoveries: window.recoveries,
+        position: window.client.position(room),
+      }),
+      room,
+    );
+    assert.equal(after.url, b.http, 'the next URL of the rotation');
+    assert.equal(after.state, 'connected');
+    assert.equal(after.recoveries.length, 1);
+    const [recovery] = after.recoveries;
+    const { epoch: _, ...rest } = recovery;
+    assert.deepEqual(
+      rest,
+      { room, status: 'reset', recovered: false, cause: 'reconnect', previous: before, seq: 0 },
+      'single-node history does not move to another broker: the app must resync',
+    );
+    assert.notEqual(recovery.epoch, before.epoch);
+    assert.deepEqual(after.position, { epoch: recovery.epoch, seq: 0 });
+
+    await cliPublish(b.ws, room, 'status', { n: 3 });
+    const events = await eventsInPage(page, 3);
+    assert.deepEqual(events.map((e) => [e.data.n, e.seq]), [[1, 1], [2, 2], [3, 1]]);
+    const states = await page.evaluate(() => window.states.map((s) => s.state));
+    const lost = states.indexOf('disconnected');
+    assert.ok(lost > 0, JSON.stringify(states));
+    assert.equal(states[lost + 1], 'reconnecting');
+    assert.equal(states.at(-1), 'connected');
+    assert.deepEqual(problems, []);
+  });
+
+  test('drain over WebTransport: Close shutting_down with retry_after; the page moves to the next broker', async (t) => {
+    const { page, problems } = await openPage(t, { expectFailedConnections: true });
+    const [a, b] = await Promise.all([
+      startBroker(['--drain-window', '300ms', '--volatile-namespaces', 'ticker']),
+      startBroker(['--volatile-namespaces', 'ticker']),
+    ]);
+    t.after(() => Promise.all([a.stop(), b.stop()]));
+    const room = 'ticker:drain';
+    const first = await page.evaluate(
+      async ({ urls, certHash, room }) => {
+        window.events = [];
+        window.recoveries = [];
+        window.states = [];
+        const client = await window.roomcast.connect(urls, {
+          certHash, // one hash per broker: each has its own development certificate
+          onState: (s) => window.states.push(s),
+          onRecovery: (r) => window.recoveries.push(r),
+        });
+        window.client = client;
+        await client.subscribe(room, (e) => window.events.push(e));
+        return { url: client.url, transport: client.transport, position: client.position(room) };
+      },
+      { urls: [a.http, b.http], certHash: [a.certHash, b.certHash], room },
+    );
+    assert.deepEqual(first, { url: a.http, transport: 'webtransport', position: { epoch: 0, seq: 0 } });
+    await a.stop(); // SIGTERM: the broker drains
+    await page.waitForFunction(() => window.recoveries.length >= 1, null, RECONNECT_BOUND);
+    const after = await page.evaluate(() => ({
+      url: window.client.url,
+      transport: window.client.transport,
+      states: window.states,
+      recoveries: window.recoveries,
+    }));
+    assert.equal(after.url, b.http);
+    assert.equal(after.transport, 'webtransport');
+    const disconnected = after.states.find((s) => s.state === 'disconnected');
+    assert.equal(disconnected.code, 4001);
+    assert.equal(disconnected.reconnect, true);
+    assert.ok(Number.isInteger(disconnected.retryAfter), JSON.stringify(disconnected));
+    const reconnecting = after.states.find((s) => s.state === 'reconnecting');
+    assert.equal(reconnecting.attempt, 0);
+    assert.equal(reconnecting.url, b.http);
+    assert.ok(reconnecting.delay >= disconnected.retryAfter, 'never sooner than retry_after');
+    // A volatile room (epoch 0) is simply subscribed again: "fresh", nothing to recover.
+    assert.deepEqual(after.recoveries.map((r) => [r.room, r.status, r.recovered]), [[room, 'fresh', undefined]]);
+    for (let i = 0; i < 30; i++) {
+      if ((await page.evaluate(() => window.events.length)) >= 1) break;
+      await cliPublish(b.ws, room, 'price', { i });
+    }
+    const [event] = await eventsInPage(page, 1);
+    assert.equal(event.via, 'datagram');
+    assert.deepEqual(problems, []);
+  });
+
+  test('recovery: the WebSocket is cut under the page while events flow; each arrives once, in order', async (t) => {
+    const { page, problems } = await openPage(t, { expectFailedConnections: true });
+    const proxy = await startTcpProxy(brokerNoWt.port);
+    t.after(() => proxy.close());
+    const room = 'orders:recover';
+    await page.evaluate(
+      async ({ url, room }) => {
+        window.events = [];
+        window.recoveries = [];
+        window.states = [];
+        const client = await window.roomcast.connect(url, {
+          transports: ['websocket'],
+          backoffCap: 500,
+          onState: (s) => window.states.push(s),
+        });
+        window.client = client;
+        await client.subscribe(room, (e) => window.events.push(e), { onRecovery: (r) => window.recoveries.push(r) });
+      },
+      { url: proxy.http, room },
+    );
+    for (let n = 1; n <= 3; n++) await cliPublish(brokerNoWt.ws, room, 'status', { n });
+    await eventsInPage(page, 3);
+
+    // 1. The connection is lost (no Close) and stays down while events are published.
+    proxy.refuse(true);
+    proxy.cut();
+    await page.waitForFunction(() => window.states.some((s) => s.state === 'reconnecting'), null, RECONNECT_BOUND);
+    for (let n = 4; n <= 6; n++) await cliPublish(brokerNoWt.ws, room, 'status', { n });
+    proxy.refuse(false);
+    await page.waitForFunction(() => window.recoveries.length >= 1 && window.events.length >= 6, null, RECONNECT_BOUND);
+
+    // 2. A keyed publish reaches the broker but its Ack (and its event) never reach the page;
+    //    then the connection goes. The next session replays the event and the re-sent publish
+    //    is recognised by its key: one event, acknowledged with its seq.
+    const watcher = cliSubscribe(brokerNoWt.ws, room, 1);
+    await watcher.ready;
+    proxy.blackhole(true);
+    await page.evaluate((room) => {
+      window.client
+        .publish(room, 'status', { n: 7 }, { key: 'order-7' })
+        .then((ack) => (window.keyed = ack), (e) => (window.keyed = { error: e.message }));
+    }, room);
+    const seen = await watcher.done; // the broker has stored it
+    assert.equal(seen.code, 0, seen.stderr);
+    assert.equal(JSON.parse(seen.stdout.trim()).seq, 7);
+    proxy.cut();
+    proxy.blackhole(false);
+    await page.waitForFunction(() => window.keyed !== undefined, null, RECONNECT_BOUND);
+    assert.deepEqual(await page.evaluate(() => window.keyed), { seq: 7, key: 'order-7' });
+
+    const { stderr } = await cliPublish(brokerNoWt.ws, room, 'status', { n: 8 });
+    assert.match(stderr, /ack seq=8\b/, 'the re-sent publish made no second event');
+    const events = await eventsInPage(page, 8);
+    assert.deepEqual(
+      events.map((e) => [e.seq, e.data.n]),
+      [1, 2, 3, 4, 5, 6, 7, 8].map((n) => [n, n]),
+      'every event exactly once, in order (none doubled by the re-sent publish)',
+    );
+    const recoveries = await page.evaluate(() => window.recoveries.map((r) => [r.status, r.recovered, r.previous.seq]));
+    assert.deepEqual(recoveries, [
+      ['recovered', true, 3],
+      ['recovered', true, 6],
+    ]);
+    assert.ok(proxy.connections() >= 3);
+    assert.deepEqual(problems, []);
   });
 
   test('demo page (--dev-ui examples/browser) updates live', async (t) => {

@@ -6,6 +6,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync, readFileSync, statSync } from 'node:fs';
 import { createServer } from 'node:http';
+import { createServer as createTcpServer, connect as tcpConnect } from 'node:net';
 import { dirname, extname, join, normalize, resolve, sep } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -107,7 +108,17 @@ export async function startBroker(args = [], { webtransport = !args.includes('--
     certHash,
     log: () => log,
     stop: () => stop(child),
+    /** SIGKILL: the process dies without closing its sessions. */
+    kill: () => kill(child),
   };
+}
+
+function kill(child) {
+  if (child.exitCode !== null || child.signalCode !== null) return Promise.resolve();
+  return new Promise((done) => {
+    child.once('exit', () => done());
+    child.kill('SIGKILL');
+  });
 }
 
 function stop(child) {
@@ -172,6 +183,70 @@ export function cliSubscribe(url, room, count, extra = []) {
   });
   run.done.then(ready);
   return { ready: subscribed, done: run.done };
+}
+
+/**
+ * A TCP proxy on 127.0.0.1 port 0 in front of `targetPort` (a broker's WebSocket listener), to
+ * take a page's connection away without stopping the broker:
+ *
+ * - `cut()` destroys every proxied connection (the page sees its WebSocket close without a
+ *   `Close` frame);
+ * - `refuse(true)` makes new connections fail at once until `refuse(false)`;
+ * - `blackhole(true)` stops forwarding what the broker sends (it is dropped), so requests reach
+ *   the broker but their replies never reach the page; meant to be followed by `cut()`;
+ * - `connections()` counts the connections accepted so far.
+ */
+export async function startTcpProxy(targetPort) {
+  const sockets = new Set();
+  let refusing = false;
+  let dropping = false;
+  let accepted = 0;
+  const server = createTcpServer((client) => {
+    if (refusing) {
+      client.destroy();
+      return;
+    }
+    accepted++;
+    const upstream = tcpConnect(targetPort, '127.0.0.1');
+    sockets.add(client).add(upstream);
+    const gone = () => {
+      client.destroy();
+      upstream.destroy();
+      sockets.delete(client);
+      sockets.delete(upstream);
+    };
+    client.on('data', (chunk) => upstream.write(chunk));
+    upstream.on('data', (chunk) => {
+      if (!dropping) client.write(chunk);
+    });
+    for (const socket of [client, upstream]) {
+      socket.on('error', gone);
+      socket.on('close', gone);
+    }
+  });
+  await new Promise((r) => server.listen(0, '127.0.0.1', r));
+  servers.add(server);
+  const port = server.address().port;
+  return {
+    port,
+    http: `http://127.0.0.1:${port}`,
+    cut() {
+      for (const socket of sockets) socket.destroy();
+      sockets.clear();
+    },
+    refuse(on) {
+      refusing = on;
+    },
+    blackhole(on) {
+      dropping = on;
+    },
+    connections: () => accepted,
+    close() {
+      this.cut();
+      server.close();
+      servers.delete(server);
+    },
+  };
 }
 
 const TYPES = { '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.css': 'text/css', '.png': 'image/png' };
