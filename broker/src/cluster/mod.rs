@@ -11,35 +11,56 @@
 //! # Guarantees (cluster mode, what [`nats::NatsBridge`] promises)
 //!
 //! Every event — one published on this node too — goes to NATS first and is fanned out locally
-//! only when it comes back on the node's one subscription to the room's subject. So:
+//! only when it comes back on the node's one subscription to the room. Reliable rooms (the
+//! default) keep their history in a JetStream stream per namespace (module `stream`): the stream
+//! numbers and stores each event, then republishes it to the room's sequenced subject, which
+//! is what nodes subscribe to. Volatile rooms (and every room with `--no-nats-history`) use
+//! the room subject over core NATS.
 //!
-//! - **Exactly once per subscriber**, while the node's NATS connection stays up and the node
-//!   keeps up: a node holds at most one live subscription per room subject, and the hub queues
-//!   each event it is handed once per local subscriber. Core NATS itself is at-most-once: an
-//!   event in flight when a connection drops, or dropped because the node's subscription buffer
-//!   overflowed (an async-nats slow consumer, counted in `roomcast_nats_slow_consumers_total`
-//!   and logged), is lost, never duplicated.
+//! Reliable rooms (JetStream):
+//!
+//! - **One order per room everywhere**: `seq` is the stream sequence; every node delivers a
+//!   room's events in stream order, so all subscribers on all nodes and regions see the same
+//!   events in the same order with the same `seq` (increasing, with gaps).
 //! - **Publisher order**: events one session (or one HTTP client waiting for each answer)
-//!   publishes reach every subscriber on every node in publish order — the session's publishes
-//!   pass one FIFO queue into one NATS connection, NATS keeps per-connection order through
-//!   routes and gateways, and each room subject is read by one task per node.
-//! - **One order per node**: all subscribers of a room on one node see the room's events in the
-//!   same order (the hub's `seq` order, which is the order the node received them from NATS).
-//! - **Across nodes** core NATS orders messages per publisher only: two nodes agree on the
-//!   relative order of events from one publishing node, but events published concurrently on
-//!   different nodes may interleave differently on different nodes. A total order per room
-//!   needs a sequencer (JetStream), which arrives with history. `seq` is assigned by each node
-//!   and is not comparable across nodes.
+//!   publishes are stored in publish order (one FIFO queue into one NATS connection).
+//! - **Exactly once per subscriber, no gap**: a node drops a republished copy at or below the
+//!   last `seq` it delivered, and fills a gap in its feed (`Nats-Last-Sequence` above that
+//!   `seq`: messages lost while disconnected, or to a slow consumer) from the stream before
+//!   delivering more. A gap it cannot read (the stream dropped those events already) is logged
+//!   and counted in `roomcast_nats_jetstream_errors_total`.
+//! - **Acknowledged means stored**: `Ack` (and the HTTP answer) is sent once JetStream
+//!   acknowledged the event; an event it refuses or does not acknowledge is answered
+//!   `unavailable` — it may or may not have been stored (use idempotency keys to retry).
+//! - **Recovery on any node**: `Subscribe` with `since` is answered from the stream by the
+//!   room's reader between two live events (no gap, no duplicate at the seam), when the
+//!   stream still holds everything after `since`.
+//! - **Idempotency**: a key is the message's `Nats-Msg-Id`; JetStream drops a repeat within
+//!   the stream's duplicate window and acknowledges it with the original's sequence.
+//!
+//! Volatile rooms and `--no-nats-history` (core NATS):
+//!
+//! - **At most once**: an event in flight when a connection drops, or dropped because the
+//!   node's subscription buffer overflowed (an async-nats slow consumer, counted in
+//!   `roomcast_nats_slow_consumers_total` and logged), is lost, never duplicated.
+//! - **Publisher order** as above; **across nodes** only per publisher: events published
+//!   concurrently on different nodes may interleave differently on different nodes, and `seq`
+//!   is assigned by each node (not comparable across nodes). The `Ack` means "handed to NATS".
+//!
+//! Both:
+//!
 //! - **Never silent loss on publish**: when the node is not connected to NATS, or its bounded
 //!   publish queue is full, [`Bridge::publish`] fails with [`Unavailable`] and the client gets
 //!   `Error unavailable` (4503).
-//! - **Interest**: a node subscribes to a room subject only while the room has a local
-//!   subscriber (plus a short linger against churn), so it receives no traffic for rooms
-//!   nobody on it watches.
+//! - **Interest**: a node subscribes to a room only while the room has a local subscriber
+//!   (plus a short linger against churn), so it receives no traffic for rooms nobody on it
+//!   watches.
 //! - **Subscribed means routed**: the `Subscribed` that creates a node's subscription to a room
 //!   is held back ([`Interest::confirms_live`], [`Hub::mark_live`]) until the subscription is
 //!   in force on the node's NATS server (bounded to 2 s while NATS is unreachable); interest
-//!   propagation to other servers of a cluster or gateway stays asynchronous.
+//!   propagation to other servers of a cluster or gateway stays asynchronous (with JetStream
+//!   the position in `Subscribed` is read from the stream after that, so nothing stored after
+//!   it is missed: a gap is filled from the stream).
 
 pub mod nats;
 mod stream;
