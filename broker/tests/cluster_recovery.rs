@@ -550,3 +550,75 @@ async fn a_draining_node_s_clients_all_move_without_losing_events() {
     }
     draining.unwrap().await.unwrap().unwrap();
 }
+
+/// nats-server dies and comes back (its JetStream store on disk) while a publisher keeps
+/// publishing and a subscriber is away: every publish is either acknowledged — and then
+/// recovered by the subscriber — or refused with `unavailable`; none is acknowledged and lost.
+#[tokio::test]
+async fn a_nats_restart_loses_no_acknowledged_event_for_a_recovering_client() {
+    let mut nats = NatsServer::start("");
+    let (a, b) = nodes(&nats, |c| c).await;
+    let room = "orders:restart";
+    let mut sub = RawConn::open(&b).await;
+    let (start, _) = subscribe(&mut sub, room, None).await;
+    let mut publisher = RawConn::open(&a).await;
+    let mut acked = Vec::new();
+    for n in 1..=5 {
+        acked.push((
+            publish_acked(&mut publisher, n, room, &format!("e{n}")).await,
+            format!("e{n}"),
+        ));
+    }
+    let mut seen = events(&mut sub, 5).await;
+    assert_eq!(seen, acked);
+    drop(sub); // the client goes away
+
+    // Publish through the outage: acknowledged, or refused with `unavailable`.
+    let mut refused = 0;
+    let mut n = 5;
+    let publish_one = |n: u64| publish(n, room, &format!("e{n}"), None);
+    nats.kill();
+    let mut restarted = false;
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    while !(restarted && refused >= 3 && acked.len() >= 10) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "outage scenario did not complete"
+        );
+        n += 1;
+        publisher.send(publish_one(n)).await;
+        match publisher.frame().await {
+            ServerFrame::Ack { id, seq: Some(seq) } if id == n => {
+                acked.push((seq, format!("e{n}")))
+            }
+            ServerFrame::Error {
+                id: Some(id),
+                code: Code::Unavailable,
+                ..
+            } if id == n => {
+                refused += 1;
+                if refused == 3 && !restarted {
+                    nats.restart();
+                    restarted = true;
+                }
+            }
+            other => panic!("unexpected reply to {n}: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The client comes back (on the other node) with its position: it gets every acknowledged
+    // event it missed, in order, once, and none of the refused ones.
+    until_ready(&a).await;
+    let held = Position {
+        epoch: start.epoch,
+        seq: seen.last().unwrap().0,
+    };
+    let mut back = RawConn::open(&a).await;
+    assert_eq!(
+        subscribe(&mut back, room, Some(held)).await,
+        (held, Some(true))
+    );
+    seen.extend(events(&mut back, acked.len() - 5).await);
+    assert_eq!(seen, acked);
+    back.ping(1).await;
+}
