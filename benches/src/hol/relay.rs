@@ -554,6 +554,12 @@ mod tests {
         server.send_to(b"pong", from).unwrap();
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"pong"[..], relay.addr));
+        // The relay counts a datagram after handing it to the socket: the receiver may see it
+        // first, so wait (bounded) for the counters.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while relay.down.snapshot().forwarded < 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!(relay.up.snapshot().forwarded, 1);
         assert_eq!(relay.down.snapshot().forwarded, 1);
 
