@@ -770,3 +770,59 @@ async fn nats_outage_during_traffic() {
     sub.expect_events(room, &want).await;
     assert!(metric(&b, "roomcast_nats_disconnects_total").await >= 1.0);
 }
+
+/// NATS over TLS with a private CA (`--nats-ca`) and user/password auth: the node connects,
+/// events flow, and the NATS server reports the connection as TLS.
+#[tokio::test]
+async fn nats_over_tls_with_a_private_ca_and_a_password() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(format!("roomcast-nats-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server_cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &ca)
+        .unwrap();
+    let (ca_pem, cert_pem, key_pem) = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server-key.pem"),
+    );
+    std::fs::write(&ca_pem, ca.pem()).unwrap();
+    std::fs::write(&cert_pem, server_cert.pem()).unwrap();
+    std::fs::write(&key_pem, server_key.serialize_pem()).unwrap();
+    let nats = NatsServer::start(&format!(
+        "tls {{ cert_file: {:?}, key_file: {:?} }}\nauthorization {{ user: roomcast, password: \"pa55-w0rd\" }}",
+        cert_pem.display().to_string(),
+        key_pem.display().to_string()
+    ));
+    let mut c = node(&nats, "edge-tls");
+    c.cluster.nats_ca = Some(ca_pem.clone());
+    c.cluster.nats_user = Some("roomcast".into());
+    c.cluster.nats_password = Some(Secret("pa55-w0rd".into()));
+    let server = start(c).await;
+    until_readyz(&server, 200).await;
+    let room = "orders:tls";
+    let mut sub = Sub::ws(&server, room).await;
+    let mut publisher = RawConn::open(&server).await;
+    publisher
+        .send(publish(1, room, "over-tls", number(1), true))
+        .await;
+    assert!(matches!(reply(&mut publisher, 1).await, Ok(Some(_))));
+    sub.expect_events(room, &["over-tls".into()]).await;
+    let (status, connz) = http_get_at(
+        SocketAddr::from(([127, 0, 0, 1], nats.monitor_port)),
+        "/connz",
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(connz.contains(&conn_name("edge-tls")), "{connz}");
+    assert!(
+        connz.contains("\"tls_version\""),
+        "the node's connection is not TLS: {connz}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
