@@ -622,3 +622,104 @@ async fn a_nats_restart_loses_no_acknowledged_event_for_a_recovering_client() {
     assert_eq!(seen, acked);
     back.ping(1).await;
 }
+
+/// Kills a broker process when a test ends early.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Node B is a real `roomcast` process and is killed (SIGKILL: no Close, the socket just dies)
+/// while the Rust client is subscribed there and a publisher keeps publishing on node A. The
+/// client reconnects by itself to A (its second URL), recovers from the stream and delivers
+/// every acknowledged event exactly once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_of_a_killed_node_reconnects_elsewhere_and_misses_nothing() {
+    use roomcast_client::{Client, Recovery, SubscriptionItem};
+    const TOTAL: u64 = 100;
+    let nats = NatsServer::start("");
+    let a = start(node(&nats, "edge-a")).await;
+    until_ready(&a).await;
+    let mut b = std::process::Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--no-webtransport"])
+        .args(["--nats", &nats.url(), "--node-id", "edge-b"])
+        .env("ROOMCAST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("roomcast starts");
+    let stderr = b.stderr.take().unwrap();
+    let mut b = KillOnDrop(b);
+    let (found, address) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(rest) = line.split("listening: WebSocket ws://").nth(1) {
+                let _ = found.send(rest.split('/').next().unwrap().to_owned());
+            }
+        }
+    });
+    let b_addr: std::net::SocketAddr = address.recv_timeout(WAIT).unwrap().parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while http_get_at(b_addr, "/readyz").await.0 != 200 {
+        assert!(tokio::time::Instant::now() < deadline, "node B never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let room = "orders:killed";
+    let client = Client::builder()
+        .urls([format!("ws://{b_addr}/ws"), a.ws_url()])
+        .connect()
+        .await
+        .expect("the client connects to node B");
+    let mut sub = client.subscribe(room).await.unwrap();
+    let publisher = {
+        let url = a.ws_url();
+        tokio::spawn(async move {
+            let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let mut conn = RawConn { ws };
+            conn.send(ClientFrame::Hello {
+                version: 1,
+                token: None,
+            })
+            .await;
+            let _welcome = conn.frame().await;
+            let mut acked = Vec::new();
+            for n in 1..=TOTAL {
+                let seq = publish_acked(&mut conn, n, room, &format!("e{n}")).await;
+                acked.push((seq, format!("e{n}")));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            acked
+        })
+    };
+    let mut seen = Vec::new();
+    let mut resumed = Vec::new();
+    while seen.len() < TOTAL as usize {
+        let item = tokio::time::timeout(WAIT, sub.next_item())
+            .await
+            .expect("the subscription goes on")
+            .expect("the subscription is not closed");
+        match item {
+            SubscriptionItem::Event(e) => {
+                seen.push((e.seq, e.event.as_str().to_owned()));
+                if seen.len() == 20 {
+                    b.0.kill().unwrap(); // SIGKILL
+                    b.0.wait().unwrap();
+                }
+            }
+            SubscriptionItem::Resumed(r) => resumed.push(r.recovery),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let acked = publisher.await.unwrap();
+    assert_eq!(resumed, [Recovery::Recovered], "one reconnect, recovered");
+    assert_eq!(seen, acked, "lost, repeated or reordered across the kill");
+}

@@ -34,7 +34,8 @@ pub struct EventMessage {
     pub event: EventName,
     /// The payload: one CBOR item, as published.
     pub data: Payload,
-    /// The room's sequence number for this event; increases by one per event in the room.
+    /// The room's sequence number for this event: increases per event in the room (by one on
+    /// a single node; with gaps in cluster mode, where it is the room stream's sequence).
     pub seq: u64,
 }
 
