@@ -295,9 +295,13 @@ pub(crate) async fn open_subscriber(
         room: room.to_owned(),
     };
     ws.send(Message::Binary(subscribe.encode())).await?;
-    match next_frame(&mut ws).await? {
-        ServerFrame::Subscribed { .. } => Ok((ws, welcome)),
-        other => bail!("expected Subscribed, got {other:?}"),
+    loop {
+        match next_frame(&mut ws).await? {
+            // With a token the broker joins the session to its personal room first.
+            ServerFrame::Subscribed { id: 0, .. } => {}
+            ServerFrame::Subscribed { .. } => return Ok((ws, welcome)),
+            other => bail!("expected Subscribed, got {other:?}"),
+        }
     }
 }
 

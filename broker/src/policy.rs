@@ -1,6 +1,7 @@
 //! The security configuration file (`roomcast serve --config FILE`, TOML) and the namespace
 //! policy it holds: who may subscribe to and publish in the rooms of each namespace, which
-//! namespaces are volatile, how large their payloads may be.
+//! namespaces are volatile, how large their payloads may be; and the personal room of each
+//! user ([`personal_room`]).
 //!
 //! This module owns parsing, checking and printing that file and answering "may this session
 //! subscribe / publish here?". It does not verify tokens ([`crate::auth`]) nor count rates
@@ -34,7 +35,7 @@ use std::{
     sync::Arc,
 };
 
-use roomcast_protocol::{Code, RoomName, session::Refusal};
+use roomcast_protocol::{Code, NameError, RoomName, session::Refusal};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -42,10 +43,16 @@ use crate::{
     limits::LimitsConfig,
 };
 
-/// The namespace of personal rooms: `user:<sub>` may be subscribed to only by sessions whose
-/// token's `sub` is `<sub>`; publishing there needs a grant with `pub` (backends use the HTTP
-/// API).
+/// The namespace of personal rooms: every session whose token's `sub` is `<sub>` is in
+/// `user:<sub>` from its `Welcome` on ([`personal_room`]); nobody else may subscribe to it;
+/// publishing there needs a grant with `pub` (backends use the HTTP API).
 pub const USER_NAMESPACE: &str = "user";
+
+/// The personal room of user `sub`: `user:<sub>`, or why `sub` cannot name a room (a space,
+/// a character outside visible ASCII; a `sub` is at most 120 bytes, so never too long).
+pub fn personal_room(sub: &str) -> Result<RoomName, NameError> {
+    RoomName::new(&format!("{USER_NAMESPACE}:{sub}"))
+}
 
 /// Who may subscribe to a namespace's rooms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

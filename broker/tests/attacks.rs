@@ -135,15 +135,20 @@ fn small() -> Bytes {
     Payload::encode(&1u8).unwrap().as_bytes().clone()
 }
 
-/// WebSocket connect with a query token; completes Hello (no token).
+/// WebSocket connect with a query token; completes Hello (no token) and the personal room's
+/// `Subscribed` (id 0) that follows `Welcome`.
 async fn ws_open(server: &Server, token: &str) -> RawConn {
     let url = format!("{}?token={token}", server.ws_url());
     let (ws, _) = connect_async(url).await.expect("ws connect");
     let mut conn = RawConn { ws };
     conn.send(hello(None)).await;
     match conn.frame().await {
-        ServerFrame::Welcome(_) => conn,
+        ServerFrame::Welcome(_) => {}
         other => panic!("expected Welcome, got {other:?}"),
+    }
+    match conn.frame().await {
+        ServerFrame::Subscribed { id: 0, room, .. } if room.namespace() == "user" => conn,
+        other => panic!("expected the personal room's Subscribed, got {other:?}"),
     }
 }
 
@@ -657,12 +662,25 @@ async fn wt_hello(server: &Server, token: Option<String>) -> RawWt {
     conn
 }
 
+/// A WebTransport session with `token` in `Hello`, past `Welcome` and with its personal
+/// room's stream accepted (and kept).
 async fn wt_open(server: &Server, token: String) -> RawWt {
     let mut conn = wt_hello(server, Some(token)).await;
     match conn.control.frame().await {
-        ServerFrame::Welcome(_) => conn,
+        ServerFrame::Welcome(_) => {}
         other => panic!("expected Welcome, got {other:?}"),
     }
+    let recv = tokio::time::timeout(WAIT, conn.connection.accept_uni())
+        .await
+        .expect("personal room stream in time")
+        .expect("personal room stream");
+    let mut personal = FrameStream::new(recv);
+    match personal.frame().await {
+        ServerFrame::Subscribed { id: 0, room, .. } if room.namespace() == "user" => {}
+        other => panic!("expected the personal room's Subscribed, got {other:?}"),
+    }
+    conn.kept.push(personal);
+    conn
 }
 
 async fn wt_error(conn: &mut RawWt, id: u64, code: Code) {

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use roomcast_protocol::{
     ClientFrame, DecodeError, PayloadLimits, RoomName, ServerFrame,
     frame::{Event, Welcome},
+    session::BROKER_JOIN_ID,
 };
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -678,6 +679,12 @@ impl<T: Transport> Driver<T> {
                 buffer,
                 reply,
             }) => (room, buffer, reply),
+            // The broker joined the session to a room on its own (the user's personal room):
+            // its events are delivered once the application subscribes to it.
+            None if id == BROKER_JOIN_ID => {
+                tracing::debug!(%room, "the broker joined this session to a room");
+                return None;
+            }
             other => {
                 self.mismatch(id, "Subscribed", other);
                 return None;
