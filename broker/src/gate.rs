@@ -225,7 +225,8 @@ impl Gate for SessionGate {
             } => {
                 // The bucket first: refused publishes cost as much as accepted ones, so a
                 // session cannot spin on refusals.
-                self.limits.spend(Spend::Publish(data.len()))?;
+                self.limits
+                    .spend_publish(file.publish_scope(room), data.len())?;
                 file.may_publish(room, claims, subscribed, data.len())?;
                 file.check_schema(room, event.as_str(), data.as_bytes())
             }

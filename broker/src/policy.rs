@@ -4,8 +4,9 @@
 //! user ([`personal_room`]).
 //!
 //! This module owns parsing, checking and printing that file and answering "may this session
-//! subscribe / publish here?". It does not verify tokens ([`crate::auth`]) nor count rates
-//! ([`crate::limits`]), and it never touches sessions, sockets or the hub.
+//! subscribe / publish here?" and "whose publish buckets does a publish here draw from?". It
+//! does not verify tokens ([`crate::auth`]) nor count rates ([`crate::limits`]), and it never
+//! touches sessions, sockets or the hub.
 //!
 //! The file, every field optional:
 //!
@@ -26,6 +27,8 @@
 //! publish = "backend"          # anyone | subscribers | grant | backend
 //! volatile = false
 //! max_payload_bytes = 4096
+//! publish_per_second = 20      # own publish buckets per session (publish_burst,
+//!                              # publish_bytes_per_second, publish_bytes_burst likewise)
 //! ```
 
 use std::{
@@ -40,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     auth::{AuthConfig, Capability, Claims},
-    limits::LimitsConfig,
+    limits::{LimitsConfig, PublishRates, PublishScope},
 };
 
 /// The namespace of personal rooms: every session whose token's `sub` is `<sub>` is in
@@ -102,6 +105,22 @@ pub struct NamespacePolicy {
     /// are not checked. Parsed once when the file is loaded. Default none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub schemas: BTreeMap<String, String>,
+    /// Publishes per second a session may send into this namespace. Setting any of the four
+    /// `publish_*` fields gives the namespace its own buckets per session, used instead of the
+    /// `[limits]` ones for publishes into it; the fields not set take the `[limits]` value.
+    /// Default: not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_per_second: Option<u32>,
+    /// Publishes a session may send into this namespace at once. Default: not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_burst: Option<u32>,
+    /// Payload bytes per second a session may publish into this namespace. Default: not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_bytes_per_second: Option<u32>,
+    /// Payload bytes a session may publish into this namespace at once (larger publishes get
+    /// `payload_too_large`). Default: not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_bytes_burst: Option<u32>,
 }
 
 fn default_subscribe() -> SubscribeRule {
@@ -121,7 +140,47 @@ impl NamespacePolicy {
             volatile: false,
             max_payload_bytes: None,
             schemas: BTreeMap::new(),
+            publish_per_second: None,
+            publish_burst: None,
+            publish_bytes_per_second: None,
+            publish_bytes_burst: None,
         }
+    }
+
+    /// The namespace's own publish rates, when it sets any (the rest from `defaults`).
+    pub fn publish_rates(&self, defaults: &LimitsConfig) -> Option<PublishRates> {
+        let own = [
+            self.publish_per_second,
+            self.publish_burst,
+            self.publish_bytes_per_second,
+            self.publish_bytes_burst,
+        ];
+        if own.iter().all(Option::is_none) {
+            return None;
+        }
+        let d = defaults.publish_rates();
+        Some(PublishRates {
+            per_second: self.publish_per_second.unwrap_or(d.per_second),
+            burst: self.publish_burst.unwrap_or(d.burst),
+            bytes_per_second: self.publish_bytes_per_second.unwrap_or(d.bytes_per_second),
+            bytes_burst: self.publish_bytes_burst.unwrap_or(d.bytes_burst),
+        })
+    }
+
+    fn check(&self, name: &str) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("publish_per_second", self.publish_per_second),
+            ("publish_burst", self.publish_burst),
+            ("publish_bytes_per_second", self.publish_bytes_per_second),
+            ("publish_bytes_burst", self.publish_bytes_burst),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}.{field} must be at least 1"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -269,6 +328,12 @@ impl FileConfig {
                 )));
             }
         }
+        for (name, policy) in &self.namespaces {
+            policy.check(&format!("namespaces.{name}"))?;
+        }
+        if let Some(policy) = &self.default {
+            policy.check("default")?;
+        }
         self.limits.check().map_err(ConfigError::Invalid)?;
         self.auth.check().map_err(ConfigError::Invalid)?;
         Ok(())
@@ -327,6 +392,24 @@ impl FileConfig {
             .iter()
             .filter(|(_, p)| p.volatile)
             .map(|(name, _)| name.as_str())
+    }
+
+    /// The buckets a publish into `room` draws from: its namespace's own when its policy (or
+    /// the `[default]` policy covering it) sets publish rates, else the session's.
+    pub fn publish_scope(&self, room: &RoomName) -> PublishScope<'_> {
+        let namespace = room.namespace();
+        let (key, policy) = match self.namespaces.get_key_value(namespace) {
+            Some((name, policy)) => (Some(name.as_str()), policy),
+            None if namespace == USER_NAMESPACE => return PublishScope::Session,
+            None => match &self.default {
+                Some(policy) => (None, policy),
+                None => return PublishScope::Session,
+            },
+        };
+        match policy.publish_rates(&self.limits) {
+            Some(rates) => PublishScope::Namespace(key, rates),
+            None => PublishScope::Session,
+        }
     }
 
     /// The policy of `namespace`, if the configuration has one for it.
@@ -409,11 +492,29 @@ impl FileConfig {
     /// The effective configuration as TOML, with every default filled in (what
     /// `roomcast config check` prints).
     pub fn effective(&self) -> String {
+        // A namespace with its own publish rates shows all four, the inherited ones filled in.
+        let mut filled = self.clone();
+        let policies = filled
+            .namespaces
+            .values_mut()
+            .chain(filled.default.as_mut());
+        for policy in policies {
+            if let Some(rates) = policy.publish_rates(&self.limits) {
+                policy.publish_per_second = Some(rates.per_second);
+                policy.publish_burst = Some(rates.burst);
+                policy.publish_bytes_per_second = Some(rates.bytes_per_second);
+                policy.publish_bytes_burst = Some(rates.bytes_burst);
+            }
+        }
         let mut out = String::new();
         let _ = writeln!(
             out,
             "# effective configuration (every default filled in)\n{}",
-            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+            toml::to_string_pretty(&filled).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+        );
+        let _ = writeln!(
+            out,
+            "# namespaces without publish_* fields publish from the [limits] buckets of the session"
         );
         if self.default.is_none() {
             let _ = writeln!(
@@ -423,7 +524,8 @@ impl FileConfig {
         }
         let _ = writeln!(
             out,
-            "# user:<sub> rooms: subscribe only by the token's own sub; publish needs a pub grant"
+            "# user:<sub> rooms: every session of user <sub> is in its room from Welcome on; \
+             nobody else may subscribe; publish needs a pub grant"
         );
         out
     }
@@ -628,6 +730,100 @@ mod tests {
                 "[namespaces.a]\nschemas = { e = 'other = int' }\n",
                 "no rule named `payload`",
             ),
+        ] {
+            let err = FileConfig::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn namespaces_may_set_their_own_publish_rates() {
+        let config = FileConfig::parse(
+            r#"
+            [limits]
+            publish_per_second = 100
+            publish_burst = 200
+            publish_bytes_burst = 70000
+
+            [namespaces.chat]
+            publish_per_second = 2
+            publish_burst = 3
+
+            [namespaces.orders]
+
+            [default]
+            publish_bytes_per_second = 1000
+            "#,
+        )
+        .unwrap();
+        let chat = PublishRates {
+            per_second: 2,
+            burst: 3,
+            bytes_per_second: 64 << 20,
+            bytes_burst: 70000,
+        };
+        assert_eq!(
+            config.publish_scope(&room("chat:1")),
+            PublishScope::Namespace(Some("chat"), chat)
+        );
+        assert_eq!(
+            config.publish_scope(&room("orders:1")),
+            PublishScope::Session
+        );
+        assert_eq!(
+            config.publish_scope(&room("misc:1")),
+            PublishScope::Namespace(
+                None,
+                PublishRates {
+                    per_second: 100,
+                    burst: 200,
+                    bytes_per_second: 1000,
+                    bytes_burst: 70000,
+                }
+            )
+        );
+        assert_eq!(config.publish_scope(&room("user:a")), PublishScope::Session);
+        // `config check` shows all four rates of a namespace that sets any, inherited ones
+        // filled in, and none for the others.
+        let printed = config.effective();
+        let chat_table = printed
+            .split("[namespaces.chat]")
+            .nth(1)
+            .and_then(|t| t.split("\n[").next())
+            .unwrap();
+        for line in [
+            "publish_per_second = 2",
+            "publish_burst = 3",
+            "publish_bytes_per_second = 67108864",
+            "publish_bytes_burst = 70000",
+        ] {
+            assert!(chat_table.contains(line), "{line} in {chat_table}");
+        }
+        let orders_table = printed
+            .split("[namespaces.orders]")
+            .nth(1)
+            .and_then(|t| t.split("\n[").next())
+            .unwrap();
+        assert!(
+            !orders_table.contains("publish_per_second"),
+            "{orders_table}"
+        );
+        // The printout parses back to the same rates.
+        let again = FileConfig::parse(printed.as_str()).unwrap();
+        assert_eq!(
+            again.publish_scope(&room("chat:1")),
+            PublishScope::Namespace(Some("chat"), chat)
+        );
+        for (text, needle) in [
+            (
+                "[namespaces.chat]\npublish_burst = 0\n",
+                "namespaces.chat.publish_burst must be at least 1",
+            ),
+            (
+                "[default]\npublish_per_second = 0\n",
+                "default.publish_per_second must be at least 1",
+            ),
+            ("[namespaces.chat]\npublish_rate = 1\n", "unknown field"),
         ] {
             let err = FileConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -67,6 +67,11 @@ publish = "backend"
 [namespaces.gps]
 publish = "grant"
 volatile = true
+
+[namespaces.slow]
+publish = "grant"
+publish_per_second = 1
+publish_burst = 2
 "#
         ),
     )
@@ -1016,5 +1021,59 @@ async fn a_flood_of_invalid_requests_spends_the_error_budget() {
         }
     }
     assert_eq!(errors, 20);
+    bystander.still_works(&server).await;
+}
+
+#[tokio::test]
+async fn a_namespace_with_its_own_low_rate_limits_only_its_own_publishes() {
+    let server = broker().await;
+    let mut bystander = Bystander::new(&server).await;
+    let grants = [("slow:*", "pub"), ("watch:*", "pub")];
+    // Over WebSocket: two publishes into `slow` pass (its burst), the third is rate_limited
+    // with the namespace named; `watch` (the session's [limits] buckets, burst 5) still accepts.
+    let mut conn = ws_open(&server, &token(&spec("chatty", &grants))).await;
+    for id in 1..=2 {
+        conn.send(publish(id, "slow:1", small())).await;
+        assert!(matches!(conn.frame().await, ServerFrame::Ack { .. }));
+    }
+    conn.send(publish(3, "slow:1", small())).await;
+    match conn.frame().await {
+        ServerFrame::Error {
+            id: Some(3),
+            code: Code::RateLimited,
+            message,
+            retry_after_ms: Some(ms),
+        } => {
+            assert!(
+                message.starts_with("namespace slow: rate limited"),
+                "{message}"
+            );
+            assert!(ms > 0);
+        }
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+    for id in 4..=8 {
+        conn.send(publish(id, ROOM, small())).await;
+        assert!(
+            matches!(conn.frame().await, ServerFrame::Ack { id: got, .. } if got == id),
+            "watch accepts publish {id}"
+        );
+    }
+    conn.send(publish(9, "slow:2", small())).await;
+    conn.expect_error(Some(9), Code::RateLimited).await;
+    bystander.still_works(&server).await;
+    // Over WebTransport, on a fresh session (fresh buckets).
+    let mut wt = wt_open(&server, token(&spec("chatty", &grants))).await;
+    for id in 1..=2 {
+        wt.send(publish(id, "slow:1", small())).await;
+        assert!(matches!(wt.control.frame().await, ServerFrame::Ack { .. }));
+    }
+    wt.send(publish(3, "slow:1", small())).await;
+    wt_error(&mut wt, 3, Code::RateLimited).await;
+    wt.send(publish(4, ROOM, small())).await;
+    assert!(matches!(
+        wt.control.frame().await,
+        ServerFrame::Ack { id: 4, .. }
+    ));
     bystander.still_works(&server).await;
 }
