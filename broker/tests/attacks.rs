@@ -1077,3 +1077,44 @@ async fn a_namespace_with_its_own_low_rate_limits_only_its_own_publishes() {
     ));
     bystander.still_works(&server).await;
 }
+
+#[tokio::test]
+async fn schema_mismatch_names_the_failing_field() {
+    let server = broker().await;
+    let mut bystander = Bystander::new(&server).await;
+    let stolen = || ClientFrame::Publish {
+        key: None,
+        id: 1,
+        room: "orders:1042".into(),
+        event: "status".into(),
+        data: Payload::encode(&BTreeMap::from([("state", "stolen")]))
+            .unwrap()
+            .as_bytes()
+            .clone(),
+        ack: true,
+    };
+    let expected = r#"event status in orders:1042 does not match its schema: data.state: expected "shipped" / "pending", got "stolen""#;
+    let mut conn = ws_open(&server, &alice()).await;
+    conn.send(stolen()).await;
+    match conn.frame().await {
+        ServerFrame::Error {
+            id: Some(1),
+            code: Code::SchemaMismatch,
+            message,
+            ..
+        } => assert_eq!(message, expected),
+        other => panic!("expected schema_mismatch, got {other:?}"),
+    }
+    let mut wt = wt_open(&server, alice()).await;
+    wt.send(stolen()).await;
+    match wt.control.frame().await {
+        ServerFrame::Error {
+            id: Some(1),
+            code: Code::SchemaMismatch,
+            message,
+            ..
+        } => assert_eq!(message, expected),
+        other => panic!("expected schema_mismatch, got {other:?}"),
+    }
+    bystander.still_works(&server).await;
+}
