@@ -186,6 +186,10 @@ impl Client {
     /// Joins `room` and waits for `Subscribed` (or the broker's `Error`). The room name is
     /// checked by the broker, not locally. One live subscription per room and connection:
     /// a second one fails with [`Error::AlreadySubscribed`].
+    ///
+    /// With a token naming user U the broker has already joined the session to U's personal
+    /// room `user:U`; `subscribe("user:U")` hands its events to the application (answered at
+    /// once; events of the room before it are not kept).
     pub async fn subscribe(&self, room: &str) -> Result<Subscription, Error> {
         let id = self.next_id();
         let room = room.to_owned();
