@@ -17,6 +17,7 @@ use futures_util::{SinkExt, StreamExt};
 use roomcast_protocol::{
     ClientFrame, EventName, PROTOCOL_VERSION, Payload, PayloadLimits, RoomName, ServerFrame,
     frame::{Welcome, encode_event},
+    name::MAX_EVENT_LEN,
 };
 use serde_json::{Map, Value, json};
 use tokio::{
@@ -295,9 +296,13 @@ pub(crate) async fn open_subscriber(
         room: room.to_owned(),
     };
     ws.send(Message::Binary(subscribe.encode())).await?;
-    match next_frame(&mut ws).await? {
-        ServerFrame::Subscribed { .. } => Ok((ws, welcome)),
-        other => bail!("expected Subscribed, got {other:?}"),
+    loop {
+        match next_frame(&mut ws).await? {
+            // With a token the broker joins the session to its personal room first.
+            ServerFrame::Subscribed { id: 0, .. } => {}
+            ServerFrame::Subscribed { .. } => return Ok((ws, welcome)),
+            other => bail!("expected Subscribed, got {other:?}"),
+        }
     }
 }
 
@@ -540,6 +545,13 @@ pub(crate) struct EventLayout {
     content_at: usize,
     /// Offset of the seq value (after key 5).
     seq_at: usize,
+    /// Offset of the event name's bytes (after its text head), and the name: events of the
+    /// same room with another name (a flooding neighbour's, say) are not ours.
+    event_at: usize,
+    event: [u8; MAX_EVENT_LEN],
+    event_len: usize,
+    /// The frame type byte (after key 0), to tell events from other frames.
+    kind: u8,
 }
 
 impl EventLayout {
@@ -561,16 +573,42 @@ impl EventLayout {
         if frame[data_end] != 0x05 || frame[data_at..data_end] != payload[..] {
             bail!("unexpected Event layout");
         }
+        // The event name, as a text string of at most 23 bytes (one head byte), before the data.
+        let name = event.as_bytes();
+        if name.len() > 23 || frame.get(1) != Some(&0x00) {
+            bail!("unexpected Event layout");
+        }
+        let mut encoded = vec![0x60 | name.len() as u8];
+        encoded.extend_from_slice(name);
+        let event_at = frame[..data_at]
+            .windows(encoded.len())
+            .rposition(|w| w == encoded)
+            .context("unexpected Event layout")?
+            + 1;
+        let mut event_bytes = [0u8; MAX_EVENT_LEN];
+        event_bytes[..name.len()].copy_from_slice(name);
         Ok(EventLayout {
             content_at: data_at + head,
             seq_at,
+            event_at,
+            event: event_bytes,
+            event_len: name.len(),
+            kind: frame[2],
         })
     }
 
-    /// The seq of an `Event` frame of this layout.
+    /// Whether `frame` is an `Event` (of any room, event name and size).
+    pub(crate) fn is_event(&self, frame: &[u8]) -> bool {
+        frame.get(1) == Some(&0x00) && frame.get(2) == Some(&self.kind)
+    }
+
+    /// The seq of an `Event` frame of this layout (this event name and payload size).
     pub(crate) fn seq(&self, frame: &[u8]) -> Option<u64> {
         let tail = frame.get(self.seq_at..)?;
-        if frame.get(self.seq_at - 1) != Some(&0x05) {
+        if frame.get(self.seq_at - 1) != Some(&0x05)
+            || frame.get(self.event_at..self.event_at + self.event_len)
+                != Some(&self.event[..self.event_len])
+        {
             return None;
         }
         match ciborium_ll::Decoder::from(tail).pull() {
@@ -708,10 +746,20 @@ mod tests {
             );
             for seq in [1, 23, 24, 70_000, u64::MAX] {
                 let frame = encode_event(&r, &e, &p, seq, None);
+                assert!(layout.is_event(&frame));
                 assert_eq!(layout.seq(&frame), Some(seq));
                 assert_eq!(layout.stamp(&frame, 0), Some(42));
+                // Another event name of the same length and payload size: not ours.
+                let junk = EventName::new("junk").unwrap();
+                let other = encode_event(&r, &junk, &p, seq, None);
+                assert!(layout.is_event(&other));
+                assert_eq!(layout.seq(&other), None);
             }
         }
+        let layout = EventLayout::new("bench:x", "tick", &payload(100, 0)).unwrap();
+        let pong = ServerFrame::Pong { id: Some(1) }.encode();
+        assert!(!layout.is_event(&pong));
+        assert_eq!(layout.seq(&pong), None);
     }
 
     #[test]

@@ -211,6 +211,7 @@ async fn hold_wt(session: WtSubscriber, keepalive: Keepalive, first_node: bool, 
         mut control,
         mut control_recv,
         room: _room,
+        personal: _personal,
         connection: _connection,
         ..
     } = session;

@@ -215,6 +215,7 @@ async fn count_wt_events(
         mut control,
         control_recv: _control_recv,
         room,
+        personal: _personal,
         ..
     } = session;
     let (mut recv, mut splitter) = room.into_parts();

@@ -10,6 +10,10 @@
 //! deliveries counted from the due time are `lat_sched_ms`, and the publisher's lateness
 //! (write − due) is `send_lag_ms`. When the broker pushes back on the publisher, the second
 //! and third grow while the first may not.
+//!
+//! `--flooders N` adds flooding neighbours in the same room ([`crate::flood`]): the latency
+//! of the innocent subscribers with and without them is the cost of a flood that the
+//! broker's limits have to absorb.
 
 use std::{
     io::Write,
@@ -29,6 +33,7 @@ use crate::{
         CommonArgs, EventLayout, MaskKeys, PublishTemplate, RawFrames, Transport, into_tcp,
         min_payload, open_session, open_subscribers, payload, rss_bytes, wait_until_due,
     },
+    flood::{FloodStats, flooder},
     measure::{CpuMark, Summary, Ticker, due_ns, histogram, now_ns, push_resource_lines, round1},
     timed::{Deliveries, FROM_SCHEDULE, FROM_SEND, Keepalive, timed_reader},
 };
@@ -62,6 +67,16 @@ pub(crate) struct LatencyArgs {
     /// Subscriber handshakes in flight at once.
     #[arg(long, default_value_t = 100)]
     concurrency: usize,
+    /// Flooding neighbours: sessions that publish into the same room as fast as their
+    /// sockets take it (another event name, 16 B payloads, no ack), get rate_limited and
+    /// policy_violation from the broker's limits, and reconnect at once, all run long
+    /// (module `flood`). The subscribers time only the measured publisher's events.
+    #[arg(long, default_value_t = 0)]
+    flooders: usize,
+    /// Loopback source address of the flooders' connections (e.g. 127.0.0.2, so that
+    /// per-address caps tell them from the measured sessions on 127.0.0.1).
+    #[arg(long, value_name = "IP")]
+    flood_source: Option<std::net::Ipv4Addr>,
 }
 
 const ROOM: &str = "bench:latency";
@@ -177,6 +192,20 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         "[latency] {n} subscribers in {connect_s:.2} s; publishing {}/s",
         args.rate
     );
+    let flood = Arc::new(FloodStats::default());
+    let flood_stop = Arc::new(AtomicBool::new(false));
+    for _ in 0..args.flooders {
+        tokio::spawn(flooder(
+            nodes.publisher().to_owned(),
+            args.flood_source,
+            ROOM,
+            flood.clone(),
+            flood_stop.clone(),
+        ));
+    }
+    if args.flooders > 0 {
+        eprintln!("[latency] {} flooding neighbours started", args.flooders);
+    }
 
     let progress = |ticker: &mut Ticker, label: &str, delivered: u64| {
         let closed = deliveries.closed.load(Ordering::Relaxed);
@@ -203,6 +232,8 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
     let start = CpuMark::take(args.common.broker_pid);
     let published_0 = publisher.published.load(Ordering::Relaxed);
     let gaps_0 = deliveries.gaps.load(Ordering::Relaxed);
+    let foreign_0 = deliveries.foreign.load(Ordering::Relaxed);
+    let flood_0 = flood.snapshot();
     deliveries.phase.start_measuring();
     let measure_start = Instant::now();
     let end = Instant::now() + Duration::from_secs_f64(args.duration);
@@ -227,6 +258,9 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
     deliveries.phase.finish();
     publisher.stop.store(true, Ordering::Relaxed);
     let stop = CpuMark::take(args.common.broker_pid);
+    let flood_1 = flood.snapshot();
+    flood_stop.store(true, Ordering::Relaxed);
+    let foreign = deliveries.foreign.load(Ordering::Relaxed) - foreign_0;
 
     let elapsed = stop.secs_since(&start);
     let (broker_cpu, own_cpu) = stop.percent_since(&start);
@@ -256,6 +290,17 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
     table += &format!("  from schedule      {}\n", lat_sched.line());
     table += &format!("  publisher late by  {}\n", lag.line());
     table += &format!("  gaps / closed      {gaps} / {closed}\n");
+    if args.flooders > 0 {
+        table += &format!(
+            "  flooders           {}: {}\n",
+            args.flooders,
+            FloodStats::line(flood_0, flood_1, elapsed)
+        );
+        table += &format!(
+            "  flood delivered    {:.0} events/s per subscriber\n",
+            foreign as f64 / elapsed / n as f64
+        );
+    }
     push_resource_lines(&mut table, 19, broker_cpu, own_cpu, rss);
     let head = args.common.json_head("latency", &nodes);
     let figures = json!({
@@ -267,6 +312,9 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         "broker_cpu_pct": broker_cpu.map(round1), "broker_rss": rss,
         "broker_rss_max": args.common.broker_pid.map(|_| rss_max),
         "loadgen_cpu_pct": own_cpu.map(round1), "series": series,
+        "flooders": args.flooders,
+        "flood": (args.flooders > 0).then(|| FloodStats::json(flood_0, flood_1, elapsed)),
+        "flood_delivered_per_s_per_sub": (foreign as f64 / elapsed / n as f64).round(),
     });
     args.common.report(head, figures, &table);
     Ok(())

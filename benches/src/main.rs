@@ -20,6 +20,7 @@
 mod common;
 mod connections;
 mod fanout;
+mod flood;
 mod hol;
 mod latency;
 mod measure;

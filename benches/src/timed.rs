@@ -35,8 +35,11 @@ pub(crate) struct Deliveries {
     /// Events received, flushed here every 64 per subscriber (or 250 ms when quiet): for
     /// progress lines only (the histograms count the measured deliveries exactly).
     pub(crate) delivered: AtomicU64,
-    /// Events missed: jumps in a subscriber's seq.
+    /// Events missed: jumps in a subscriber's seq not explained by other events of the room.
     pub(crate) gaps: AtomicU64,
+    /// Events of the room with another event name or size (a flooding neighbour's), received
+    /// by all subscribers together; they do not count as deliveries.
+    pub(crate) foreign: AtomicU64,
     /// Subscriber sessions that ended before the run was done.
     pub(crate) closed: AtomicU64,
     /// Latencies in ns, [`FROM_SEND`] and [`FROM_SCHEDULE`], of deliveries received while
@@ -51,6 +54,7 @@ impl Deliveries {
             phase: Phase::default(),
             delivered: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
+            foreign: AtomicU64::new(0),
             closed: AtomicU64::new(0),
             latency: Shards::new(),
         }
@@ -111,16 +115,26 @@ pub(crate) async fn timed_reader(
     let mut unflushed = 0u64;
     let mut last_flush = 0u64;
     let mut next_seq: Option<u64> = None;
+    // Other events of the room since our last one: they hold the seqs in between.
+    let mut foreign_since = 0u64;
+    let mut foreign_total = 0u64;
     loop {
         let mut now = 0u64;
         let mut measuring = false;
         let mut gaps = 0u64;
         tokio::select! {
             open = frames.read(|frame| {
-                let Some(seq) = layout.seq(frame) else { return };
+                let Some(seq) = layout.seq(frame) else {
+                    if layout.is_event(frame) {
+                        foreign_since += 1;
+                        foreign_total += 1;
+                    }
+                    return;
+                };
                 if let Some(expected) = next_seq {
-                    gaps += seq.saturating_sub(expected);
+                    gaps += seq.saturating_sub(expected).saturating_sub(foreign_since);
                 }
+                foreign_since = 0;
                 next_seq = Some(seq + 1);
                 unflushed += 1;
                 if now == 0 {
@@ -156,6 +170,10 @@ pub(crate) async fn timed_reader(
         }
         if gaps > 0 {
             shared.gaps.fetch_add(gaps, Ordering::Relaxed);
+        }
+        if foreign_total > 0 {
+            shared.foreign.fetch_add(foreign_total, Ordering::Relaxed);
+            foreign_total = 0;
         }
         // Every 64 events, or every 250 ms for quiet subscribers (now is 0 without events).
         if unflushed >= 64 || (unflushed > 0 && now > last_flush + 250_000_000) {

@@ -227,6 +227,8 @@ pub(crate) struct WtSubscriber {
     pub(crate) control: SendStream,
     pub(crate) control_recv: FrameReader,
     pub(crate) room: FrameReader,
+    /// The personal room's stream, when the session has a user (kept, not read).
+    pub(crate) personal: Option<FrameReader>,
     pub(crate) welcome: Welcome,
 }
 
@@ -272,20 +274,29 @@ impl WtDialer {
             room: room.to_owned(),
         };
         send_frame(&mut control, &subscribe).await?;
-        let recv = tokio::time::timeout(STEP_TIMEOUT, connection.accept_uni())
-            .await
-            .context("no room stream in time")?
-            .context("room stream")?;
-        let mut room_stream = FrameReader::new(recv);
-        match room_stream.next().await? {
-            ServerFrame::Subscribed { .. } => Ok(WtSubscriber {
-                connection,
-                control,
-                control_recv,
-                room: room_stream,
-                welcome,
-            }),
-            other => bail!("expected Subscribed on the room stream, got {other:?}"),
+        let mut personal = None;
+        loop {
+            let recv = tokio::time::timeout(STEP_TIMEOUT, connection.accept_uni())
+                .await
+                .context("no room stream in time")?
+                .context("room stream")?;
+            let mut room_stream = FrameReader::new(recv);
+            match room_stream.next().await? {
+                // With a token the broker joins the session to its personal room first; its
+                // stream is kept open (a stopped stream would end the session).
+                ServerFrame::Subscribed { id: 0, .. } => personal = Some(room_stream),
+                ServerFrame::Subscribed { .. } => {
+                    return Ok(WtSubscriber {
+                        connection,
+                        control,
+                        control_recv,
+                        room: room_stream,
+                        personal,
+                        welcome,
+                    });
+                }
+                other => bail!("expected Subscribed on the room stream, got {other:?}"),
+            }
         }
     }
 }

@@ -2,8 +2,9 @@
 //! upgrade requests and WebTransport session requests alike. It sees the path, the query, the
 //! `Origin`, the `Authorization` header and the peer address, and decides with nothing
 //! allocated yet: endpoint path, draining, origin allow-list, connection caps (global, per IP)
-//! and the token when the request carries one (query `token` or `Authorization: Bearer`).
-//! A token sent only in `Hello` is checked by the session's gate when `Hello` arrives.
+//! and the token when the request carries one (query `token` or `Authorization: Bearer`;
+//! ignored when auth is off, see [`crate::auth::Verifier::check`]). A token sent only in
+//! `Hello` is checked by the session's gate when `Hello` arrives.
 
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
@@ -148,17 +149,16 @@ pub fn admit(shared: &Shared, request: &SessionRequest<'_>) -> Result<Admitted, 
     .map_err(|busy| Refusal::Busy {
         retry_after: busy.retry_after(),
     })?;
+    // Without keys (auth off) a token is ignored rather than refused.
     let claims = match request.token() {
         Some(token) => {
-            Some(
-                security
-                    .verifier
-                    .verify(token)
-                    .map_err(|e| Refusal::Unauthorized {
-                        code: e.code,
-                        message: e.message,
-                    })?,
-            )
+            security
+                .verifier
+                .check(token, "request")
+                .map_err(|e| Refusal::Unauthorized {
+                    code: e.code,
+                    message: e.message,
+                })?
         }
         None => None,
     };
@@ -179,11 +179,8 @@ mod tests {
         let wt = SessionRequest::new("wt", "/wt?token=abc", Some("https://app.example"));
         assert_eq!(wt.query, Some("token=abc"));
         assert_eq!(wt.token(), Some("abc"));
-        // The embedded default has no keys: a token in the request is refused.
-        assert!(matches!(
-            admit(&shared, &wt),
-            Err(Refusal::Unauthorized { .. })
-        ));
+        // The embedded default has no keys (auth off): a token in the request is ignored.
+        assert!(admit(&shared, &wt).is_ok_and(|a| a.claims.is_none()));
         assert_eq!(
             admit(&shared, &SessionRequest::new("wt", "/ws", None)).unwrap_err(),
             Refusal::NotFound

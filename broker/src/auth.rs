@@ -9,6 +9,9 @@
 //! Only HS256, RS256, ES256 and EdDSA are accepted, each key bound to one algorithm, so a token
 //! is only ever checked with a key of the algorithm its header names (no RSA public key used
 //! as an HMAC secret, no `none`).
+//!
+//! A broker without keys has auth off: [`Verifier::check`] ignores every token (logged at
+//! debug), so clients that always send one work against a development broker too.
 
 use std::{
     collections::BTreeMap,
@@ -76,7 +79,8 @@ pub struct AuthConfig {
     /// sessions without a token see only namespaces whose rules say `anyone`.
     #[serde(default)]
     pub required: bool,
-    /// Verification keys. Default none (tokens are then refused).
+    /// Verification keys. Default none: auth is off and tokens clients send are ignored
+    /// (logged at debug), since there is nothing to verify them with.
     #[serde(default)]
     pub keys: Vec<KeyConfig>,
     /// Accepted `aud` values; when set, tokens must carry one of them. Default: not checked.
@@ -337,7 +341,7 @@ impl Verifier {
         })
     }
 
-    /// A verifier without keys: every token is refused, no token is required.
+    /// A verifier without keys (auth off): tokens are ignored, none is required.
     pub fn none() -> Self {
         Verifier {
             keys: Vec::new(),
@@ -356,6 +360,23 @@ impl Verifier {
             None => true,
             Some(origin) => self.origins.is_empty() || self.origins.iter().any(|o| o == origin),
         }
+    }
+
+    /// Whether auth is on: at least one key is configured. Without keys there is nothing to
+    /// verify a token with, and [`Self::check`] ignores tokens.
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// The claims of a token a client presented (in the session request, `Hello` or
+    /// `Refresh`; `source` names it in the log): verified when auth is on, ignored (`None`,
+    /// logged at debug) when the broker has no keys.
+    pub fn check(&self, token: &str, source: &str) -> Result<Option<Arc<Claims>>, AuthError> {
+        if self.enabled() {
+            return self.verify(token).map(Some);
+        }
+        tracing::debug!(source, "auth is off (no keys): ignoring the token");
+        Ok(None)
     }
 
     /// Verifies `token`: signature with a key of the header's algorithm (and `kid`), `exp`,

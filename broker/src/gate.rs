@@ -3,7 +3,8 @@
 //!
 //! A gate holds its session's claims (from the session request or `Hello`), its rate buckets
 //! and its session slot. It judges each validated request the protocol state machine shows it
-//! and owns nothing else: no I/O, no hub, no queue.
+//! and names the session's personal room ([`SessionGate::personal_room`]); it owns nothing
+//! else: no I/O, no hub, no queue.
 
 use std::{
     path::Path,
@@ -12,14 +13,15 @@ use std::{
 };
 
 use roomcast_protocol::{
-    Code,
+    Code, RoomName,
     session::{Gate, Refusal, Request},
 };
+use tracing::info;
 
 use crate::{
     auth::{Claims, Verifier},
     limits::{ConnectionLimits, LimitsConfig, SessionLimits, SessionPermit, Spend},
-    policy::FileConfig,
+    policy::{FileConfig, personal_room},
 };
 
 /// Everything the security checks share: loaded once at start.
@@ -102,6 +104,24 @@ impl SessionGate {
         self.claims.as_ref().map(|c| c.expires_at())
     }
 
+    /// The personal room `user:<sub>` of the session's user, which the session joins right
+    /// after `Welcome`; `None` for a session without a user, and for a `sub` that cannot name
+    /// a room (logged: the user then has no personal room).
+    pub fn personal_room(&self) -> Option<RoomName> {
+        let sub = &self.claims.as_ref()?.sub;
+        match personal_room(sub) {
+            Ok(room) => Some(room),
+            Err(e) => {
+                info!(
+                    sub = ?sub,
+                    error = %e,
+                    "no personal room: the token's sub is not valid in a room name"
+                );
+                None
+            }
+        }
+    }
+
     /// Whether the expiry changed (a token arrived with `Hello` or `Refresh`) since the last
     /// call.
     pub fn take_expiry_changed(&mut self) -> bool {
@@ -130,13 +150,16 @@ impl SessionGate {
     }
 
     /// Verifies `token` and makes its claims the session's; a session that has a user keeps
-    /// it (`what` names the frame in the refusal).
+    /// it (`what` names the frame in the refusal). With auth off the token is ignored.
     fn adopt(&mut self, token: &str, what: &str) -> Result<(), Refusal> {
-        let claims = self
+        let Some(claims) = self
             .security
             .verifier
-            .verify(token)
-            .map_err(|e| Refusal::new(e.code, e.message))?;
+            .check(token, what)
+            .map_err(|e| Refusal::new(e.code, e.message))?
+        else {
+            return Ok(());
+        };
         if let Some(earlier) = &self.claims {
             if earlier.sub != claims.sub {
                 return Err(Refusal::new(
@@ -202,7 +225,8 @@ impl Gate for SessionGate {
             } => {
                 // The bucket first: refused publishes cost as much as accepted ones, so a
                 // session cannot spin on refusals.
-                self.limits.spend(Spend::Publish(data.len()))?;
+                self.limits
+                    .spend_publish(file.publish_scope(room), data.len())?;
                 file.may_publish(room, claims, subscribed, data.len())?;
                 file.check_schema(room, event.as_str(), data.as_bytes())
             }
@@ -256,6 +280,52 @@ mod tests {
             .check(Request::Hello { token: None }, Instant::now())
             .unwrap_err();
         assert_eq!(refusal.code, Code::Unauthorized);
+    }
+
+    #[test]
+    fn without_keys_tokens_are_ignored_not_refused() {
+        let mut gate = SessionGate::new(Arc::new(Security::open()), None, None);
+        let now = Instant::now();
+        assert_eq!(
+            gate.check(
+                Request::Hello {
+                    token: Some("x.y.z")
+                },
+                now
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            gate.check(Request::Refresh { token: "garbage" }, now),
+            Ok(())
+        );
+        assert_eq!(gate.expires_at(), None);
+        assert_eq!(gate.personal_room(), None);
+    }
+
+    #[test]
+    fn the_personal_room_is_named_after_the_sub_when_it_can_be() {
+        let security = Arc::new(Security::open());
+        let gate = |sub: &str| {
+            SessionGate::new(
+                security.clone(),
+                Some(Arc::new(Claims::for_test(sub, &[]))),
+                None,
+            )
+        };
+        assert_eq!(
+            gate("alice").personal_room().map(|r| r.as_str().to_owned()),
+            Some("user:alice".to_owned())
+        );
+        assert_eq!(
+            gate("a:b@c.example")
+                .personal_room()
+                .map(|r| r.as_str().to_owned()),
+            Some("user:a:b@c.example".to_owned())
+        );
+        assert_eq!(gate("Jane Doe").personal_room(), None);
+        assert_eq!(gate("josé").personal_room(), None);
+        assert_eq!(SessionGate::new(security, None, None).personal_room(), None);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Modules, each owning one thing: [`admission`] (judging session requests before anything
 //! is allocated), [`auth`] (token verification), [`policy`] (the `--config` file and namespace
-//! rules), [`limits`] (rate limits and connection caps), [`gate`] (each session's judge of
+//! rules), [`schema`] (CDDL payload schemas and the path of a mismatch), [`limits`] (rate
+//! limits and connection caps), [`gate`] (each session's judge of
 //! requests), [`transport`] (session I/O over WebSocket and
 //! WebTransport), [`certs`] (TLS identities for QUIC), [`session`]
 //! (drives the protocol state machine, owns the outbound queue), [`outbox`] (the bounded
@@ -25,6 +26,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;
+pub mod schema;
 pub mod server;
 mod session;
 pub mod transport;

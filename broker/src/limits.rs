@@ -1,12 +1,16 @@
 //! Rate limits and caps: per-session token buckets (publishes, publish bytes, subscribe
 //! operations, datagrams, and the error budget that turns repeated violations into a close),
-//! per-IP connection rate and concurrency, and the global session cap.
+//! per-namespace publish buckets for namespaces whose policy sets its own publish rates
+//! ([`PublishRates`], [`PublishScope`]), per-IP connection rate and concurrency, and the
+//! global session cap.
 //!
 //! Buckets are governor's GCRA limiters; nothing here hand-rolls one. This module owns the
 //! `[limits]` section of the configuration file and the counters; it decides nothing about
-//! rooms or tokens and never touches sockets. Memory: a session's limiters are created on first
-//! use (a few dozen bytes each); the per-IP maps hold an entry only per address with a live
-//! session or a recent connection attempt, are pruned as they grow, and are capped.
+//! rooms or tokens (which namespace's rates apply is [`crate::policy`]'s answer) and never
+//! touches sockets. Memory: a session's limiters are created on first use (a few dozen bytes
+//! each; at most one pair per configured namespace); the per-IP maps hold an entry only per
+//! address with a live session or a recent connection attempt, are pruned as they grow, and
+//! are capped.
 
 use std::{
     collections::HashMap,
@@ -122,6 +126,16 @@ impl LimitsConfig {
         Ok(())
     }
 
+    /// The session-wide publish rates.
+    pub fn publish_rates(&self) -> PublishRates {
+        PublishRates {
+            per_second: self.publish_per_second,
+            burst: self.publish_burst,
+            bytes_per_second: self.publish_bytes_per_second,
+            bytes_burst: self.publish_bytes_burst,
+        }
+    }
+
     fn quota(rate: u32, burst: u32) -> Quota {
         // Checked non-zero at load; `max(1)` keeps a hand-built config from panicking.
         Quota::per_second(NonZeroU32::MIN.saturating_add(rate.saturating_sub(1)))
@@ -137,6 +151,30 @@ impl LimitsConfig {
     }
 }
 
+/// The four publish limits of one bucket pair: messages and payload bytes, each a rate per
+/// second and a burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishRates {
+    /// Publishes per second (sustained).
+    pub per_second: u32,
+    /// Publishes at once.
+    pub burst: u32,
+    /// Payload bytes per second.
+    pub bytes_per_second: u32,
+    /// Payload bytes at once.
+    pub bytes_burst: u32,
+}
+
+/// Which buckets a publish draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishScope<'a> {
+    /// The session's `[limits]` buckets.
+    Session,
+    /// The buckets of a namespace whose policy sets its own publish rates (`None`: the
+    /// `[default]` policy's, shared by every namespace it covers), instead of the session's.
+    Namespace(Option<&'a str>, PublishRates),
+}
+
 type NoOp = NoOpMiddleware<std::time::Instant>;
 type Direct = RateLimiter<NotKeyed, InMemoryState, MonotonicClock, NoOp>;
 
@@ -144,12 +182,69 @@ fn direct(quota: Quota) -> Direct {
     RateLimiter::direct_with_clock(quota, MonotonicClock)
 }
 
+/// A publish bucket pair: messages, and payload bytes (made on the first non-empty publish).
+#[derive(Debug)]
+struct PublishBuckets {
+    rates: PublishRates,
+    publish: Direct,
+    bytes: Option<Direct>,
+}
+
+impl PublishBuckets {
+    fn new(rates: PublishRates) -> Self {
+        PublishBuckets {
+            rates,
+            publish: direct(LimitsConfig::quota(rates.per_second, rates.burst)),
+            bytes: None,
+        }
+    }
+
+    /// Takes one publish of `bytes` payload bytes (`scope` names the namespace in refusals).
+    fn spend(&mut self, bytes: usize, scope: Option<&str>) -> Result<(), Refusal> {
+        let clock = MonotonicClock;
+        let rates = self.rates;
+        let limited = |wait: Duration| {
+            let refusal = retry_after(wait);
+            match scope {
+                Some(namespace) => Refusal {
+                    message: format!("namespace {namespace}: {}", refusal.message),
+                    ..refusal
+                },
+                None => refusal,
+            }
+        };
+        if let Err(not_until) = self.publish.check() {
+            return Err(limited(not_until.wait_time_from(clock.now())));
+        }
+        let Some(n) = u32::try_from(bytes).ok().and_then(NonZeroU32::new) else {
+            return if bytes == 0 {
+                Ok(())
+            } else {
+                Err(too_large(bytes, rates.bytes_burst))
+            };
+        };
+        let limiter = self.bytes.get_or_insert_with(|| {
+            direct(LimitsConfig::quota(
+                rates.bytes_per_second,
+                rates.bytes_burst,
+            ))
+        });
+        match limiter.check_n(n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(limited(not_until.wait_time_from(clock.now()))),
+            Err(_) => Err(too_large(bytes, rates.bytes_burst)),
+        }
+    }
+}
+
 /// What a session may spend; one per session, each bucket made on first use.
 #[derive(Debug)]
 pub struct SessionLimits {
     config: Arc<LimitsConfig>,
-    publish: Option<Direct>,
-    bytes: Option<Direct>,
+    publish: Option<PublishBuckets>,
+    /// Publish buckets of namespaces with their own rates, by namespace (`None`: the
+    /// `[default]` policy's); at most one per configured namespace.
+    namespaces: Vec<(Option<Box<str>>, PublishBuckets)>,
     subscribe: Option<Direct>,
     datagrams: Option<Direct>,
     errors: Option<Direct>,
@@ -158,7 +253,8 @@ pub struct SessionLimits {
 /// Which bucket a request draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spend {
-    /// One publish of this many payload bytes.
+    /// One publish of this many payload bytes, from the session's buckets (see
+    /// [`SessionLimits::spend_publish`] for a namespace's own).
     Publish(usize),
     /// One subscribe or unsubscribe.
     Subscribe,
@@ -181,11 +277,46 @@ impl SessionLimits {
         SessionLimits {
             config,
             publish: None,
-            bytes: None,
+            namespaces: Vec::new(),
             subscribe: None,
             datagrams: None,
             errors: None,
         }
+    }
+
+    /// Takes one publish of `bytes` payload bytes from the buckets of `scope`, or refuses
+    /// like [`Self::spend`].
+    pub fn spend_publish(&mut self, scope: PublishScope<'_>, bytes: usize) -> Result<(), Refusal> {
+        let refused = match scope {
+            PublishScope::Session => {
+                let config = &self.config;
+                self.publish
+                    .get_or_insert_with(|| PublishBuckets::new(config.publish_rates()))
+                    .spend(bytes, None)
+            }
+            PublishScope::Namespace(namespace, rates) => {
+                let at = match self
+                    .namespaces
+                    .iter()
+                    .position(|(key, _)| key.as_deref() == namespace)
+                {
+                    Some(at) => at,
+                    None => {
+                        self.namespaces
+                            .push((namespace.map(Box::from), PublishBuckets::new(rates)));
+                        self.namespaces.len() - 1
+                    }
+                };
+                self.namespaces[at]
+                    .1
+                    .spend(bytes, Some(namespace.unwrap_or("(default)")))
+            }
+        };
+        let Err(refusal) = refused else {
+            return Ok(());
+        };
+        self.charge_error()?;
+        Err(refusal)
     }
 
     /// Takes what `spend` costs, or refuses with `rate_limited` (and the time to wait); a
@@ -221,32 +352,10 @@ impl SessionLimits {
         let c = &self.config;
         let clock = MonotonicClock;
         match spend {
-            Spend::Publish(bytes) => {
-                let publish = self.publish.get_or_insert_with(|| {
-                    direct(LimitsConfig::quota(c.publish_per_second, c.publish_burst))
-                });
-                if let Err(not_until) = publish.check() {
-                    return Err(retry_after(not_until.wait_time_from(clock.now())));
-                }
-                let Some(n) = u32::try_from(bytes).ok().and_then(NonZeroU32::new) else {
-                    return if bytes == 0 {
-                        Ok(())
-                    } else {
-                        Err(too_large(bytes, c.publish_bytes_burst))
-                    };
-                };
-                let limiter = self.bytes.get_or_insert_with(|| {
-                    direct(LimitsConfig::quota(
-                        c.publish_bytes_per_second,
-                        c.publish_bytes_burst,
-                    ))
-                });
-                match limiter.check_n(n) {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(not_until)) => Err(retry_after(not_until.wait_time_from(clock.now()))),
-                    Err(_) => Err(too_large(bytes, c.publish_bytes_burst)),
-                }
-            }
+            Spend::Publish(bytes) => self
+                .publish
+                .get_or_insert_with(|| PublishBuckets::new(c.publish_rates()))
+                .spend(bytes, None),
             Spend::Subscribe => {
                 let limiter = self.subscribe.get_or_insert_with(|| {
                     direct(LimitsConfig::quota(
@@ -498,6 +607,68 @@ mod tests {
             limits.spend(Spend::Subscribe).unwrap_err().code,
             Code::RateLimited
         );
+    }
+
+    #[test]
+    fn namespaces_with_their_own_rates_have_their_own_buckets() {
+        let mut limits = SessionLimits::new(config(|c| {
+            c.publish_per_second = 1;
+            c.publish_burst = 2;
+            c.error_budget = 100;
+        }));
+        let slow = PublishRates {
+            per_second: 1,
+            burst: 1,
+            bytes_per_second: 1000,
+            bytes_burst: 1000,
+        };
+        let fast = PublishRates {
+            per_second: 100,
+            burst: 100,
+            ..slow
+        };
+        let chat = PublishScope::Namespace(Some("chat"), slow);
+        assert_eq!(limits.spend_publish(chat, 10), Ok(()));
+        let refusal = limits.spend_publish(chat, 10).unwrap_err();
+        assert_eq!(refusal.code, Code::RateLimited);
+        assert!(
+            refusal.message.starts_with("namespace chat: rate limited"),
+            "{}",
+            refusal.message
+        );
+        // Another namespace and the session's own buckets are untouched.
+        for _ in 0..10 {
+            assert_eq!(
+                limits.spend_publish(PublishScope::Namespace(Some("gps"), fast), 10),
+                Ok(())
+            );
+        }
+        assert_eq!(limits.spend_publish(PublishScope::Session, 10), Ok(()));
+        assert_eq!(limits.spend(Spend::Publish(10)), Ok(()));
+        assert_eq!(
+            limits.spend(Spend::Publish(10)).unwrap_err().code,
+            Code::RateLimited
+        );
+        // The [default] policy's buckets are shared by every namespace it covers.
+        let default = PublishScope::Namespace(None, slow);
+        assert_eq!(limits.spend_publish(default, 1), Ok(()));
+        assert_eq!(
+            limits.spend_publish(default, 1).unwrap_err().code,
+            Code::RateLimited
+        );
+        // A namespace's bytes burst caps its payloads.
+        let tiny = PublishScope::Namespace(
+            Some("tiny"),
+            PublishRates {
+                bytes_burst: 5,
+                ..fast
+            },
+        );
+        assert_eq!(
+            limits.spend_publish(tiny, 6).unwrap_err().code,
+            Code::PayloadTooLarge
+        );
+        assert_eq!(limits.namespaces.len(), 4);
     }
 
     #[test]

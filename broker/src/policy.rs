@@ -1,10 +1,12 @@
 //! The security configuration file (`roomcast serve --config FILE`, TOML) and the namespace
 //! policy it holds: who may subscribe to and publish in the rooms of each namespace, which
-//! namespaces are volatile, how large their payloads may be.
+//! namespaces are volatile, how large their payloads may be; and the personal room of each
+//! user ([`personal_room`]).
 //!
 //! This module owns parsing, checking and printing that file and answering "may this session
-//! subscribe / publish here?". It does not verify tokens ([`crate::auth`]) nor count rates
-//! ([`crate::limits`]), and it never touches sessions, sockets or the hub.
+//! subscribe / publish here?" and "whose publish buckets does a publish here draw from?". It
+//! does not verify tokens ([`crate::auth`]) nor count rates ([`crate::limits`]), and it never
+//! touches sessions, sockets or the hub.
 //!
 //! The file, every field optional:
 //!
@@ -25,27 +27,35 @@
 //! publish = "backend"          # anyone | subscribers | grant | backend
 //! volatile = false
 //! max_payload_bytes = 4096
+//! publish_per_second = 20      # own publish buckets per session (publish_burst,
+//!                              # publish_bytes_per_second, publish_bytes_burst likewise)
 //! ```
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
-use roomcast_protocol::{Code, RoomName, session::Refusal};
+use roomcast_protocol::{Code, NameError, RoomName, session::Refusal};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     auth::{AuthConfig, Capability, Claims},
-    limits::LimitsConfig,
+    limits::{LimitsConfig, PublishRates, PublishScope},
+    schema::Schema,
 };
 
-/// The namespace of personal rooms: `user:<sub>` may be subscribed to only by sessions whose
-/// token's `sub` is `<sub>`; publishing there needs a grant with `pub` (backends use the HTTP
-/// API).
+/// The namespace of personal rooms: every session whose token's `sub` is `<sub>` is in
+/// `user:<sub>` from its `Welcome` on ([`personal_room`]); nobody else may subscribe to it;
+/// publishing there needs a grant with `pub` (backends use the HTTP API).
 pub const USER_NAMESPACE: &str = "user";
+
+/// The personal room of user `sub`: `user:<sub>`, or why `sub` cannot name a room (a space,
+/// a character outside visible ASCII; a `sub` is at most 120 bytes, so never too long).
+pub fn personal_room(sub: &str) -> Result<RoomName, NameError> {
+    RoomName::new(&format!("{USER_NAMESPACE}:{sub}"))
+}
 
 /// Who may subscribe to a namespace's rooms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +118,22 @@ pub struct NamespacePolicy {
     /// `--dedup-window`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_window_secs: Option<u64>,
+    /// Publishes per second a session may send into this namespace. Setting any of the four
+    /// `publish_*` fields gives the namespace its own buckets per session, used instead of the
+    /// `[limits]` ones for publishes into it; the fields not set take the `[limits]` value.
+    /// Default: not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_per_second: Option<u32>,
+    /// Publishes a session may send into this namespace at once. Default: not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_burst: Option<u32>,
+    /// Payload bytes per second a session may publish into this namespace. Default: not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_bytes_per_second: Option<u32>,
+    /// Payload bytes a session may publish into this namespace at once (larger publishes get
+    /// `payload_too_large`). Default: not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_bytes_burst: Option<u32>,
 }
 
 fn default_subscribe() -> SubscribeRule {
@@ -131,43 +157,47 @@ impl NamespacePolicy {
             history_bytes: None,
             history_ttl_secs: None,
             dedup_window_secs: None,
+            publish_per_second: None,
+            publish_burst: None,
+            publish_bytes_per_second: None,
+            publish_bytes_burst: None,
         }
     }
-}
 
-/// The rule of a schema document that payloads must match.
-pub const SCHEMA_RULE: &str = "payload";
-
-/// One parsed schema.
-#[derive(Clone)]
-struct Schema(Arc<cddl_cat::context::BasicContext>);
-
-impl std::fmt::Debug for Schema {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Schema")
-    }
-}
-
-impl Schema {
-    fn parse(text: &str) -> Result<Self, String> {
-        let rules = cddl_cat::flatten::flatten_from_str(text).map_err(|e| e.to_string())?;
-        if !rules.contains_key(SCHEMA_RULE) {
-            return Err(format!("no rule named `{SCHEMA_RULE}`"));
+    /// The namespace's own publish rates, when it sets any (the rest from `defaults`).
+    pub fn publish_rates(&self, defaults: &LimitsConfig) -> Option<PublishRates> {
+        let own = [
+            self.publish_per_second,
+            self.publish_burst,
+            self.publish_bytes_per_second,
+            self.publish_bytes_burst,
+        ];
+        if own.iter().all(Option::is_none) {
+            return None;
         }
-        Ok(Schema(Arc::new(cddl_cat::context::BasicContext::new(
-            rules,
-        ))))
+        let d = defaults.publish_rates();
+        Some(PublishRates {
+            per_second: self.publish_per_second.unwrap_or(d.per_second),
+            burst: self.publish_burst.unwrap_or(d.burst),
+            bytes_per_second: self.publish_bytes_per_second.unwrap_or(d.bytes_per_second),
+            bytes_burst: self.publish_bytes_burst.unwrap_or(d.bytes_burst),
+        })
     }
 
-    fn validate(&self, data: &[u8]) -> Result<(), String> {
-        let value: ciborium::Value =
-            ciborium::from_reader(data).map_err(|e| format!("not CBOR: {e}"))?;
-        let context = &*self.0;
-        let rule = context
-            .rules
-            .get(SCHEMA_RULE)
-            .ok_or_else(|| format!("no rule {SCHEMA_RULE}"))?;
-        cddl_cat::validate_cbor(rule, &value, context).map_err(|e| e.to_string())
+    fn check(&self, name: &str) -> Result<(), ConfigError> {
+        for (field, value) in [
+            ("publish_per_second", self.publish_per_second),
+            ("publish_burst", self.publish_burst),
+            ("publish_bytes_per_second", self.publish_bytes_per_second),
+            ("publish_bytes_burst", self.publish_bytes_burst),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}.{field} must be at least 1"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -279,6 +309,12 @@ impl FileConfig {
                 )));
             }
         }
+        for (name, policy) in &self.namespaces {
+            policy.check(&format!("namespaces.{name}"))?;
+        }
+        if let Some(policy) = &self.default {
+            policy.check("default")?;
+        }
         self.limits.check().map_err(ConfigError::Invalid)?;
         self.auth.check().map_err(ConfigError::Invalid)?;
         Ok(())
@@ -342,6 +378,24 @@ impl FileConfig {
             .iter()
             .filter(|(_, p)| p.volatile)
             .map(|(name, _)| name.as_str())
+    }
+
+    /// The buckets a publish into `room` draws from: its namespace's own when its policy (or
+    /// the `[default]` policy covering it) sets publish rates, else the session's.
+    pub fn publish_scope(&self, room: &RoomName) -> PublishScope<'_> {
+        let namespace = room.namespace();
+        let (key, policy) = match self.namespaces.get_key_value(namespace) {
+            Some((name, policy)) => (Some(name.as_str()), policy),
+            None if namespace == USER_NAMESPACE => return PublishScope::Session,
+            None => match &self.default {
+                Some(policy) => (None, policy),
+                None => return PublishScope::Session,
+            },
+        };
+        match policy.publish_rates(&self.limits) {
+            Some(rates) => PublishScope::Namespace(key, rates),
+            None => PublishScope::Session,
+        }
     }
 
     /// The policy of `namespace`, if the configuration has one for it.
@@ -424,11 +478,29 @@ impl FileConfig {
     /// The effective configuration as TOML, with every default filled in (what
     /// `roomcast config check` prints).
     pub fn effective(&self) -> String {
+        // A namespace with its own publish rates shows all four, the inherited ones filled in.
+        let mut filled = self.clone();
+        let policies = filled
+            .namespaces
+            .values_mut()
+            .chain(filled.default.as_mut());
+        for policy in policies {
+            if let Some(rates) = policy.publish_rates(&self.limits) {
+                policy.publish_per_second = Some(rates.per_second);
+                policy.publish_burst = Some(rates.burst);
+                policy.publish_bytes_per_second = Some(rates.bytes_per_second);
+                policy.publish_bytes_burst = Some(rates.bytes_burst);
+            }
+        }
         let mut out = String::new();
         let _ = writeln!(
             out,
             "# effective configuration (every default filled in)\n{}",
-            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+            toml::to_string_pretty(&filled).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+        );
+        let _ = writeln!(
+            out,
+            "# namespaces without publish_* fields publish from the [limits] buckets of the session"
         );
         if self.default.is_none() {
             let _ = writeln!(
@@ -438,7 +510,8 @@ impl FileConfig {
         }
         let _ = writeln!(
             out,
-            "# user:<sub> rooms: subscribe only by the token's own sub; publish needs a pub grant"
+            "# user:<sub> rooms: every session of user <sub> is in its room from Welcome on; \
+             nobody else may subscribe; publish needs a pub grant"
         );
         out
     }
@@ -623,7 +696,10 @@ mod tests {
         );
         let (code, message) = check("orders:1", "status", &status(V::Integer(5.into()))).unwrap();
         assert_eq!(code, Code::SchemaMismatch);
-        assert!(message.contains("status"), "{message}");
+        assert_eq!(
+            message,
+            r#"event status in orders:1 does not match its schema: data.state: expected "shipped" / "pending", got 5"#
+        );
         // No schema for this event: not checked.
         assert_eq!(check("orders:1", "other", &V::Integer(1.into())), None);
         // The default policy's schemas apply to unlisted namespaces only.
@@ -643,6 +719,100 @@ mod tests {
                 "[namespaces.a]\nschemas = { e = 'other = int' }\n",
                 "no rule named `payload`",
             ),
+        ] {
+            let err = FileConfig::parse(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn namespaces_may_set_their_own_publish_rates() {
+        let config = FileConfig::parse(
+            r#"
+            [limits]
+            publish_per_second = 100
+            publish_burst = 200
+            publish_bytes_burst = 70000
+
+            [namespaces.chat]
+            publish_per_second = 2
+            publish_burst = 3
+
+            [namespaces.orders]
+
+            [default]
+            publish_bytes_per_second = 1000
+            "#,
+        )
+        .unwrap();
+        let chat = PublishRates {
+            per_second: 2,
+            burst: 3,
+            bytes_per_second: 64 << 20,
+            bytes_burst: 70000,
+        };
+        assert_eq!(
+            config.publish_scope(&room("chat:1")),
+            PublishScope::Namespace(Some("chat"), chat)
+        );
+        assert_eq!(
+            config.publish_scope(&room("orders:1")),
+            PublishScope::Session
+        );
+        assert_eq!(
+            config.publish_scope(&room("misc:1")),
+            PublishScope::Namespace(
+                None,
+                PublishRates {
+                    per_second: 100,
+                    burst: 200,
+                    bytes_per_second: 1000,
+                    bytes_burst: 70000,
+                }
+            )
+        );
+        assert_eq!(config.publish_scope(&room("user:a")), PublishScope::Session);
+        // `config check` shows all four rates of a namespace that sets any, inherited ones
+        // filled in, and none for the others.
+        let printed = config.effective();
+        let chat_table = printed
+            .split("[namespaces.chat]")
+            .nth(1)
+            .and_then(|t| t.split("\n[").next())
+            .unwrap();
+        for line in [
+            "publish_per_second = 2",
+            "publish_burst = 3",
+            "publish_bytes_per_second = 67108864",
+            "publish_bytes_burst = 70000",
+        ] {
+            assert!(chat_table.contains(line), "{line} in {chat_table}");
+        }
+        let orders_table = printed
+            .split("[namespaces.orders]")
+            .nth(1)
+            .and_then(|t| t.split("\n[").next())
+            .unwrap();
+        assert!(
+            !orders_table.contains("publish_per_second"),
+            "{orders_table}"
+        );
+        // The printout parses back to the same rates.
+        let again = FileConfig::parse(printed.as_str()).unwrap();
+        assert_eq!(
+            again.publish_scope(&room("chat:1")),
+            PublishScope::Namespace(Some("chat"), chat)
+        );
+        for (text, needle) in [
+            (
+                "[namespaces.chat]\npublish_burst = 0\n",
+                "namespaces.chat.publish_burst must be at least 1",
+            ),
+            (
+                "[default]\npublish_per_second = 0\n",
+                "default.publish_per_second must be at least 1",
+            ),
+            ("[namespaces.chat]\npublish_rate = 1\n", "unknown field"),
         ] {
             let err = FileConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

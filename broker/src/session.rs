@@ -1,6 +1,7 @@
 //! The I/O glue of one session: drives the protocol's [`ServerSession`] with a transport,
 //! owns the session's [`Outbox`] and writes what it queues, carries out the state machine's
-//! actions against the hub, and leaves every room on every exit path.
+//! actions against the hub, joins an authenticated session to its personal room right after
+//! `Welcome`, and leaves every room on every exit path.
 //!
 //! One task per session: it waits on the client's next frame, the outbox, the keepalive
 //! deadline and shutdown. It never blocks fan-out: other sessions only ever push into its
@@ -123,11 +124,29 @@ impl Core {
     /// Handles one received frame (`datagram`: it came as a QUIC datagram); returns how the
     /// session ends if it does.
     fn frame(&mut self, bytes: &[u8], datagram: bool) -> Option<End> {
+        let opening = !self.state.is_open();
         self.gate.set_datagram(datagram);
         let action =
             self.state
                 .handle_frame_gated(bytes, Instant::now(), wall_clock_ms(), &mut self.gate);
         self.gate.set_datagram(false);
+        let end = self.apply(action);
+        if end.is_none() && opening && self.state.is_open() {
+            // Welcome is queued: the session of a user joins its personal room.
+            return self.join_personal_room();
+        }
+        end
+    }
+
+    /// Joins the session to its user's personal room (`user:<sub>`), if it has one; the hub
+    /// confirms with `Subscribed` id 0 once the room is live (cluster mode: once this node's
+    /// NATS subscription is), so every session of the user, on every node, receives it.
+    fn join_personal_room(&mut self) -> Option<End> {
+        let room = self.gate.personal_room()?;
+        let Some(action) = self.state.join(room) else {
+            debug!("no personal room: the session is at its subscription cap");
+            return None;
+        };
         self.apply(action)
     }
 

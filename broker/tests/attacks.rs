@@ -67,6 +67,11 @@ publish = "backend"
 [namespaces.gps]
 publish = "grant"
 volatile = true
+
+[namespaces.slow]
+publish = "grant"
+publish_per_second = 1
+publish_burst = 2
 "#
         ),
     )
@@ -135,15 +140,20 @@ fn small() -> Bytes {
     Payload::encode(&1u8).unwrap().as_bytes().clone()
 }
 
-/// WebSocket connect with a query token; completes Hello (no token).
+/// WebSocket connect with a query token; completes Hello (no token) and the personal room's
+/// `Subscribed` (id 0) that follows `Welcome`.
 async fn ws_open(server: &Server, token: &str) -> RawConn {
     let url = format!("{}?token={token}", server.ws_url());
     let (ws, _) = connect_async(url).await.expect("ws connect");
     let mut conn = RawConn { ws };
     conn.send(hello(None)).await;
     match conn.frame().await {
-        ServerFrame::Welcome(_) => conn,
+        ServerFrame::Welcome(_) => {}
         other => panic!("expected Welcome, got {other:?}"),
+    }
+    match conn.frame().await {
+        ServerFrame::Subscribed { id: 0, room, .. } if room.namespace() == "user" => conn,
+        other => panic!("expected the personal room's Subscribed, got {other:?}"),
     }
 }
 
@@ -657,12 +667,25 @@ async fn wt_hello(server: &Server, token: Option<String>) -> RawWt {
     conn
 }
 
+/// A WebTransport session with `token` in `Hello`, past `Welcome` and with its personal
+/// room's stream accepted (and kept).
 async fn wt_open(server: &Server, token: String) -> RawWt {
     let mut conn = wt_hello(server, Some(token)).await;
     match conn.control.frame().await {
-        ServerFrame::Welcome(_) => conn,
+        ServerFrame::Welcome(_) => {}
         other => panic!("expected Welcome, got {other:?}"),
     }
+    let recv = tokio::time::timeout(WAIT, conn.connection.accept_uni())
+        .await
+        .expect("personal room stream in time")
+        .expect("personal room stream");
+    let mut personal = FrameStream::new(recv);
+    match personal.frame().await {
+        ServerFrame::Subscribed { id: 0, room, .. } if room.namespace() == "user" => {}
+        other => panic!("expected the personal room's Subscribed, got {other:?}"),
+    }
+    conn.kept.push(personal);
+    conn
 }
 
 async fn wt_error(conn: &mut RawWt, id: u64, code: Code) {
@@ -998,5 +1021,100 @@ async fn a_flood_of_invalid_requests_spends_the_error_budget() {
         }
     }
     assert_eq!(errors, 20);
+    bystander.still_works(&server).await;
+}
+
+#[tokio::test]
+async fn a_namespace_with_its_own_low_rate_limits_only_its_own_publishes() {
+    let server = broker().await;
+    let mut bystander = Bystander::new(&server).await;
+    let grants = [("slow:*", "pub"), ("watch:*", "pub")];
+    // Over WebSocket: two publishes into `slow` pass (its burst), the third is rate_limited
+    // with the namespace named; `watch` (the session's [limits] buckets, burst 5) still accepts.
+    let mut conn = ws_open(&server, &token(&spec("chatty", &grants))).await;
+    for id in 1..=2 {
+        conn.send(publish(id, "slow:1", small())).await;
+        assert!(matches!(conn.frame().await, ServerFrame::Ack { .. }));
+    }
+    conn.send(publish(3, "slow:1", small())).await;
+    match conn.frame().await {
+        ServerFrame::Error {
+            id: Some(3),
+            code: Code::RateLimited,
+            message,
+            retry_after_ms: Some(ms),
+        } => {
+            assert!(
+                message.starts_with("namespace slow: rate limited"),
+                "{message}"
+            );
+            assert!(ms > 0);
+        }
+        other => panic!("expected rate_limited, got {other:?}"),
+    }
+    for id in 4..=8 {
+        conn.send(publish(id, ROOM, small())).await;
+        assert!(
+            matches!(conn.frame().await, ServerFrame::Ack { id: got, .. } if got == id),
+            "watch accepts publish {id}"
+        );
+    }
+    conn.send(publish(9, "slow:2", small())).await;
+    conn.expect_error(Some(9), Code::RateLimited).await;
+    bystander.still_works(&server).await;
+    // Over WebTransport, on a fresh session (fresh buckets).
+    let mut wt = wt_open(&server, token(&spec("chatty", &grants))).await;
+    for id in 1..=2 {
+        wt.send(publish(id, "slow:1", small())).await;
+        assert!(matches!(wt.control.frame().await, ServerFrame::Ack { .. }));
+    }
+    wt.send(publish(3, "slow:1", small())).await;
+    wt_error(&mut wt, 3, Code::RateLimited).await;
+    wt.send(publish(4, ROOM, small())).await;
+    assert!(matches!(
+        wt.control.frame().await,
+        ServerFrame::Ack { id: 4, .. }
+    ));
+    bystander.still_works(&server).await;
+}
+
+#[tokio::test]
+async fn schema_mismatch_names_the_failing_field() {
+    let server = broker().await;
+    let mut bystander = Bystander::new(&server).await;
+    let stolen = || ClientFrame::Publish {
+        key: None,
+        id: 1,
+        room: "orders:1042".into(),
+        event: "status".into(),
+        data: Payload::encode(&BTreeMap::from([("state", "stolen")]))
+            .unwrap()
+            .as_bytes()
+            .clone(),
+        ack: true,
+    };
+    let expected = r#"event status in orders:1042 does not match its schema: data.state: expected "shipped" / "pending", got "stolen""#;
+    let mut conn = ws_open(&server, &alice()).await;
+    conn.send(stolen()).await;
+    match conn.frame().await {
+        ServerFrame::Error {
+            id: Some(1),
+            code: Code::SchemaMismatch,
+            message,
+            ..
+        } => assert_eq!(message, expected),
+        other => panic!("expected schema_mismatch, got {other:?}"),
+    }
+    let mut wt = wt_open(&server, alice()).await;
+    wt.send(stolen()).await;
+    match wt.control.frame().await {
+        ServerFrame::Error {
+            id: Some(1),
+            code: Code::SchemaMismatch,
+            message,
+            ..
+        } => assert_eq!(message, expected),
+        other => panic!("expected schema_mismatch, got {other:?}"),
+    }
     bystander.still_works(&server).await;
 }

@@ -136,6 +136,19 @@ fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
     ] {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
     }
+    // The chat namespace's own publish rates, with the ones it inherits filled in.
+    let chat = stdout
+        .split("[namespaces.chat]\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n[").next())
+        .expect("a chat table");
+    for needle in [
+        "publish_per_second = 2\n",
+        "publish_burst = 5\n",
+        "publish_bytes_per_second = 67108864\n",
+    ] {
+        assert!(chat.contains(needle), "{needle} missing from:\n{chat}");
+    }
     let dir = std::env::temp_dir().join(format!("roomcast-bin-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
@@ -143,6 +156,13 @@ fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
     let (ok, _, stderr) = run(&["config", "check", bad.to_str().unwrap()]);
     assert!(!ok);
     assert!(stderr.contains("unknown variant"), "{stderr}");
+    std::fs::write(&bad, "[namespaces.chat]\npublish_per_second = 0\n").unwrap();
+    let (ok, _, stderr) = run(&["config", "check", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("namespaces.chat.publish_per_second must be at least 1"),
+        "{stderr}"
+    );
     let missing_key = dir.join("missing-key.toml");
     std::fs::write(
         &missing_key,

@@ -826,3 +826,85 @@ async fn nats_over_tls_with_a_private_ca_and_a_password() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `POST /api/publish` of event `note` with `{"n": n}` to `room` on `server`; expects 200.
+async fn api_note(server: &Server, room: &str, n: u64) {
+    let body = serde_json::json!({"room": room, "event": "note", "data": {"n": n}});
+    let (status, answer) = http(
+        server.local_addr(),
+        "POST",
+        "/api/publish",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &format!("Bearer {KEY}")),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// The room and `n` of a `note` event.
+fn note(frame: ServerFrame) -> (String, u64) {
+    match frame {
+        ServerFrame::Event(e) => {
+            let data: std::collections::BTreeMap<String, u64> = e.data.decode().unwrap();
+            (e.room.as_str().to_owned(), data["n"])
+        }
+        other => panic!("expected an Event, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn personal_rooms_reach_every_session_of_the_user_on_every_node() {
+    let nats = NatsServer::start("");
+    let secured = |id: &str| {
+        let mut c = node(&nats, id);
+        c.config = Some(secured_config(""));
+        c
+    };
+    let a = start(secured("node-a")).await;
+    // Node B's commands take 300 ms to reach NATS: the personal room's Subscribed (id 0) must
+    // still wait until B's subscription is live, like any other.
+    let slow_link = delaying_proxy(
+        format!("127.0.0.1:{}", nats.port).parse().unwrap(),
+        Duration::from_millis(300),
+    )
+    .await;
+    let mut config_b = secured("node-b");
+    config_b.cluster.nats = vec![format!("nats://{slow_link}")];
+    let b = start(config_b).await;
+    until_readyz(&a, 200).await;
+    until_readyz(&b, 200).await;
+    let alice = user_token("alice", &[]);
+    let mut alice_a = RawConn::open_as(&a, &alice, "alice").await;
+    let mut alice_b = RawConn::open_as(&b, &alice, "alice").await;
+    let mut alice_wt = RawWt::connect(&b).await;
+    alice_wt
+        .send(ClientFrame::Hello {
+            version: 1,
+            token: Some(alice.clone()),
+        })
+        .await;
+    assert!(matches!(
+        alice_wt.control.frame().await,
+        ServerFrame::Welcome(_)
+    ));
+    let mut alice_wt_room = alice_wt.accept_room(0, "user:alice").await;
+    let mut bob_b = RawConn::open_as(&b, &user_token("bob", &[]), "bob").await;
+    // The backend publishes on node A: alice's sessions on both nodes get it, at once.
+    api_note(&a, "user:alice", 1).await;
+    let expected = ("user:alice".to_owned(), 1);
+    assert_eq!(note(alice_a.frame().await), expected);
+    assert_eq!(note(alice_b.frame().await), expected);
+    assert_eq!(note(alice_wt_room.frame().await), expected);
+    // And on node B.
+    api_note(&b, "user:alice", 2).await;
+    let expected = ("user:alice".to_owned(), 2);
+    assert_eq!(note(alice_a.frame().await), expected);
+    assert_eq!(note(alice_b.frame().await), expected);
+    assert_eq!(note(alice_wt_room.frame().await), expected);
+    // Bob's first event is his own: none of alice's reached him.
+    api_note(&a, "user:bob", 3).await;
+    assert_eq!(note(bob_b.frame().await), ("user:bob".to_owned(), 3));
+}

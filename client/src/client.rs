@@ -310,6 +310,10 @@ impl Client {
     /// checked by the broker, not locally. One live subscription per room and connection:
     /// a second one fails with [`Error::AlreadySubscribed`]. While the client is reconnecting
     /// the request waits for the next session.
+    ///
+    /// With a token naming user U the broker has already joined the session to U's personal
+    /// room `user:U`; `subscribe("user:U")` hands its events to the application (answered at
+    /// once; events of the room before it are not kept).
     pub async fn subscribe(&self, room: &str) -> Result<Subscription, Error> {
         let id = self.next_id();
         let room = room.to_owned();

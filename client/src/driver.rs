@@ -29,6 +29,7 @@ use bytes::Bytes;
 use roomcast_protocol::{
     ClientFrame, DecodeError, Position, RoomName, ServerFrame,
     frame::{Event, Welcome},
+    session::BROKER_JOIN_ID,
 };
 use tokio::{
     sync::{broadcast, mpsc, oneshot, watch},
@@ -1397,6 +1398,12 @@ impl Driver {
                     return self.leave(&asked).await;
                 }
                 self.flush_early(&asked).await
+            }
+            // The broker joined the session to a room on its own (the user's personal room):
+            // its events are delivered once the application subscribes to it.
+            None if id == BROKER_JOIN_ID => {
+                tracing::debug!(%room, "the broker joined this session to a room");
+                None
             }
             other => {
                 self.mismatch(id, "Subscribed", other);

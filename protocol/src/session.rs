@@ -21,6 +21,10 @@ use crate::{
     payload::{Payload, PayloadLimits},
 };
 
+/// The request id of the `Subscribed` confirming a room the broker joined the session to on
+/// its own ([`ServerSession::join`]): 0, which clients do not use for `Subscribe`.
+pub const BROKER_JOIN_ID: u64 = 0;
+
 /// A request the state machine has validated (names, payload) and is about to carry out,
 /// shown to the broker's [`Gate`] first.
 #[derive(Debug, Clone, Copy)]
@@ -261,6 +265,29 @@ impl ServerSession {
     /// Rooms the session is subscribed to.
     pub fn subscriptions(&self) -> impl Iterator<Item = &RoomName> {
         self.subscriptions.iter()
+    }
+
+    /// Subscribes the session to `room` on the broker's own initiative, not at the client's
+    /// request (the personal room `user:<sub>` right after `Welcome`): no gate, no rate. The
+    /// room counts against `max_subscriptions` like any other, and the client may leave it
+    /// with `Unsubscribe`. Returns the `Subscribe` action (request id [`BROKER_JOIN_ID`]) for
+    /// the broker to carry out, or `None` when the session is not open or is at its
+    /// subscription cap.
+    pub fn join(&mut self, room: RoomName) -> Option<Action> {
+        if self.state != State::Open {
+            return None;
+        }
+        if !self.subscriptions.contains(&room)
+            && self.subscriptions.len() >= self.config.max_subscriptions
+        {
+            return None;
+        }
+        self.subscriptions.insert(room.clone());
+        Some(Action::Subscribe {
+            id: BROKER_JOIN_ID,
+            room,
+            since: None,
+        })
     }
 
     /// True once `Welcome` has been sent and until the session closes.
@@ -753,6 +780,55 @@ mod tests {
             error_code(s.handle_frame(&subscribe(4, "a:3"), now, 0)),
             (Some(4), Code::TooManySubscriptions)
         );
+    }
+
+    #[test]
+    fn the_broker_joins_rooms_that_count_against_the_cap() {
+        let now = Instant::now();
+        let config = SessionConfig {
+            max_subscriptions: 2,
+            ..SessionConfig::default()
+        };
+        let mut s = ServerSession::new("s", config, now);
+        let personal = RoomName::new("user:alice").unwrap();
+        // Not before Welcome.
+        assert_eq!(s.join(personal.clone()), None);
+        let hello = ClientFrame::Hello {
+            version: 1,
+            token: None,
+        };
+        s.handle_frame(&hello.encode(), now, 0);
+        assert_eq!(
+            s.join(personal.clone()),
+            Some(Action::Subscribe {
+                id: BROKER_JOIN_ID,
+                room: personal.clone(),
+                since: None
+            })
+        );
+        assert!(matches!(
+            s.handle_frame(&subscribe(1, "a:1"), now, 0),
+            Action::Subscribe { .. }
+        ));
+        assert_eq!(
+            error_code(s.handle_frame(&subscribe(2, "a:2"), now, 0)),
+            (Some(2), Code::TooManySubscriptions)
+        );
+        // The client may leave the joined room like any other.
+        let unsub = ClientFrame::Unsubscribe {
+            id: 3,
+            room: "user:alice".into(),
+        };
+        assert!(matches!(
+            s.handle_frame(&unsub.encode(), now, 0),
+            Action::Unsubscribe { id: 3, .. }
+        ));
+        assert!(matches!(
+            s.handle_frame(&subscribe(4, "a:2"), now, 0),
+            Action::Subscribe { .. }
+        ));
+        // At the cap, the broker does not join either.
+        assert_eq!(s.join(personal), None);
     }
 
     /// Records what it was shown and refuses rooms of namespace `no`.

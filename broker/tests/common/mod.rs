@@ -38,6 +38,55 @@ pub async fn start(config: Config) -> Server {
     Server::start(config).await.expect("broker starts")
 }
 
+/// The HS256 secret of [`secured_config`] (key id `t`).
+pub const TEST_SECRET: &[u8] = b"roomcast-test-secret-0123456789abcdef";
+
+/// Writes a configuration file requiring tokens signed with [`TEST_SECRET`] (key id `t`),
+/// followed by `body` (namespaces, limits), and its secret into a fresh folder; returns the
+/// file.
+pub fn secured_config(body: &str) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "roomcast-secured-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("secret.key"), TEST_SECRET).unwrap();
+    let file = dir.join("roomcast.toml");
+    let text = format!(
+        "[auth]\nrequired = true\nkeys = [{{ kid = \"t\", algorithm = \"HS256\", file = \"secret.key\" }}]\n\n{body}\n"
+    );
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// A token of user `sub` for [`secured_config`], valid for an hour, with `(pattern, "sub,pub")`
+/// room grants.
+pub fn user_token(sub: &str, grants: &[(&str, &str)]) -> String {
+    let rooms = grants
+        .iter()
+        .map(|(pattern, caps)| {
+            (
+                (*pattern).to_owned(),
+                caps.split(',').map(str::to_owned).collect(),
+            )
+        })
+        .collect();
+    roomcast_broker::auth::mint_hs256(
+        TEST_SECRET,
+        &roomcast_broker::auth::TokenSpec {
+            sub: sub.into(),
+            rooms,
+            ttl: Duration::from_secs(3600),
+            kid: Some("t".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// What a raw connection observed.
 #[derive(Debug, PartialEq)]
 pub enum Seen {
@@ -82,6 +131,25 @@ impl RawConn {
         match conn.next().await {
             Seen::Frame(ServerFrame::Welcome(_)) => conn,
             other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Connects with `token` in the request's query, completes Hello/Welcome and checks that
+    /// the session joined its user's personal room (`Subscribed` id 0 for `user:<sub>`).
+    pub async fn open_as(server: &Server, token: &str, sub: &str) -> RawConn {
+        let url = format!("{}?token={token}", server.ws_url());
+        let (ws, _) = connect_async(url).await.expect("ws connect");
+        let mut conn = RawConn::hello(RawConn { ws }).await;
+        conn.expect_personal_room(sub).await;
+        conn
+    }
+
+    /// The next frame must be the `Subscribed` (id 0) of `user:<sub>`.
+    pub async fn expect_personal_room(&mut self, sub: &str) {
+        match self.frame().await {
+            ServerFrame::Subscribed { id: 0, room, .. }
+                if room.as_str() == format!("user:{sub}") => {}
+            other => panic!("expected Subscribed 0 user:{sub}, got {other:?}"),
         }
     }
 

@@ -125,6 +125,9 @@ pub struct RawWt {
     pub connection: Connection,
     pub send: SendStream,
     pub control: FrameStream,
+    /// Room streams kept open but not read (e.g. the personal room's): a dropped receive
+    /// stream would ask the broker to stop sending on it.
+    pub kept: Vec<FrameStream>,
 }
 
 impl RawWt {
@@ -144,6 +147,7 @@ impl RawWt {
             connection,
             send,
             control: FrameStream::new(recv),
+            kept: Vec::new(),
         }
     }
 
@@ -186,14 +190,24 @@ impl RawWt {
             room: room.into(),
         })
         .await;
+        self.accept_room(id, room).await
+    }
+
+    /// Accepts the next room stream the broker opens, which must start with
+    /// `Subscribed { id, room }`.
+    pub async fn accept_room(&mut self, id: u64, room: &str) -> FrameStream {
         let recv = tokio::time::timeout(WAIT, self.connection.accept_uni())
             .await
             .expect("room stream in time")
             .expect("room stream");
         let mut stream = FrameStream::new(recv);
         match stream.frame().await {
-            ServerFrame::Subscribed { id: got, .. } if got == id => stream,
-            other => panic!("expected Subscribed first on the room stream, got {other:?}"),
+            ServerFrame::Subscribed {
+                id: got, room: r, ..
+            } if got == id && r.as_str() == room => stream,
+            other => {
+                panic!("expected Subscribed {id} {room} first on the room stream, got {other:?}")
+            }
         }
     }
 
