@@ -85,6 +85,26 @@ async fn publish_acked(conn: &mut RawConn, id: u64, room: &str, name: &str) -> u
     }
 }
 
+/// A publisher session on `url` that publishes `e1..=e<total>` to `room`, each acknowledged
+/// before the next (with `pause` between), and returns `(seq, name)` of each.
+fn spawn_acked_publisher(
+    url: String,
+    room: &'static str,
+    total: u64,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Vec<(u64, String)>> {
+    tokio::spawn(async move {
+        let mut conn = RawConn::open_url(&url).await;
+        let mut acked = Vec::new();
+        for n in 1..=total {
+            let seq = publish_acked(&mut conn, n, room, &format!("e{n}")).await;
+            acked.push((seq, format!("e{n}")));
+            tokio::time::sleep(pause).await;
+        }
+        acked
+    })
+}
+
 async fn event(conn: &mut RawConn) -> Event {
     match conn.frame().await {
         ServerFrame::Event(e) => e,
@@ -184,14 +204,7 @@ async fn events_published_on_two_nodes_arrive_in_one_order_everywhere() {
     let spawn_publisher = |server: &Server, tag: &'static str| {
         let url = server.ws_url();
         tokio::spawn(async move {
-            let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-            let mut conn = RawConn { ws };
-            conn.send(ClientFrame::Hello {
-                version: 1,
-                token: None,
-            })
-            .await;
-            let _welcome = conn.frame().await;
+            let mut conn = RawConn::open_url(&url).await;
             for n in 1..=EACH {
                 conn.send(publish(n, room, &format!("{tag}{n}"), None))
                     .await;
@@ -234,26 +247,7 @@ async fn a_client_of_a_stopped_node_moves_to_another_and_misses_nothing() {
     let room = "orders:moving";
     let mut sub = RawConn::open(&b).await;
     let (start, _) = subscribe(&mut sub, room, None).await;
-    let publisher = {
-        let url = a.ws_url();
-        tokio::spawn(async move {
-            let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-            let mut conn = RawConn { ws };
-            conn.send(ClientFrame::Hello {
-                version: 1,
-                token: None,
-            })
-            .await;
-            let _welcome = conn.frame().await;
-            let mut acked = Vec::new();
-            for n in 1..=TOTAL {
-                let seq = publish_acked(&mut conn, n, room, &format!("e{n}")).await;
-                acked.push((seq, format!("e{n}")));
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-            acked
-        })
-    };
+    let publisher = spawn_acked_publisher(a.ws_url(), room, TOTAL, Duration::from_millis(3));
     let mut seen = events(&mut sub, 30).await;
     // Node B stops: its sessions are closed with `shutting_down`, reconnect.
     let stopping = tokio::spawn(b.shutdown());
@@ -503,14 +497,7 @@ async fn a_draining_node_s_clients_all_move_without_losing_events() {
                         ..
                     } if !moved => {
                         tokio::time::sleep(Duration::from_millis(wait)).await;
-                        let (ws, _) = tokio_tungstenite::connect_async(&b_url).await.unwrap();
-                        conn = RawConn { ws };
-                        conn.send(ClientFrame::Hello {
-                            version: 1,
-                            token: None,
-                        })
-                        .await;
-                        let _welcome = conn.frame().await;
+                        conn = RawConn::open_url(&b_url).await;
                         let held = Position {
                             epoch: start.epoch,
                             seq: seen.last().map_or(start.seq, |(s, _)| *s),
@@ -680,26 +667,7 @@ async fn a_client_of_a_killed_node_reconnects_elsewhere_and_misses_nothing() {
         .await
         .expect("the client connects to node B");
     let mut sub = client.subscribe(room).await.unwrap();
-    let publisher = {
-        let url = a.ws_url();
-        tokio::spawn(async move {
-            let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-            let mut conn = RawConn { ws };
-            conn.send(ClientFrame::Hello {
-                version: 1,
-                token: None,
-            })
-            .await;
-            let _welcome = conn.frame().await;
-            let mut acked = Vec::new();
-            for n in 1..=TOTAL {
-                let seq = publish_acked(&mut conn, n, room, &format!("e{n}")).await;
-                acked.push((seq, format!("e{n}")));
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            acked
-        })
-    };
+    let publisher = spawn_acked_publisher(a.ws_url(), room, TOTAL, Duration::from_millis(5));
     let mut seen = Vec::new();
     let mut resumed = Vec::new();
     while seen.len() < TOTAL as usize {

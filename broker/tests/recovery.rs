@@ -182,14 +182,7 @@ async fn the_seam_between_replay_and_live_has_no_gap_and_no_duplicate() {
     let publisher = {
         let url = server.ws_url();
         tokio::spawn(async move {
-            let (ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-            let mut conn = RawConn { ws };
-            conn.send(ClientFrame::Hello {
-                version: 1,
-                token: None,
-            })
-            .await;
-            let _welcome = conn.frame().await;
+            let mut conn = RawConn::open_url(&url).await;
             for n in 1..=TOTAL {
                 // Fire and forget, with an ack now and then to stay within the rate limits.
                 let id = if n % 100 == 0 { n } else { 0 };

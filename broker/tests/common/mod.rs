@@ -158,6 +158,13 @@ impl RawConn {
         RawConn::hello(RawConn::connect(server).await).await
     }
 
+    /// Connects to a broker's `ws://…/ws` URL and completes Hello/Welcome (for tasks that
+    /// outlive a borrowed `Server`).
+    pub async fn open_url(url: &str) -> RawConn {
+        let (ws, _) = connect_async(url).await.expect("ws connect");
+        RawConn::hello(RawConn { ws }).await
+    }
+
     pub async fn send(&mut self, frame: ClientFrame) {
         self.send_bytes(frame.encode()).await;
     }
