@@ -25,6 +25,9 @@
 //! publish = "backend"          # anyone | subscribers | grant | backend
 //! volatile = false
 //! max_payload_bytes = 4096
+//!
+//! [namespaces.prices]
+//! conflate = "instrument"      # a slow subscriber gets the latest event per data.instrument
 //! ```
 
 use std::{
@@ -108,6 +111,11 @@ pub struct NamespacePolicy {
     /// `--dedup-window`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup_window_secs: Option<u64>,
+    /// Conflation key path (e.g. `"instrument"`, `"device.id"`; see [`crate::conflation`]):
+    /// a subscriber whose queue is over half full gets only the latest event per key instead
+    /// of being closed as a slow consumer. Not with `volatile`. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflate: Option<String>,
 }
 
 fn default_subscribe() -> SubscribeRule {
@@ -131,6 +139,7 @@ impl NamespacePolicy {
             history_bytes: None,
             history_ttl_secs: None,
             dedup_window_secs: None,
+            conflate: None,
         }
     }
 }
@@ -276,6 +285,22 @@ impl FileConfig {
             if name == USER_NAMESPACE {
                 return Err(ConfigError::Invalid(format!(
                     "namespaces.{USER_NAMESPACE}: reserved for personal rooms (user:<sub>)"
+                )));
+            }
+        }
+        let policies = self
+            .namespaces
+            .iter()
+            .map(|(n, p)| (format!("namespaces.{n}"), p));
+        for (name, policy) in policies.chain(self.default.iter().map(|p| ("default".into(), p))) {
+            let Some(path) = &policy.conflate else {
+                continue;
+            };
+            crate::conflation::KeyPath::parse(path)
+                .map_err(|e| ConfigError::Invalid(format!("{name}.conflate: {e}")))?;
+            if policy.volatile {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: conflate is for reliable rooms (volatile rooms drop the oldest)"
                 )));
             }
         }
@@ -585,6 +610,15 @@ mod tests {
             ("[namespaces.user]\n", "reserved"),
             ("[limits]\npublish_per_second = 0\n", "publish_per_second"),
             ("[auth]\nrequired = true\n", "no keys"),
+            (
+                "[namespaces.px]\nconflate = \"a..b\"\n",
+                "namespaces.px.conflate",
+            ),
+            ("[default]\nconflate = \"\"\n", "default.conflate"),
+            (
+                "[namespaces.px]\nconflate = \"id\"\nvolatile = true\n",
+                "reliable rooms",
+            ),
         ] {
             let err = FileConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
@@ -658,7 +692,12 @@ mod tests {
         let config = FileConfig::default();
         assert!(config.may_subscribe(&room("any:1"), None).is_ok());
         assert!(config.may_publish(&room("any:1"), None, false, 1).is_ok());
-        let printed = FileConfig::parse(FILE).unwrap().effective();
+        let printed = FileConfig::parse(&format!(
+            "{FILE}\n[namespaces.px]\nconflate = \"device.id\"\n"
+        ))
+        .unwrap()
+        .effective();
+        assert!(printed.contains("conflate = \"device.id\""), "{printed}");
         assert!(printed.contains("publish_per_second"), "{printed}");
         assert!(printed.contains("[namespaces.orders]"), "{printed}");
     }
