@@ -259,8 +259,7 @@ impl Queue {
 
     /// Drops the holes and renumbers the replaceable events.
     fn compact(&mut self) {
-        let frames = std::mem::take(&mut self.frames);
-        self.frames = frames.into_iter().filter(Option::is_some).collect();
+        self.frames.retain(Option::is_some);
         self.holes = 0;
         self.reindex();
     }
@@ -512,9 +511,12 @@ impl Outbox {
             return false;
         }
         let mut held: Vec<Option<u64>> = Vec::new();
-        let mut kept = VecDeque::new();
         let mut bytes = 0;
-        for entry in q.frames.drain(..).flatten() {
+        // In place: holes go, taken frames go to the batch, held ones stay in order.
+        q.frames.retain_mut(|slot| {
+            let Some(entry) = slot else {
+                return false;
+            };
             let room = entry.lane.room();
             let keep = held.contains(&room) || {
                 let keep = hold(entry.lane);
@@ -525,11 +527,11 @@ impl Outbox {
             };
             if keep {
                 bytes += entry.frame.len();
-                kept.push_back(Some(entry));
-            } else {
+            } else if let Some(entry) = slot.take() {
                 batch.push(entry.outgoing());
             }
-        }
+            keep
+        });
         if let Some(conflating) = q.conflating.as_mut() {
             conflating.rooms.retain(|(room, off)| {
                 let id = Some(*room);
@@ -550,7 +552,6 @@ impl Outbox {
                 q.conflating = None;
             }
         }
-        q.frames = kept;
         q.bytes = bytes;
         q.holes = 0;
         q.base = 0;
@@ -900,6 +901,176 @@ mod tests {
         outbox.drain_into_except(&mut batch, |lane| matches!(lane, Lane::Room(_)));
         assert_eq!(batch.len(), 1);
         assert_eq!(drained(&outbox), ["e1", "U", "S2"]);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// An event of room 1..=3 (`key`: conflatable), of `len` bytes.
+        Event {
+            room: u64,
+            key: Option<u64>,
+            len: usize,
+        },
+        /// A volatile event of room 4.
+        Volatile { len: usize },
+        /// A control frame.
+        Control,
+        /// `Unsubscribed` of a room.
+        Close { room: u64 },
+        /// A drain holding the rooms in `mask` (bit per room; 0: a full drain).
+        Drain { mask: u8 },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (1..=3u64, proptest::option::weighted(0.8, 1..=4u64), 1..30usize)
+                .prop_map(|(room, key, len)| Op::Event { room, key, len }),
+            1 => (1..30usize).prop_map(|len| Op::Volatile { len }),
+            1 => Just(Op::Control),
+            1 => (1..=3u64).prop_map(|room| Op::Close { room }),
+            1 => (0..16u8).prop_map(|mask| Op::Drain { mask }),
+        ]
+    }
+
+    /// Frames are `E` + 8-byte id + padding, markers `N`/`F` + room.
+    fn check_run(ops: &[Op]) {
+        let outbox = Outbox::new(400);
+        let frames: Vec<ConflationFrames> = (0..=4u8)
+            .map(|r| ConflationFrames {
+                on: Bytes::from(vec![b'N', r]),
+                off: Bytes::from(vec![b'F', r]),
+            })
+            .collect();
+        // id → (room, key) of every event pushed.
+        let mut pushed: Vec<(u64, Option<u64>)> = Vec::new();
+        let mut out: Vec<Outgoing> = Vec::new();
+        let mut replaced = 0;
+        let take = |outbox: &Outbox, mask: u8, out: &mut Vec<Outgoing>| {
+            let before = outbox.queued_bytes();
+            let mut batch = Vec::new();
+            if mask == 0 {
+                assert!(outbox.drain_into(&mut batch));
+                // What was counted is what came out, but the off frames added at the end.
+                let counted: usize = batch
+                    .iter()
+                    .filter(|o| o.frame[0] != b'F')
+                    .map(|o| o.frame.len())
+                    .sum();
+                assert_eq!(counted, before);
+                assert_eq!(outbox.queued_bytes(), 0);
+            } else {
+                assert!(outbox.drain_into_except(&mut batch, |lane| {
+                    lane.room().is_some_and(|r| r < 4 && mask & (1 << r) != 0)
+                }));
+            }
+            out.extend(batch);
+        };
+        for op in ops {
+            let id = pushed.len() as u64;
+            let event = |len: usize| {
+                let mut body = vec![b'E'];
+                body.extend_from_slice(&id.to_be_bytes());
+                body.resize(9 + len, 0);
+                Bytes::from(body)
+            };
+            let result = match op {
+                Op::Event { room, key, len } => {
+                    pushed.push((*room, *key));
+                    let item = Outgoing {
+                        frame: event(*len),
+                        lane: Lane::Room(*room),
+                    };
+                    match key {
+                        Some(k) => outbox
+                            .push_conflatable(
+                                item,
+                                NonZeroU64::new(*k).unwrap(),
+                                &frames[*room as usize],
+                            )
+                            .map(|r| replaced += usize::from(r)),
+                        None => outbox.push_to(item),
+                    }
+                }
+                Op::Volatile { len } => {
+                    pushed.push((4, None));
+                    outbox.push_to(Outgoing {
+                        frame: event(*len),
+                        lane: Lane::Volatile(4),
+                    })
+                }
+                Op::Control => outbox.push(Bytes::from_static(b"C")),
+                Op::Close { room } => outbox.push_to(Outgoing {
+                    frame: Bytes::from(vec![b'U', *room as u8]),
+                    lane: Lane::RoomClose(*room),
+                }),
+                Op::Drain { mask } => {
+                    take(&outbox, *mask, &mut out);
+                    Ok(())
+                }
+            };
+            if result.is_err() {
+                // Overflowed: nothing more to check about what it held.
+                assert!(outbox.is_overflowed());
+                return;
+            }
+            assert!(outbox.queued_bytes() <= 400);
+        }
+        take(&outbox, 0, &mut out);
+        // Per room: events in push order; markers alternate on, off; within one conflation
+        // episode at most one event per key.
+        let mut seen = vec![false; pushed.len()];
+        let mut events = 0;
+        for room in 1..=4u64 {
+            let mut last = None;
+            let mut conflating = false;
+            let mut keys = Vec::new();
+            for o in out.iter().filter(|o| o.lane.room() == Some(room)) {
+                match o.frame[0] {
+                    b'E' => {
+                        let id = u64::from_be_bytes(o.frame[1..9].try_into().unwrap());
+                        assert!(last < Some(id), "room {room}: order");
+                        last = Some(id);
+                        assert!(!seen[id as usize], "duplicate");
+                        seen[id as usize] = true;
+                        events += 1;
+                        let (r, key) = pushed[id as usize];
+                        assert_eq!(r, room);
+                        if let (true, Some(k)) = (conflating, key) {
+                            assert!(!keys.contains(&k), "room {room}: key {k} twice");
+                            keys.push(k);
+                        }
+                    }
+                    b'N' => {
+                        assert!(!conflating, "room {room}: on twice");
+                        conflating = true;
+                    }
+                    b'F' => {
+                        assert!(conflating, "room {room}: off without on");
+                        conflating = false;
+                        keys.clear();
+                    }
+                    b'U' => {
+                        conflating = false;
+                        keys.clear();
+                    }
+                    other => panic!("{other}"),
+                }
+            }
+            assert!(!conflating, "room {room}: a full drain ends conflation");
+        }
+        // Every event came out, was replaced or (volatile) dropped.
+        assert_eq!(events + replaced + outbox.dropped() as usize, pushed.len());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        #[test]
+        fn any_sequence_keeps_order_accounting_and_one_event_per_key(
+            ops in proptest::collection::vec(op(), 0..200)
+        ) {
+            check_run(&ops);
+        }
     }
 
     #[tokio::test]
