@@ -307,6 +307,62 @@ mod tests {
         );
     }
 
+    /// The reference: decode to a value, follow the path, encode what is there.
+    fn reference(path: &[&str], data: &[u8]) -> Option<Vec<u8>> {
+        let mut value: V = ciborium::from_reader(data).ok()?;
+        for segment in path {
+            let V::Map(entries) = value else {
+                return None;
+            };
+            value = entries
+                .into_iter()
+                .find(|(k, _)| matches!(k, V::Text(t) if t == segment))?
+                .1;
+        }
+        Some(cbor(&value))
+    }
+
+    fn value() -> impl proptest::strategy::Strategy<Value = V> {
+        use proptest::prelude::*;
+        let key = prop_oneof![Just("a"), Just("b"), Just("id")].prop_map(text);
+        let leaf = prop_oneof![
+            any::<i64>().prop_map(|n| V::Integer(n.into())),
+            "[a-z]{0,3}".prop_map(V::Text),
+            proptest::collection::vec(any::<u8>(), 0..4).prop_map(V::Bytes),
+            any::<bool>().prop_map(V::Bool),
+            Just(V::Null),
+        ];
+        leaf.prop_recursive(4, 32, 4, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(V::Array),
+                proptest::collection::vec((key.clone(), inner.clone()), 0..4).prop_map(V::Map),
+                (1..5u64, inner).prop_map(|(tag, v)| V::Tag(tag, Box::new(v))),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn locate_agrees_with_decoding(
+            data in value(),
+            path in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("a"),
+                    proptest::strategy::Just("b"),
+                    proptest::strategy::Just("id"),
+                ],
+                1..4,
+            ),
+        ) {
+            let bytes = cbor(&data);
+            let key_path = KeyPath::parse(&path.join(".")).unwrap();
+            proptest::prop_assert_eq!(
+                key_path.locate(&bytes).map(<[u8]>::to_vec),
+                reference(&path, &bytes)
+            );
+        }
+    }
+
     #[test]
     fn malformed_truncated_or_deep_input_gives_no_key() {
         let path = KeyPath::parse("id").unwrap();
