@@ -44,7 +44,8 @@ pub struct Config {
     pub hello_timeout: Duration,
 
     /// Byte cap of each session's outbound queue; a session exceeding it is closed with
-    /// `slow_consumer`. Memory is only used while frames wait.
+    /// `slow_consumer` (volatile rooms drop their oldest events instead; conflating rooms keep
+    /// the latest per key from half of it on). Memory is only used while frames wait.
     #[arg(long, env = "ROOMCAST_OUTBOUND_QUEUE_BYTES", default_value_t = 512 * 1024)]
     pub outbound_queue_bytes: usize,
 

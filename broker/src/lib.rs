@@ -7,7 +7,8 @@
 //! requests), [`transport`] (session I/O over WebSocket and
 //! WebTransport), [`certs`] (TLS identities for QUIC), [`session`]
 //! (drives the protocol state machine, owns the outbound queue), [`outbox`] (the bounded
-//! per-session queue), [`hub`] (rooms and fan-out), [`cluster`] (the bridge between the hub and
+//! per-session queue, where conflation happens), [`conflation`] (where a namespace's
+//! conflation key is in an event), [`hub`] (rooms and fan-out), [`cluster`] (the bridge between the hub and
 //! other nodes: in-process or NATS), [`config`], [`metrics`], [`api`] (HTTP
 //! routes), [`dev_ui`] (`--dev-ui`: a demo page and its certificate hash) and [`server`]
 //! (listeners, tasks, drain). The embedded single-node mode needs no
@@ -19,6 +20,7 @@ pub mod auth;
 pub mod certs;
 pub mod cluster;
 pub mod config;
+pub mod conflation;
 pub mod dev_ui;
 pub mod gate;
 pub mod hub;

@@ -44,6 +44,9 @@ pub struct Metrics {
     pub events_out: Counter,
     /// Sessions closed because their outbound queue overflowed.
     pub slow_consumers: Counter,
+    /// Events dropped from a slow subscriber's queue because a later event of the same
+    /// conflation key replaced them.
+    pub conflated: Counter,
     /// Error frames and close codes sent, by code.
     pub errors: Family<CodeLabel, Counter>,
     /// WebTransport datagrams received (frames from clients).
@@ -104,6 +107,7 @@ impl Metrics {
             events_in: Counter::default(),
             events_out: Counter::default(),
             slow_consumers: Counter::default(),
+            conflated: Counter::default(),
             errors: Family::default(),
             datagrams_in: Counter::default(),
             datagrams_out: Counter::default(),
@@ -149,6 +153,11 @@ impl Metrics {
             "slow_consumer_closes",
             "Sessions closed as slow consumers",
             m.slow_consumers.clone(),
+        );
+        registry.register(
+            "conflated_events",
+            "Events replaced in a slow subscriber's queue by a later event of the same conflation key",
+            m.conflated.clone(),
         );
         registry.register(
             "errors",

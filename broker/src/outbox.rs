@@ -3,14 +3,38 @@
 //! Each entry is an already-encoded frame plus its [`Lane`]: which ordered channel of the
 //! transport it belongs to (WebTransport writes each room on its own stream; WebSocket has one
 //! channel and ignores lanes). The hub pushes shared frames into it from any thread without
-//! waiting; the
-//! session's writer drains everything queued in one go and writes it as one batch. The queue is
-//! capped in bytes: a push that would exceed the cap marks the session as a slow consumer,
-//! drops what is queued and wakes the session so it can close with `slow_consumer`. Nothing
-//! here knows about sockets or frames' contents.
+//! waiting; the session's writer drains what is queued in one go and writes it as one batch.
+//! The queue is capped in bytes: a push that would exceed the cap marks the session as a slow
+//! consumer, drops what is queued and wakes the session so it can close with `slow_consumer`.
+//! Nothing here knows about sockets or frames' contents.
+//!
+//! What a subscriber that falls behind loses instead of its session, per room:
+//!
+//! - **Volatile rooms** (`Lane::Volatile`): a push over the cap evicts the oldest queued
+//!   volatile events.
+//! - **Conflating rooms** ([`Outbox::push_conflatable`], events with a conflation key): once
+//!   the queue holds more than half its cap, the room's next event queues the room's
+//!   `Conflation { active: true }` frame first, and from then on each event of the room
+//!   replaces the queued event of the same key that came after that frame (the old one leaves
+//!   a hole, the new one goes to the end, so `seq` keeps increasing). When the session takes
+//!   the room's frames (a drain), the room's `Conflation { active: false }` follows them: it
+//!   has caught up. The queue then holds at most one event per key of a conflating room, so
+//!   only an unbounded number of keys can still overflow it. An `Unsubscribed` of the room ends
+//!   its conflation without a frame.
+//! - Everything else overflows as above.
+//!
+//! A writer that cannot take a room's frames right now (a WebTransport room stream out of
+//! flow-control credit) may leave them here ([`Outbox::drain_into_except`]), where they are
+//! conflated, dropped or counted against the cap like any queued frame.
+//!
+//! Holes (replaced or evicted events) cost one slot each until the queue is drained or they
+//! outnumber the frames, when the queue is compacted: every operation is O(1) amortized, but
+//! for evicting volatile events (a scan for the oldest) and partial drains (a pass over the
+//! queue).
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
+    num::NonZeroU64,
     sync::{
         Mutex,
         atomic::{AtomicU64, Ordering},
@@ -27,13 +51,25 @@ pub enum Lane {
     Control,
     /// `Subscribed` of the room with this hub id: the room's channel opens.
     RoomOpen(u64),
-    /// An `Event` of the room with this hub id.
+    /// An `Event` (or `Conflation`) of the room with this hub id.
     Room(u64),
     /// An `Event` of the volatile room with this hub id: may travel as a datagram, and is
     /// dropped (oldest first) rather than overflowing the queue.
     Volatile(u64),
     /// `Unsubscribed` of the room with this hub id: the room's channel ends after it.
     RoomClose(u64),
+}
+
+impl Lane {
+    /// The hub id of the lane's room (`None`: the control lane).
+    pub fn room(self) -> Option<u64> {
+        match self {
+            Lane::Control => None,
+            Lane::RoomOpen(id) | Lane::Room(id) | Lane::Volatile(id) | Lane::RoomClose(id) => {
+                Some(id)
+            }
+        }
+    }
 }
 
 /// One queued frame and its lane.
@@ -55,6 +91,16 @@ impl Outgoing {
     }
 }
 
+/// A conflating room's two `Conflation` frames (`active: true` and `false`), encoded once per
+/// room by the hub and shared by its subscribers' queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConflationFrames {
+    /// `Conflation { active: true }`: the subscriber fell behind.
+    pub on: Bytes,
+    /// `Conflation { active: false }`: it caught up.
+    pub off: Bytes,
+}
+
 /// Why a push was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PushError {
@@ -71,19 +117,217 @@ enum Status {
     Closed,
 }
 
+/// A queued frame. `key` is set on events of a conflating room queued after its
+/// `Conflation { active: true }`: those a later event of the same key replaces.
 #[derive(Debug)]
-struct Queue {
-    frames: VecDeque<Outgoing>,
-    bytes: usize,
-    status: Status,
+struct Entry {
+    frame: Bytes,
+    lane: Lane,
+    key: Option<NonZeroU64>,
 }
 
-/// A byte-capped queue of encoded frames with wake-ups only on empty → non-empty.
+impl Entry {
+    fn plain(item: Outgoing) -> Self {
+        Entry {
+            frame: item.frame,
+            lane: item.lane,
+            key: None,
+        }
+    }
+
+    fn outgoing(self) -> Outgoing {
+        Outgoing {
+            frame: self.frame,
+            lane: self.lane,
+        }
+    }
+}
+
+/// The rooms being conflated, and where the replaceable event of each (room, key) is.
+#[derive(Debug, Default)]
+struct Conflating {
+    /// Room id and its `Conflation { active: false }` frame, to send once it caught up.
+    rooms: Vec<(u64, Bytes)>,
+    /// (room, key) → position (see [`Queue::base`]) of the event to replace.
+    latest: HashMap<(u64, NonZeroU64), u64>,
+}
+
+#[derive(Debug)]
+struct Queue {
+    /// Queued frames; `None` is a hole left by a replaced or evicted event.
+    frames: VecDeque<Option<Entry>>,
+    /// Position of `frames[0]`: positions stay valid while the front is popped.
+    base: u64,
+    /// Holes in `frames`.
+    holes: usize,
+    /// Bytes of the queued frames (holes count nothing).
+    bytes: usize,
+    status: Status,
+    /// Rooms being conflated (boxed: most sessions never conflate anything).
+    conflating: Option<Box<Conflating>>,
+    /// Lanes' rooms (`None`: the control lane) whose frames the last drain left queued.
+    held: Vec<Option<u64>>,
+}
+
+/// Compact once holes outnumber the frames and there are more than this many.
+const COMPACT_AFTER_HOLES: usize = 32;
+
+/// What a push did.
+enum Pushed {
+    /// Queued; wake the session when true.
+    Queued(bool),
+    /// A volatile event that does not fit even alone: dropped.
+    Dropped,
+    /// Over the cap: the queue overflowed.
+    Overflowed,
+}
+
+impl Queue {
+    fn live(&self) -> usize {
+        self.frames.len() - self.holes
+    }
+
+    fn is_conflating(&self, room: u64) -> bool {
+        self.conflating
+            .as_ref()
+            .is_some_and(|c| c.rooms.iter().any(|(r, _)| *r == room))
+    }
+
+    /// Whether queuing a frame of `lane` should wake the session: nothing it could take was
+    /// queued before.
+    fn wakes_for(&self, lane: Lane) -> bool {
+        self.live() == 0 || (!self.held.is_empty() && !self.held.contains(&lane.room()))
+    }
+
+    /// Queues `entry` within `cap` bytes, evicting older volatile events for a volatile one.
+    fn push(&mut self, entry: Entry, cap: usize, dropped: &AtomicU64) -> Pushed {
+        let len = entry.frame.len();
+        if self.bytes + len > cap {
+            if !matches!(entry.lane, Lane::Volatile(_)) {
+                self.overflow();
+                return Pushed::Overflowed;
+            }
+            // Latest value wins: make room by dropping older volatile events; if that is not
+            // enough, drop this one. The subscriber is not disconnected.
+            while self.bytes + len > cap {
+                let oldest = self.frames.iter().position(|e| {
+                    matches!(
+                        e,
+                        Some(Entry {
+                            lane: Lane::Volatile(_),
+                            ..
+                        })
+                    )
+                });
+                dropped.fetch_add(1, Ordering::Relaxed);
+                match oldest {
+                    Some(at) => self.punch(at),
+                    None => return Pushed::Dropped,
+                }
+            }
+        }
+        if let Lane::RoomClose(room) = entry.lane {
+            self.stop_conflating(room);
+        }
+        let wake = self.wakes_for(entry.lane);
+        self.bytes += len;
+        self.frames.push_back(Some(entry));
+        Pushed::Queued(wake)
+    }
+
+    /// The position the next queued frame gets.
+    fn next_position(&self) -> u64 {
+        self.base + self.frames.len() as u64
+    }
+
+    /// Removes the frame at index `at`, leaving a hole; compacts when holes pile up.
+    fn punch(&mut self, at: usize) {
+        let Some(old) = self.frames.get_mut(at).and_then(Option::take) else {
+            return;
+        };
+        self.bytes -= old.frame.len();
+        self.holes += 1;
+        while let Some(None) = self.frames.front() {
+            self.frames.pop_front();
+            self.base += 1;
+            self.holes -= 1;
+        }
+        if self.holes > COMPACT_AFTER_HOLES && self.holes * 2 > self.frames.len() {
+            self.compact();
+        }
+    }
+
+    /// Drops the holes and renumbers the replaceable events.
+    fn compact(&mut self) {
+        self.frames.retain(Option::is_some);
+        self.holes = 0;
+        self.reindex();
+    }
+
+    fn reindex(&mut self) {
+        let Some(conflating) = self.conflating.as_mut() else {
+            return;
+        };
+        conflating.latest.clear();
+        for (i, entry) in self.frames.iter().enumerate() {
+            if let Some(Entry {
+                lane: Lane::Room(room),
+                key: Some(key),
+                ..
+            }) = entry
+            {
+                conflating
+                    .latest
+                    .insert((*room, *key), self.base + i as u64);
+            }
+        }
+    }
+
+    /// The room left (its `Unsubscribed` is being queued): its conflation ends silently.
+    fn stop_conflating(&mut self, room: u64) {
+        let Some(conflating) = self.conflating.as_mut() else {
+            return;
+        };
+        let before = conflating.rooms.len();
+        conflating.rooms.retain(|(r, _)| *r != room);
+        if conflating.rooms.len() == before {
+            return;
+        }
+        conflating.latest.retain(|(r, _), _| *r != room);
+        if conflating.rooms.is_empty() {
+            self.conflating = None;
+        }
+        // Its queued events are no longer replaceable (a later subscription starts afresh).
+        for entry in self.frames.iter_mut().flatten() {
+            if entry.lane == Lane::Room(room) {
+                entry.key = None;
+            }
+        }
+    }
+
+    fn overflow(&mut self) {
+        self.status = Status::Overflowed;
+        self.frames = VecDeque::new();
+        self.bytes = 0;
+        self.holes = 0;
+        self.conflating = None;
+        self.held = Vec::new();
+    }
+
+    /// Gives back memory a burst left behind.
+    fn shrink(&mut self) {
+        if self.frames.capacity() > 64 && self.frames.len() < 16 {
+            self.frames.shrink_to(16);
+        }
+    }
+}
+
+/// A byte-capped queue of encoded frames with wake-ups only when it gets something to take.
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
     cap_bytes: usize,
-    /// Woken when the queue becomes non-empty.
+    /// Woken when the queue gets frames the session may take.
     ready: Notify,
     /// Woken once when the queue overflows.
     overflow: Notify,
@@ -97,8 +341,12 @@ impl Outbox {
         Outbox {
             queue: Mutex::new(Queue {
                 frames: VecDeque::new(),
+                base: 0,
+                holes: 0,
                 bytes: 0,
                 status: Status::Open,
+                conflating: None,
+                held: Vec::new(),
             }),
             cap_bytes,
             ready: Notify::new(),
@@ -113,6 +361,27 @@ impl Outbox {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn open(q: &Queue) -> Result<(), PushError> {
+        match q.status {
+            Status::Open => Ok(()),
+            Status::Overflowed => Err(PushError::Full),
+            Status::Closed => Err(PushError::Closed),
+        }
+    }
+
+    /// Wakes whom a push concerns, after the lock is released.
+    fn settle(&self, pushed: Pushed) -> Result<(), PushError> {
+        match pushed {
+            Pushed::Queued(true) => self.ready.notify_one(),
+            Pushed::Queued(false) | Pushed::Dropped => {}
+            Pushed::Overflowed => {
+                self.overflow.notify_one();
+                return Err(PushError::Full);
+            }
+        }
+        Ok(())
+    }
+
     /// Queues a session-level frame. Never waits.
     pub fn push(&self, frame: Bytes) -> Result<(), PushError> {
         self.push_to(Outgoing::control(frame))
@@ -120,65 +389,181 @@ impl Outbox {
 
     /// Queues a frame on its lane. Never waits.
     pub fn push_to(&self, item: Outgoing) -> Result<(), PushError> {
-        let was_empty;
-        {
+        let pushed = {
             let mut q = self.lock();
-            match q.status {
-                Status::Open => {}
-                Status::Overflowed => return Err(PushError::Full),
-                Status::Closed => return Err(PushError::Closed),
-            }
-            if q.bytes + item.frame.len() > self.cap_bytes {
-                if matches!(item.lane, Lane::Volatile(_)) {
-                    // Latest value wins: make room by dropping older volatile events; if that
-                    // is not enough, drop this one. The subscriber is not disconnected.
-                    while q.bytes + item.frame.len() > self.cap_bytes {
-                        let Some(oldest) = q
-                            .frames
-                            .iter()
-                            .position(|o| matches!(o.lane, Lane::Volatile(_)))
-                        else {
-                            self.dropped.fetch_add(1, Ordering::Relaxed);
-                            return Ok(());
-                        };
-                        if let Some(old) = q.frames.remove(oldest) {
-                            q.bytes -= old.frame.len();
-                            self.dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                } else {
-                    q.status = Status::Overflowed;
-                    q.frames = VecDeque::new();
-                    q.bytes = 0;
-                    drop(q);
-                    self.overflow.notify_one();
-                    return Err(PushError::Full);
-                }
-            }
-            was_empty = q.frames.is_empty();
-            q.bytes += item.frame.len();
-            q.frames.push_back(item);
-        }
-        if was_empty {
-            self.ready.notify_one();
-        }
-        Ok(())
+            Self::open(&q)?;
+            q.push(Entry::plain(item), self.cap_bytes, &self.dropped)
+        };
+        self.settle(pushed)
     }
 
-    /// Moves every queued frame into `batch` (appending). Returns false if the queue
+    /// Queues an event of a conflating room (`item.lane` is `Lane::Room`; other lanes are
+    /// queued as by [`Outbox::push_to`]) whose conflation key hashes to `key`. Below half the
+    /// cap it is queued as usual; above it, or while the room is being conflated, it replaces
+    /// the room's queued event of the same key (see the module docs), `frames` telling the
+    /// subscriber. Returns whether it replaced one. Never waits.
+    pub fn push_conflatable(
+        &self,
+        item: Outgoing,
+        key: NonZeroU64,
+        frames: &ConflationFrames,
+    ) -> Result<bool, PushError> {
+        let Lane::Room(room) = item.lane else {
+            return self.push_to(item).map(|()| false);
+        };
+        let (pushed, replaced) = {
+            let mut q = self.lock();
+            Self::open(&q)?;
+            let active = q.is_conflating(room);
+            if !active && q.bytes + item.frame.len() <= self.cap_bytes / 2 {
+                let pushed = q.push(Entry::plain(item), self.cap_bytes, &self.dropped);
+                drop(q);
+                return self.settle(pushed).map(|()| false);
+            }
+            let mut wake = false;
+            if !active {
+                // Falling behind: say so, in the room's order, before the first event that
+                // may replace another.
+                let on = Entry {
+                    frame: frames.on.clone(),
+                    lane: Lane::Room(room),
+                    key: None,
+                };
+                match q.push(on, self.cap_bytes, &self.dropped) {
+                    Pushed::Queued(w) => wake = w,
+                    other => {
+                        drop(q);
+                        return self.settle(other).map(|()| false);
+                    }
+                }
+                q.conflating
+                    .get_or_insert_with(Box::default)
+                    .rooms
+                    .push((room, frames.off.clone()));
+            }
+            let older = q
+                .conflating
+                .as_mut()
+                .and_then(|c| c.latest.remove(&(room, key)));
+            if let Some(position) = older {
+                let at = position.checked_sub(q.base).map(|at| at as usize);
+                if let Some(at) = at {
+                    q.punch(at);
+                }
+            }
+            let position = q.next_position();
+            let entry = Entry {
+                frame: item.frame,
+                lane: item.lane,
+                key: Some(key),
+            };
+            let pushed = match q.push(entry, self.cap_bytes, &self.dropped) {
+                Pushed::Queued(w) => {
+                    if let Some(c) = q.conflating.as_mut() {
+                        c.latest.insert((room, key), position);
+                    }
+                    Pushed::Queued(w || wake)
+                }
+                other => other,
+            };
+            (pushed, older.is_some())
+        };
+        self.settle(pushed).map(|()| replaced)
+    }
+
+    /// Moves every queued frame into `batch` (appending), then the `Conflation { active:
+    /// false }` of every room that was being conflated. Returns false if the queue
     /// overflowed (then nothing is moved).
     pub fn drain_into(&self, batch: &mut Vec<Outgoing>) -> bool {
         let mut q = self.lock();
         if q.status == Status::Overflowed {
             return false;
         }
-        batch.extend(q.frames.drain(..));
+        batch.extend(q.frames.drain(..).flatten().map(Entry::outgoing));
         q.bytes = 0;
-        if q.frames.capacity() > 64 {
-            // Give back memory a burst left behind.
-            q.frames.shrink_to(16);
+        q.holes = 0;
+        q.base = 0;
+        q.held.clear();
+        if let Some(conflating) = q.conflating.take() {
+            for (room, off) in conflating.rooms {
+                batch.push(Outgoing {
+                    frame: off,
+                    lane: Lane::Room(room),
+                });
+            }
         }
+        q.shrink();
         true
+    }
+
+    /// Like [`Outbox::drain_into`], but leaves queued, in order, the frames of every room
+    /// (or of the control lane) for which `hold` says so, and every later frame of that room:
+    /// the writer cannot take them now. A held room that was being conflated stays so. Until
+    /// the next drain, only pushes to other lanes wake the session. Returns false if the
+    /// queue overflowed.
+    pub fn drain_into_except(
+        &self,
+        batch: &mut Vec<Outgoing>,
+        mut hold: impl FnMut(Lane) -> bool,
+    ) -> bool {
+        let mut q = self.lock();
+        if q.status == Status::Overflowed {
+            return false;
+        }
+        let mut held: Vec<Option<u64>> = Vec::new();
+        let mut bytes = 0;
+        // In place: holes go, taken frames go to the batch, held ones stay in order.
+        q.frames.retain_mut(|slot| {
+            let Some(entry) = slot else {
+                return false;
+            };
+            let room = entry.lane.room();
+            let keep = held.contains(&room) || {
+                let keep = hold(entry.lane);
+                if keep {
+                    held.push(room);
+                }
+                keep
+            };
+            if keep {
+                bytes += entry.frame.len();
+            } else if let Some(entry) = slot.take() {
+                batch.push(entry.outgoing());
+            }
+            keep
+        });
+        if let Some(conflating) = q.conflating.as_mut() {
+            conflating.rooms.retain(|(room, off)| {
+                let id = Some(*room);
+                if held.contains(&id) {
+                    return true;
+                }
+                if hold(Lane::Room(*room)) {
+                    held.push(id);
+                    return true;
+                }
+                batch.push(Outgoing {
+                    frame: off.clone(),
+                    lane: Lane::Room(*room),
+                });
+                false
+            });
+            if conflating.rooms.is_empty() {
+                q.conflating = None;
+            }
+        }
+        q.bytes = bytes;
+        q.holes = 0;
+        q.base = 0;
+        q.held = held;
+        q.reindex();
+        q.shrink();
+        true
+    }
+
+    /// Whether the last drain left frames (or a conflating room) held.
+    pub fn has_held(&self) -> bool {
+        !self.lock().held.is_empty()
     }
 
     /// Resolves when frames may be waiting (spurious wake-ups are possible). Keep the future
@@ -186,6 +571,11 @@ impl Outbox {
     /// turn: registering a waiter is not free.
     pub fn ready(&self) -> Notified<'_> {
         self.ready.notified()
+    }
+
+    /// Wakes the session as if frames had been queued.
+    pub fn wake(&self) {
+        self.ready.notify_one();
     }
 
     /// Resolves once the queue has overflowed.
@@ -216,6 +606,11 @@ impl Outbox {
         self.lock().bytes
     }
 
+    /// Frames currently queued (holes excluded).
+    pub fn queued_frames(&self) -> usize {
+        self.lock().live()
+    }
+
     /// Bytes that may still be queued before the cap is reached.
     pub fn free_bytes(&self) -> usize {
         self.cap_bytes.saturating_sub(self.lock().bytes)
@@ -225,6 +620,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
 
     #[test]
     fn push_drain_and_overflow() {
@@ -285,6 +681,396 @@ mod tests {
         assert!(!outbox.is_overflowed());
         // A reliable frame over the cap still overflows.
         assert_eq!(outbox.push(Bytes::from_static(b"yy")), Err(PushError::Full));
+    }
+
+    fn event(room: u64, body: &str) -> Outgoing {
+        Outgoing {
+            frame: Bytes::copy_from_slice(body.as_bytes()),
+            lane: Lane::Room(room),
+        }
+    }
+
+    fn key(k: u64) -> NonZeroU64 {
+        NonZeroU64::new(k).unwrap()
+    }
+
+    fn markers(room: u64) -> ConflationFrames {
+        ConflationFrames {
+            on: Bytes::from(format!("on{room}")),
+            off: Bytes::from(format!("off{room}")),
+        }
+    }
+
+    fn drained(outbox: &Outbox) -> Vec<String> {
+        let mut batch = Vec::new();
+        assert!(outbox.drain_into(&mut batch));
+        batch
+            .iter()
+            .map(|o| String::from_utf8(o.frame.to_vec()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn conflation_starts_over_half_the_cap_and_keeps_the_latest_per_key() {
+        let outbox = Outbox::new(40);
+        let m = markers(1);
+        // Under half the cap (20 bytes): queued as usual, nothing replaced.
+        for body in ["a1-01", "b1-02", "a1-03", "b1-04"] {
+            assert!(
+                !outbox
+                    .push_conflatable(event(1, body), key(body.as_bytes()[0].into()), &m)
+                    .unwrap()
+            );
+        }
+        assert_eq!(outbox.queued_bytes(), 20);
+        // Over it: the marker, then events that replace each other per key.
+        let push = |body: &str| {
+            outbox
+                .push_conflatable(event(1, body), key(body.as_bytes()[0].into()), &m)
+                .unwrap()
+        };
+        assert!(!push("a1-05"));
+        assert!(!push("b1-06"));
+        assert!(push("a1-07"));
+        assert!(push("a1-08"));
+        assert!(push("b1-09"));
+        // A non-conflatable frame in between is kept, in order.
+        outbox.push(Bytes::from_static(b"c")).unwrap();
+        assert!(push("a1-10"));
+        assert_eq!(outbox.queued_bytes(), 20 + 3 + 5 + 1 + 5);
+        assert_eq!(
+            drained(&outbox),
+            [
+                "a1-01", "b1-02", "a1-03", "b1-04", "on1", "b1-09", "c", "a1-10", "off1"
+            ]
+        );
+        // Caught up: the next events queue as usual again.
+        assert!(!push("a1-11"));
+        assert!(!push("a1-12"));
+        assert_eq!(drained(&outbox), ["a1-11", "a1-12"]);
+    }
+
+    #[test]
+    fn conflation_bounds_the_queue_by_keys_and_overflows_only_on_new_keys() {
+        let outbox = Outbox::new(1000);
+        let m = markers(7);
+        let mut replaced = 0;
+        // 100 000 events of 10 bytes over 8 keys: 1 MB through a 1000-byte queue.
+        for n in 0..100_000u64 {
+            let body = format!("{:02}-{:07}", n % 8, n);
+            if outbox
+                .push_conflatable(event(7, &body), key(n % 8 + 1), &m)
+                .unwrap()
+            {
+                replaced += 1;
+            }
+            assert!(outbox.queued_bytes() <= 1000);
+        }
+        assert!(replaced > 99_000, "{replaced}");
+        // Holes are compacted: the queue's slots stay proportional to what it holds.
+        assert!(
+            outbox.lock().frames.len() <= 200,
+            "{}",
+            outbox.lock().frames.len()
+        );
+        let frames = drained(&outbox);
+        let (head, tail) = frames.split_at(frames.iter().position(|f| f == "on7").unwrap());
+        assert!(head.len() <= 50);
+        // After the marker: the 8 latest events, one per key, in publish order, then off.
+        let latest: Vec<String> = (100_000u64 - 8..100_000)
+            .map(|n| format!("{:02}-{:07}", n % 8, n))
+            .collect();
+        assert_eq!(&tail[1..9], &latest[..]);
+        assert_eq!(tail[9..], ["off7"]);
+        // Too many keys: conflation cannot bound it, the queue overflows as before.
+        let outbox = Outbox::new(100);
+        let result = (1..=100u64)
+            .map(|n| outbox.push_conflatable(event(1, "0123456789"), key(n), &m))
+            .find(Result::is_err);
+        assert_eq!(result, Some(Err(PushError::Full)));
+        assert!(outbox.is_overflowed());
+    }
+
+    #[test]
+    fn conflation_is_per_room_and_ends_silently_with_unsubscribed() {
+        let outbox = Outbox::new(22);
+        let (m1, m2) = (markers(1), markers(2));
+        outbox.push(Bytes::from_static(b"0123456789")).unwrap();
+        // Over half: room 1 conflates; room 2's events are a separate key space.
+        outbox
+            .push_conflatable(event(1, "x1"), key(1), &m1)
+            .unwrap();
+        outbox
+            .push_conflatable(event(2, "y1"), key(1), &m2)
+            .unwrap();
+        assert!(
+            outbox
+                .push_conflatable(event(1, "x2"), key(1), &m1)
+                .unwrap()
+        );
+        // Room 1 leaves: no off frame for it, and its queued event stays.
+        outbox
+            .push_to(Outgoing {
+                frame: Bytes::from_static(b"U1"),
+                lane: Lane::RoomClose(1),
+            })
+            .unwrap();
+        assert_eq!(
+            drained(&outbox),
+            ["0123456789", "on1", "on2", "y1", "x2", "U1", "off2"]
+        );
+    }
+
+    #[test]
+    fn held_rooms_stay_queued_and_keep_conflating() {
+        let woken = |outbox: &Outbox| {
+            let notified = outbox.ready();
+            tokio::pin!(notified);
+            notified
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+                .is_ready()
+        };
+        let outbox = Outbox::new(40);
+        let m = markers(1);
+        outbox
+            .push_conflatable(event(1, "a-01"), key(1), &m)
+            .unwrap();
+        outbox.push(Bytes::from_static(b"pong")).unwrap();
+        outbox
+            .push_conflatable(event(2, "z-01"), key(1), &markers(2))
+            .unwrap();
+        let mut batch = Vec::new();
+        assert!(outbox.drain_into_except(&mut batch, |lane| lane.room() == Some(1)));
+        let frames: Vec<_> = batch.iter().map(|o| o.frame.clone()).collect();
+        assert_eq!(frames, ["pong", "z-01"].map(Bytes::from));
+        assert!(outbox.has_held());
+        assert_eq!(outbox.queued_bytes(), 4);
+        assert!(woken(&outbox), "the first push woke the session");
+        // Room 1 keeps queueing (over half the cap it conflates) without waking the session;
+        // another lane wakes it.
+        for n in 2..=20 {
+            let body = format!("a-{n:02}");
+            outbox
+                .push_conflatable(event(1, &body), key(n % 2 + 1), &m)
+                .unwrap();
+        }
+        assert!(outbox.queued_bytes() <= 40);
+        assert!(!woken(&outbox), "pushes to a held room do not wake");
+        outbox.push(Bytes::from_static(b"ack")).unwrap();
+        assert!(woken(&outbox));
+        // Still held: only the control frame goes; once released, the room's frames and then
+        // its off frame.
+        batch.clear();
+        outbox.drain_into_except(&mut batch, |lane| lane.room() == Some(1));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(
+            drained(&outbox),
+            [
+                "a-01", "a-02", "a-03", "a-04", "a-05", "on1", "a-19", "a-20", "off1"
+            ]
+        );
+        assert!(!outbox.has_held());
+    }
+
+    #[test]
+    fn held_room_frames_stay_behind_the_first_held_one() {
+        let outbox = Outbox::new(100);
+        outbox
+            .push_to(Outgoing {
+                frame: Bytes::from_static(b"S"),
+                lane: Lane::RoomOpen(3),
+            })
+            .unwrap();
+        outbox.push_to(event(3, "e1")).unwrap();
+        outbox
+            .push_to(Outgoing {
+                frame: Bytes::from_static(b"U"),
+                lane: Lane::RoomClose(3),
+            })
+            .unwrap();
+        outbox
+            .push_to(Outgoing {
+                frame: Bytes::from_static(b"S2"),
+                lane: Lane::RoomOpen(3),
+            })
+            .unwrap();
+        let mut batch = Vec::new();
+        // The writer would take the room's opening but not its events: nothing of the room
+        // after the first held frame overtakes it.
+        outbox.drain_into_except(&mut batch, |lane| matches!(lane, Lane::Room(_)));
+        assert_eq!(batch.len(), 1);
+        assert_eq!(drained(&outbox), ["e1", "U", "S2"]);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// An event of room 1..=3 (`key`: conflatable), of `len` bytes.
+        Event {
+            room: u64,
+            key: Option<u64>,
+            len: usize,
+        },
+        /// A volatile event of room 4.
+        Volatile { len: usize },
+        /// A control frame.
+        Control,
+        /// `Unsubscribed` of a room.
+        Close { room: u64 },
+        /// A drain holding the rooms in `mask` (bit per room; 0: a full drain).
+        Drain { mask: u8 },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            6 => (1..=3u64, proptest::option::weighted(0.8, 1..=4u64), 1..30usize)
+                .prop_map(|(room, key, len)| Op::Event { room, key, len }),
+            1 => (1..30usize).prop_map(|len| Op::Volatile { len }),
+            1 => Just(Op::Control),
+            1 => (1..=3u64).prop_map(|room| Op::Close { room }),
+            1 => (0..16u8).prop_map(|mask| Op::Drain { mask }),
+        ]
+    }
+
+    /// Frames are `E` + 8-byte id + padding, markers `N`/`F` + room.
+    fn check_run(ops: &[Op]) {
+        let outbox = Outbox::new(400);
+        let frames: Vec<ConflationFrames> = (0..=4u8)
+            .map(|r| ConflationFrames {
+                on: Bytes::from(vec![b'N', r]),
+                off: Bytes::from(vec![b'F', r]),
+            })
+            .collect();
+        // id → (room, key) of every event pushed.
+        let mut pushed: Vec<(u64, Option<u64>)> = Vec::new();
+        let mut out: Vec<Outgoing> = Vec::new();
+        let mut replaced = 0;
+        let take = |outbox: &Outbox, mask: u8, out: &mut Vec<Outgoing>| {
+            let before = outbox.queued_bytes();
+            let mut batch = Vec::new();
+            if mask == 0 {
+                assert!(outbox.drain_into(&mut batch));
+                // What was counted is what came out, but the off frames added at the end.
+                let counted: usize = batch
+                    .iter()
+                    .filter(|o| o.frame[0] != b'F')
+                    .map(|o| o.frame.len())
+                    .sum();
+                assert_eq!(counted, before);
+                assert_eq!(outbox.queued_bytes(), 0);
+            } else {
+                assert!(outbox.drain_into_except(&mut batch, |lane| {
+                    lane.room().is_some_and(|r| r < 4 && mask & (1 << r) != 0)
+                }));
+            }
+            out.extend(batch);
+        };
+        for op in ops {
+            let id = pushed.len() as u64;
+            let event = |len: usize| {
+                let mut body = vec![b'E'];
+                body.extend_from_slice(&id.to_be_bytes());
+                body.resize(9 + len, 0);
+                Bytes::from(body)
+            };
+            let result = match op {
+                Op::Event { room, key, len } => {
+                    pushed.push((*room, *key));
+                    let item = Outgoing {
+                        frame: event(*len),
+                        lane: Lane::Room(*room),
+                    };
+                    match key {
+                        Some(k) => outbox
+                            .push_conflatable(
+                                item,
+                                NonZeroU64::new(*k).unwrap(),
+                                &frames[*room as usize],
+                            )
+                            .map(|r| replaced += usize::from(r)),
+                        None => outbox.push_to(item),
+                    }
+                }
+                Op::Volatile { len } => {
+                    pushed.push((4, None));
+                    outbox.push_to(Outgoing {
+                        frame: event(*len),
+                        lane: Lane::Volatile(4),
+                    })
+                }
+                Op::Control => outbox.push(Bytes::from_static(b"C")),
+                Op::Close { room } => outbox.push_to(Outgoing {
+                    frame: Bytes::from(vec![b'U', *room as u8]),
+                    lane: Lane::RoomClose(*room),
+                }),
+                Op::Drain { mask } => {
+                    take(&outbox, *mask, &mut out);
+                    Ok(())
+                }
+            };
+            if result.is_err() {
+                // Overflowed: nothing more to check about what it held.
+                assert!(outbox.is_overflowed());
+                return;
+            }
+            assert!(outbox.queued_bytes() <= 400);
+        }
+        take(&outbox, 0, &mut out);
+        // Per room: events in push order; markers alternate on, off; within one conflation
+        // episode at most one event per key.
+        let mut seen = vec![false; pushed.len()];
+        let mut events = 0;
+        for room in 1..=4u64 {
+            let mut last = None;
+            let mut conflating = false;
+            let mut keys = Vec::new();
+            for o in out.iter().filter(|o| o.lane.room() == Some(room)) {
+                match o.frame[0] {
+                    b'E' => {
+                        let id = u64::from_be_bytes(o.frame[1..9].try_into().unwrap());
+                        assert!(last < Some(id), "room {room}: order");
+                        last = Some(id);
+                        assert!(!seen[id as usize], "duplicate");
+                        seen[id as usize] = true;
+                        events += 1;
+                        let (r, key) = pushed[id as usize];
+                        assert_eq!(r, room);
+                        if let (true, Some(k)) = (conflating, key) {
+                            assert!(!keys.contains(&k), "room {room}: key {k} twice");
+                            keys.push(k);
+                        }
+                    }
+                    b'N' => {
+                        assert!(!conflating, "room {room}: on twice");
+                        conflating = true;
+                    }
+                    b'F' => {
+                        assert!(conflating, "room {room}: off without on");
+                        conflating = false;
+                        keys.clear();
+                    }
+                    b'U' => {
+                        conflating = false;
+                        keys.clear();
+                    }
+                    other => panic!("{other}"),
+                }
+            }
+            assert!(!conflating, "room {room}: a full drain ends conflation");
+        }
+        // Every event came out, was replaced or (volatile) dropped.
+        assert_eq!(events + replaced + outbox.dropped() as usize, pushed.len());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        #[test]
+        fn any_sequence_keeps_order_accounting_and_one_event_per_key(
+            ops in proptest::collection::vec(op(), 0..200)
+        ) {
+            check_run(&ops);
+        }
     }
 
     #[tokio::test]

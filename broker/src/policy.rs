@@ -29,6 +29,9 @@
 //! max_payload_bytes = 4096
 //! publish_per_second = 20      # own publish buckets per session (publish_burst,
 //!                              # publish_bytes_per_second, publish_bytes_burst likewise)
+//!
+//! [namespaces.prices]
+//! conflate = "instrument"      # a slow subscriber gets the latest event per data.instrument
 //! ```
 
 use std::{
@@ -134,6 +137,11 @@ pub struct NamespacePolicy {
     /// `payload_too_large`). Default: not set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_bytes_burst: Option<u32>,
+    /// Conflation key path (e.g. `"instrument"`, `"device.id"`; see [`crate::conflation`]):
+    /// a subscriber whose queue is over half full gets only the latest event per key instead
+    /// of being closed as a slow consumer. Not with `volatile`. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflate: Option<String>,
 }
 
 fn default_subscribe() -> SubscribeRule {
@@ -161,6 +169,7 @@ impl NamespacePolicy {
             publish_burst: None,
             publish_bytes_per_second: None,
             publish_bytes_burst: None,
+            conflate: None,
         }
     }
 
@@ -314,6 +323,22 @@ impl FileConfig {
         }
         if let Some(policy) = &self.default {
             policy.check("default")?;
+        }
+        let policies = self
+            .namespaces
+            .iter()
+            .map(|(n, p)| (format!("namespaces.{n}"), p));
+        for (name, policy) in policies.chain(self.default.iter().map(|p| ("default".into(), p))) {
+            let Some(path) = &policy.conflate else {
+                continue;
+            };
+            crate::conflation::KeyPath::parse(path)
+                .map_err(|e| ConfigError::Invalid(format!("{name}.conflate: {e}")))?;
+            if policy.volatile {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: conflate is for reliable rooms (volatile rooms drop the oldest)"
+                )));
+            }
         }
         self.limits.check().map_err(ConfigError::Invalid)?;
         self.auth.check().map_err(ConfigError::Invalid)?;
@@ -658,6 +683,15 @@ mod tests {
             ("[namespaces.user]\n", "reserved"),
             ("[limits]\npublish_per_second = 0\n", "publish_per_second"),
             ("[auth]\nrequired = true\n", "no keys"),
+            (
+                "[namespaces.px]\nconflate = \"a..b\"\n",
+                "namespaces.px.conflate",
+            ),
+            ("[default]\nconflate = \"\"\n", "default.conflate"),
+            (
+                "[namespaces.px]\nconflate = \"id\"\nvolatile = true\n",
+                "reliable rooms",
+            ),
         ] {
             let err = FileConfig::parse(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
@@ -828,7 +862,12 @@ mod tests {
         let config = FileConfig::default();
         assert!(config.may_subscribe(&room("any:1"), None).is_ok());
         assert!(config.may_publish(&room("any:1"), None, false, 1).is_ok());
-        let printed = FileConfig::parse(FILE).unwrap().effective();
+        let printed = FileConfig::parse(&format!(
+            "{FILE}\n[namespaces.px]\nconflate = \"device.id\"\n"
+        ))
+        .unwrap()
+        .effective();
+        assert!(printed.contains("conflate = \"device.id\""), "{printed}");
         assert!(printed.contains("publish_per_second"), "{printed}");
         assert!(printed.contains("[namespaces.orders]"), "{printed}");
     }

@@ -41,6 +41,7 @@ use crate::{
     certs::{self, CertInfo},
     cluster::{Bridge, InProcess, nats::NatsBridge},
     config::Config,
+    conflation::KeyPath,
     gate::Security,
     hub::{HistoryLimits, Hub, RoomRule, RoomRules, SessionKey},
     metrics::Metrics,
@@ -111,12 +112,20 @@ fn room_rules(config: &Config, security: &Security) -> RoomRules {
     // a node's own memory never does (events reach a node only while it has subscribers).
     let clustered = !config.cluster.nats.is_empty();
     let sequenced = clustered && !config.cluster.no_nats_history;
-    let merge = |base: RoomRule, policy: Option<&NamespacePolicy>| -> RoomRule {
-        let Some(p) = policy else { return base };
+    let merge = |base: &RoomRule, policy: Option<&NamespacePolicy>| -> RoomRule {
+        let Some(p) = policy else {
+            return base.clone();
+        };
         if p.volatile {
             return RoomRule::VOLATILE;
         }
-        let mut rule = base;
+        let mut rule = base.clone();
+        // Checked when the file was loaded; volatile rooms never conflate.
+        rule.conflate = p
+            .conflate
+            .as_deref()
+            .and_then(|path| KeyPath::parse(path).ok())
+            .map(Arc::new);
         if rule.history.is_on() {
             rule.history.events = p.history_events.unwrap_or(rule.history.events);
             rule.history.bytes = p.history_bytes.unwrap_or(rule.history.bytes);
@@ -142,10 +151,11 @@ fn room_rules(config: &Config, security: &Security) -> RoomRules {
         },
         dedup_window: config.dedup_window,
         sequenced,
+        conflate: None,
     };
     let file = &security.file;
     let mut rules = RoomRules {
-        default: merge(base, file.default.as_ref()),
+        default: merge(&base, file.default.as_ref()),
         namespaces: HashMap::new(),
         history_budget: config.history_memory,
     };
@@ -157,7 +167,7 @@ fn room_rules(config: &Config, security: &Security) -> RoomRules {
         rules
             .namespaces
             .entry(ns.to_owned())
-            .or_insert_with(|| merge(base, Some(policy)));
+            .or_insert_with(|| merge(&base, Some(policy)));
     }
     rules
 }
@@ -181,10 +191,10 @@ impl Shared {
             None => Arc::new(InProcess),
         };
         Shared {
-            hub: Arc::new(Hub::with_rules(
-                room_rules(&config, &security),
-                bridge.interest(),
-            )),
+            hub: Arc::new(
+                Hub::with_rules(room_rules(&config, &security), bridge.interest())
+                    .count_conflated_in(metrics.conflated.clone()),
+            ),
             security: Arc::new(security),
             bridge,
             nats,
@@ -685,7 +695,11 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
                 max_frame: config.max_frame_size,
                 hello_timeout: config.hello_timeout,
                 single_stream: config.wt_single_stream,
-                max_backlog: config.outbound_queue_bytes,
+                // Over half the outbox cap of unwritten bytes, frames of backlogged streams
+                // wait in the outbox (conflated, dropped or counted against its cap there);
+                // the hard cap is then only reached by one drain on top of that.
+                hold_backlog: config.outbound_queue_bytes / 2,
+                max_backlog: config.outbound_queue_bytes * 2,
                 datagrams_in: task_shared.metrics.datagrams_in.clone(),
                 datagrams_out: task_shared.metrics.datagrams_out.clone(),
             };

@@ -5,7 +5,8 @@
 //!
 //! One task per session: it waits on the client's next frame, the outbox, the keepalive
 //! deadline and shutdown. It never blocks fan-out: other sessions only ever push into its
-//! outbox.
+//! outbox. Frames the writer cannot take now (a backlogged WebTransport stream) stay in the
+//! outbox, where a conflating room is conflated ([`crate::outbox`]).
 
 use std::{
     future::Future,
@@ -271,7 +272,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                 () = &mut overflowed => return slow_consumer(),
                 () = &mut ready => {
                     ready.set(outbox.ready());
-                    if !outbox.drain_into(&mut batch) {
+                    if !take_queued(&outbox, writer, &mut batch) {
                         return slow_consumer();
                     }
                     !batch.is_empty()
@@ -334,7 +335,11 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     if written.is_err() {
                         return End::Gone;
                     }
-                    false
+                    // A channel caught up: frames held in the outbox for it may go now.
+                    if outbox.has_held() && !take_queued(&outbox, writer, &mut batch) {
+                        return slow_consumer();
+                    }
+                    !batch.is_empty()
                 }
             };
             if write_now {
@@ -349,6 +354,10 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     () = &mut cancelled, if drain_window.is_zero() => return End::Gone,
                 }
                 batch.clear();
+                if outbox.has_held() {
+                    // Writing may have emptied a held channel's backlog: look again.
+                    outbox.wake();
+                }
             }
         }
     }
@@ -456,6 +465,17 @@ impl Core {
                 .hub
                 .unsubscribe(room, self.key, &self.outbox, None);
         }
+    }
+}
+
+/// Moves the outbox's frames into `batch`, but those the writer cannot take now (they wait
+/// in the outbox, where conflation and the cap apply to them). False if the outbox
+/// overflowed.
+fn take_queued<W: FrameWriter>(outbox: &Outbox, writer: &W, batch: &mut Vec<Outgoing>) -> bool {
+    if writer.backpressured() {
+        outbox.drain_into_except(batch, |lane| writer.holds(lane))
+    } else {
+        outbox.drain_into(batch)
     }
 }
 

@@ -416,7 +416,7 @@ impl Bridge for NatsBridge {
             event: event.clone(),
             data: data.as_bytes().clone(),
             key: key.map(Box::from),
-            stored: stored.then_some((rule, ack)),
+            stored: stored.then(|| (rule.clone(), ack)),
         };
         match self.queue.try_send(outbound) {
             Ok(()) if stored => Ok(None),
@@ -627,7 +627,7 @@ async fn reconcile(
             mark_live(&table, &inbound, room);
         }
         for room in subscribe.iter().cloned() {
-            let rule = inbound.hub.rule(&room);
+            let rule = inbound.hub.rule(&room).clone();
             let sequenced = rule.sequenced && !rule.volatile;
             let subject = if sequenced {
                 history::sequenced_subject(&prefix, &room)

@@ -14,6 +14,12 @@
 //! expires ([`Hub::sweep`]). Idempotency keys of publishes are remembered per room for the
 //! namespace's dedup window.
 //!
+//! Rooms of namespaces that conflate ([`RoomRule::conflate`]) have each event's conflation key
+//! found and hashed once per publish, before the room lock is taken; the key goes with each
+//! subscriber's push so that the outbox of a subscriber that fell behind keeps only the latest
+//! event per key (see [`crate::outbox`]). The room's two `Conflation` frames are encoded once,
+//! when the room is created.
+//!
 //! The hub does not touch sockets, sessions' protocol state or the cluster. It only tells an
 //! optional [`Interest`] listener (the cluster bridge) when a room appears and disappears,
 //! under the shard write lock, so those calls are ordered per room.
@@ -23,6 +29,7 @@ mod history;
 use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
+    num::NonZeroU64,
     sync::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -31,17 +38,19 @@ use std::{
 };
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use roomcast_protocol::{EventName, Payload, Position, RoomName, ServerFrame, frame::encode_event};
 
 pub use self::history::HistoryLimits;
 use self::history::{DEDUP_KEYS_PER_ROOM, Dedup, History, Replay};
 use crate::{
     cluster::Interest,
-    outbox::{Lane, Outbox, Outgoing, PushError},
+    conflation::KeyPath,
+    outbox::{ConflationFrames, Lane, Outbox, Outgoing, PushError},
 };
 
 /// How the rooms of one namespace behave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomRule {
     /// Events may be dropped (oldest first) or sent as datagrams; never any history.
     pub volatile: bool,
@@ -53,6 +62,9 @@ pub struct RoomRule {
     /// and the idempotency keys live there (`history` and `dedup_window` configure the stream),
     /// and recoveries are answered by the bridge ([`Hub::take_recoveries`]).
     pub sequenced: bool,
+    /// Where each event's conflation key is in its `data`: a subscriber that falls behind
+    /// gets only the latest event per key (reliable rooms only; `None`: never conflated).
+    pub conflate: Option<Arc<KeyPath>>,
 }
 
 impl RoomRule {
@@ -67,6 +79,7 @@ impl RoomRule {
         },
         dedup_window: Duration::from_secs(120),
         sequenced: false,
+        conflate: None,
     };
 
     /// Volatile: no history, no dedup.
@@ -75,6 +88,7 @@ impl RoomRule {
         history: HistoryLimits::OFF,
         dedup_window: Duration::ZERO,
         sequenced: false,
+        conflate: None,
     };
 
     /// Whether rooms of this rule have an epoch (local history, or a stream).
@@ -115,11 +129,15 @@ impl RoomRules {
     }
 
     /// The rule of `room`'s namespace.
-    pub fn rule(&self, room: &RoomName) -> RoomRule {
+    pub fn rule(&self, room: &RoomName) -> &RoomRule {
         self.namespaces
             .get(room.namespace())
-            .copied()
-            .unwrap_or(self.default)
+            .unwrap_or(&self.default)
+    }
+
+    /// Whether some namespace conflates.
+    fn any_conflation(&self) -> bool {
+        self.default.conflate.is_some() || self.namespaces.values().any(|r| r.conflate.is_some())
     }
 }
 
@@ -167,6 +185,8 @@ struct RoomState {
     volatile: bool,
     /// `seq` and epoch come from the cluster ([`RoomRule::sequenced`]).
     sequenced: bool,
+    /// The room conflates: its `Conflation` frames.
+    conflation: Option<ConflationFrames>,
     /// Numbering of `seq`: random per room state, 0 when the room keeps no history.
     epoch: u64,
     seq: u64,
@@ -197,6 +217,10 @@ pub struct Hub {
     history_bytes: Arc<AtomicUsize>,
     /// Told when a room gains its first and loses its last subscriber (cluster mode).
     interest: Option<Arc<dyn Interest>>,
+    /// Some namespace conflates (else no publish looks for a key).
+    conflation: bool,
+    /// Events replaced in a subscriber's queue by a later one of the same conflation key.
+    conflated: Counter,
 }
 
 impl Default for Hub {
@@ -306,6 +330,8 @@ impl Hub {
     /// subscriber and when it is dropped.
     pub fn with_rules(rules: RoomRules, interest: Option<Arc<dyn Interest>>) -> Self {
         Hub {
+            conflation: rules.any_conflation(),
+            conflated: Counter::default(),
             rules,
             history_bytes: Arc::new(AtomicUsize::new(0)),
             interest,
@@ -315,6 +341,34 @@ impl Hub {
             subscriptions: AtomicUsize::new(0),
             next_room_id: AtomicU64::new(1),
         }
+    }
+
+    /// Counts the events replaced by conflation in `counter` (a metric) from now on.
+    pub fn count_conflated_in(mut self, counter: Counter) -> Self {
+        self.conflated = counter;
+        self
+    }
+
+    /// Events replaced so far in subscribers' queues by a later event of the same
+    /// conflation key.
+    pub fn conflated(&self) -> u64 {
+        self.conflated.get()
+    }
+
+    /// The hashed conflation key of an event of `room` with `data`, if its namespace
+    /// conflates and `data` holds the key. Keyed hashing (SipHash with this hub's random
+    /// keys): publishers cannot aim collisions at each other's keys.
+    fn conflation_key(&self, room: &RoomName, data: &Payload) -> Option<NonZeroU64> {
+        if !self.conflation {
+            return None;
+        }
+        let raw = self
+            .rules
+            .rule(room)
+            .conflate
+            .as_ref()?
+            .locate(data.as_bytes())?;
+        Some(NonZeroU64::new(self.hasher.hash_one(raw)).unwrap_or(NonZeroU64::MIN))
     }
 
     /// Whether events of `room` are volatile.
@@ -334,10 +388,24 @@ impl Hub {
         });
         let dedup = (local && !rule.dedup_window.is_zero())
             .then(|| Dedup::new(rule.dedup_window, DEDUP_KEYS_PER_ROOM));
+        let conflation = (!rule.volatile && rule.conflate.is_some()).then(|| {
+            let frame = |active| {
+                ServerFrame::Conflation {
+                    room: room.clone(),
+                    active,
+                }
+                .encode()
+            };
+            ConflationFrames {
+                on: frame(true),
+                off: frame(false),
+            }
+        });
         RoomState {
             id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
             volatile: rule.volatile,
             sequenced: rule.sequenced && !rule.volatile,
+            conflation,
             epoch: if history.is_some() { new_epoch() } else { 0 },
             seq: 0,
             history,
@@ -585,6 +653,7 @@ impl Hub {
         let Some(state) = self.room(room) else {
             return Delivery::default();
         };
+        let conflation_key = self.conflation_key(room, data);
         let mut state = lock_room(&state);
         let now = Instant::now();
         if let (Some(key), Some(dedup)) = (key, &mut state.dedup) {
@@ -605,7 +674,7 @@ impl Hub {
         if let (Some(key), Some(dedup)) = (key, &mut state.dedup) {
             dedup.insert(key, seq, now);
         }
-        self.fan_out(&mut state, frame, seq)
+        self.fan_out(&mut state, frame, seq, conflation_key)
     }
 
     /// Publishes an event of a sequenced room, numbered by its stream: `position` is the
@@ -622,6 +691,7 @@ impl Hub {
         let Some(state) = self.room(room) else {
             return Delivery::default();
         };
+        let conflation_key = self.conflation_key(room, data);
         let mut state = lock_room(&state);
         if position.epoch == state.epoch && position.seq <= state.seq {
             return Delivery {
@@ -635,16 +705,25 @@ impl Hub {
         state.epoch = position.epoch;
         state.seq = position.seq;
         let frame: Bytes = encode_event(room, event, data, position.seq, epoch);
-        self.fan_out(&mut state, frame, position.seq)
+        self.fan_out(&mut state, frame, position.seq, conflation_key)
     }
 
-    /// Queues `frame` (the event `seq`) to every answered subscriber of the locked room.
-    fn fan_out(&self, state: &mut RoomState, frame: Bytes, seq: u64) -> Delivery {
+    /// Queues `frame` (the event `seq`, with conflation key `key` if any) to every answered
+    /// subscriber of the locked room.
+    fn fan_out(
+        &self,
+        state: &mut RoomState,
+        frame: Bytes,
+        seq: u64,
+        key: Option<NonZeroU64>,
+    ) -> Delivery {
         let lane = if state.volatile {
             Lane::Volatile(state.id)
         } else {
             Lane::Room(state.id)
         };
+        let conflation = key.zip(state.conflation.as_ref());
+        let mut replaced = 0;
         let before = state.subscribers.len();
         let mut delivery = Delivery {
             seq: Some(seq),
@@ -654,10 +733,17 @@ impl Hub {
             if s.pending.is_some() {
                 return true;
             }
-            match s.outbox.push_to(Outgoing {
+            let item = Outgoing {
                 frame: frame.clone(),
                 lane,
-            }) {
+            };
+            let pushed = match conflation {
+                Some((key, frames)) => s.outbox.push_conflatable(item, key, frames).map(|r| {
+                    replaced += u64::from(r);
+                }),
+                None => s.outbox.push_to(item),
+            };
+            match pushed {
                 Ok(()) => {
                     delivery.delivered += 1;
                     true
@@ -672,6 +758,9 @@ impl Hub {
         let removed = before - state.subscribers.len();
         if removed > 0 {
             self.subscriptions.fetch_sub(removed, Ordering::Relaxed);
+        }
+        if replaced > 0 {
+            self.conflated.inc_by(replaced);
         }
         delivery
     }
@@ -766,7 +855,7 @@ impl Hub {
     }
 
     /// The rule of `room`'s namespace.
-    pub fn rule(&self, room: &RoomName) -> RoomRule {
+    pub fn rule(&self, room: &RoomName) -> &RoomRule {
         self.rules.rule(room)
     }
 
@@ -1209,5 +1298,129 @@ mod tests {
         assert_eq!(hub.subscription_count(), 1);
         assert!(slow.is_overflowed());
         assert_eq!(drain(&fast).len(), 11);
+    }
+
+    /// Rules where namespace `px` conflates by `data.id` (and `gps` is volatile).
+    fn conflating() -> RoomRules {
+        let mut rules = RoomRules::with_volatile(["gps".to_owned()]);
+        rules.namespaces.insert(
+            "px".into(),
+            RoomRule {
+                conflate: Some(Arc::new(KeyPath::parse("id").unwrap())),
+                ..RoomRule::RELIABLE
+            },
+        );
+        rules
+    }
+
+    fn tick(id: Option<&str>, n: u64) -> Payload {
+        match id {
+            Some(id) => Payload::encode(&serde_json::json!({ "id": id, "n": n })).unwrap(),
+            None => Payload::encode(&serde_json::json!({ "n": n })).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_slow_subscriber_of_a_conflating_room_gets_the_latest_per_key_others_everything() {
+        let counter = Counter::default();
+        let hub = Hub::with_rules(conflating(), None).count_conflated_in(counter.clone());
+        let r = room("px:fx");
+        let slow = Arc::new(Outbox::new(2000));
+        let fast = Arc::new(Outbox::new(1 << 20));
+        hub.subscribe(&r, 1, &slow, 1, None).unwrap();
+        hub.subscribe(&r, 2, &fast, 1, None).unwrap();
+        let event = EventName::new("px").unwrap();
+        let keys = ["EURUSD", "USDJPY", "GBPUSD"];
+        for n in 1..=3000 {
+            // A few events have no key: never replaced.
+            let id = (n % 500 != 0).then(|| keys[n as usize % 3]);
+            let delivery = hub.publish(&r, &event, &tick(id, n), None);
+            assert_eq!((delivery.delivered, delivery.slow), (2, 0));
+            assert!(slow.queued_bytes() <= 2000);
+        }
+        assert_eq!(seqs(&drain(&fast)).len(), 3000);
+        let frames = drain(&slow);
+        let on = frames
+            .iter()
+            .position(|f| {
+                *f == ServerFrame::Conflation {
+                    room: r.clone(),
+                    active: true,
+                }
+            })
+            .expect("told it is conflated");
+        assert_eq!(
+            frames.last(),
+            Some(&ServerFrame::Conflation {
+                room: r.clone(),
+                active: false
+            })
+        );
+        let before = seqs(&frames[..on]);
+        assert_eq!(before, (1..=before.len() as u64).collect::<Vec<_>>());
+        let after = seqs(&frames[on..]);
+        assert!(after.is_sorted());
+        // After the marker: the latest event of each key...
+        for key in keys {
+            let last = (1..=3000u64)
+                .rev()
+                .find(|n| n % 500 != 0 && keys[*n as usize % 3] == key)
+                .unwrap();
+            assert!(after.contains(&last), "{key}: {last} in {after:?}");
+        }
+        // ...and no superseded one of a key, while events without the key are never replaced.
+        let keyed: Vec<_> = after.iter().filter(|n| *n % 500 != 0).collect();
+        assert_eq!(keyed.len(), 3, "{after:?}");
+        assert!(after.iter().filter(|n| *n % 500 == 0).count() > 0);
+        assert_eq!(
+            hub.conflated(),
+            counter.get(),
+            "the metric counts the replacements"
+        );
+        // Every event was queued, or replaced by a later one of its key.
+        assert_eq!(counter.get() as usize + before.len() + after.len(), 3000);
+    }
+
+    #[test]
+    fn only_reliable_rooms_of_conflating_namespaces_conflate() {
+        let hub = Hub::with_rules(conflating(), None);
+        let event = EventName::new("px").unwrap();
+        for name in ["orders:1", "gps:1", "px:1"] {
+            let r = room(name);
+            let o = Arc::new(Outbox::new(400));
+            hub.subscribe(&r, 1, &o, 1, None).unwrap();
+            let mut slow = 0;
+            for n in 1..=100 {
+                slow += hub.publish(&r, &event, &tick(Some("k"), n), None).slow;
+            }
+            let frames = if o.is_overflowed() {
+                Vec::new()
+            } else {
+                drain(&o)
+            };
+            match name {
+                // Reliable without conflation: closed as slow.
+                "orders:1" => assert_eq!(slow, 1),
+                // Volatile: the oldest dropped, no Conflation frame.
+                "gps:1" => {
+                    assert_eq!(slow, 0);
+                    assert!(o.dropped() > 0);
+                    assert!(
+                        !frames
+                            .iter()
+                            .any(|f| matches!(f, ServerFrame::Conflation { .. }))
+                    );
+                }
+                _ => {
+                    assert_eq!(slow, 0);
+                    assert_eq!(seqs(&frames).last(), Some(&100));
+                    assert!(
+                        frames
+                            .iter()
+                            .any(|f| matches!(f, ServerFrame::Conflation { .. }))
+                    );
+                }
+            }
+        }
     }
 }

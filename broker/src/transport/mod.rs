@@ -6,7 +6,7 @@ use std::future::Future;
 use bytes::Bytes;
 use roomcast_protocol::Code;
 
-use crate::outbox::Outgoing;
+use crate::outbox::{Lane, Outgoing};
 
 pub mod ws;
 pub mod wt;
@@ -67,9 +67,25 @@ pub trait FrameWriter: Send {
         false
     }
 
-    /// Writes the backlog. Cancel-safe: progress is kept when the future is dropped.
+    /// Writes the backlog, at least until one channel has caught up. Cancel-safe: progress is
+    /// kept when the future is dropped.
     fn write_backlog(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send {
         async { Ok(()) }
+    }
+
+    /// Whether the writer holds so much unwritten that the session should ask
+    /// [`FrameWriter::holds`] which frames to leave in its outbox for now.
+    fn backpressured(&self) -> bool {
+        false
+    }
+
+    /// Whether frames of `lane` should stay in the session's outbox for now (their channel
+    /// is backlogged): there they can be conflated, dropped (volatile) or count against its
+    /// cap, and frames of other channels are not held up behind them. Asked only while
+    /// [`FrameWriter::backpressured`]; frames are held at least until the next time
+    /// [`FrameWriter::write_backlog`] returns.
+    fn holds(&self, _lane: Lane) -> bool {
+        false
     }
 
     /// Writes transport-level bytes produced as [`Incoming::Control`].

@@ -7,7 +7,10 @@
 //! FIN, so loss on one room's stream never delays another room. Rooms opened while the client
 //! grants no stream credit share the control stream instead. Events of volatile rooms travel
 //! as QUIC datagrams (one frame per datagram) when they fit, and clients may send frames (e.g.
-//! publishes from trackers) as datagrams. No protocol logic lives here.
+//! publishes from trackers) as datagrams. What QUIC does not take at once stays as the
+//! channel's backlog; past half the outbox cap of backlog, the frames of backlogged channels
+//! wait in the session's outbox instead ([`FrameWriter::holds`]), where conflation and the
+//! outbox cap apply to them. No protocol logic lives here.
 
 use std::{
     collections::HashMap,
@@ -16,7 +19,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use roomcast_protocol::{
     Code,
@@ -53,6 +56,9 @@ pub struct WtSettings {
     pub hello_timeout: Duration,
     /// Put every room on the control stream (measurement knob).
     pub single_stream: bool,
+    /// Bytes written but not yet accepted by QUIC from which the writer asks the session to
+    /// keep the frames of backlogged channels in its outbox ([`FrameWriter::holds`]).
+    pub hold_backlog: usize,
     /// Most bytes written but not yet accepted by QUIC before the session is a slow consumer.
     pub max_backlog: usize,
     /// Counts datagrams received.
@@ -71,6 +77,7 @@ pub async fn open(
         max_frame,
         hello_timeout,
         single_stream,
+        hold_backlog,
         max_backlog,
         datagrams_in,
         datagrams_out,
@@ -93,6 +100,7 @@ pub async fn open(
             rooms: HashMap::new(),
             closing: Vec::new(),
             backlog: AtomicUsize::new(0),
+            hold_backlog,
             max_backlog,
             single_stream,
             datagrams_out,
@@ -275,6 +283,8 @@ pub struct WtWriter {
     /// Bytes queued in all channels and not yet accepted by QUIC (atomic only so that the
     /// concurrent writes of one task can share it).
     backlog: AtomicUsize,
+    /// Backlog from which frames for backlogged channels stay in the session's outbox.
+    hold_backlog: usize,
     /// Largest backlog before the session counts as a slow consumer.
     max_backlog: usize,
     /// Every room on the control stream.
@@ -326,6 +336,55 @@ impl WtWriter {
         self.backlog.fetch_sub(written, Ordering::Relaxed);
         self.finish_closed();
         Ok(())
+    }
+
+    /// The channel frames of `lane` would be written on (`None`: a room opening a new stream).
+    fn lane_channel(&self, lane: Lane) -> Option<&Channel> {
+        let id = match lane {
+            Lane::Control => return Some(&self.control),
+            Lane::RoomOpen(id) if !self.rooms.contains_key(&id) => return None,
+            Lane::RoomOpen(id) | Lane::Room(id) | Lane::Volatile(id) | Lane::RoomClose(id) => id,
+        };
+        match self.rooms.get(&id) {
+            Some(RoomChannel::Stream(channel)) => Some(channel),
+            _ => Some(&self.control),
+        }
+    }
+
+    /// Writes every channel's backlog, waiting for stream credit (`all`), or until one channel
+    /// has written all of its backlog. Cancel-safe.
+    async fn flush(&mut self, all: bool) -> Result<(), TransportError> {
+        let WtWriter {
+            control,
+            rooms,
+            closing,
+            backlog,
+            ..
+        } = self;
+        let mut writes = futures_util::stream::FuturesUnordered::new();
+        if control.backlog() > 0 {
+            writes.push(control.write_backlog(backlog));
+        }
+        for room in rooms.values_mut() {
+            if let RoomChannel::Stream(channel) = room
+                && channel.backlog() > 0
+            {
+                writes.push(channel.write_backlog(backlog));
+            }
+        }
+        for channel in closing.iter_mut() {
+            writes.push(channel.write_backlog(backlog));
+        }
+        let mut result = Ok(());
+        while let Some(written) = writes.next().await {
+            if written.is_err() || !all {
+                result = written;
+                break;
+            }
+        }
+        drop(writes);
+        self.finish_closed();
+        result
     }
 
     /// Sends FIN on left rooms' streams that have written everything.
@@ -391,31 +450,22 @@ impl FrameWriter for WtWriter {
         self.backlog.load(Ordering::Relaxed) > 0
     }
 
+    /// Returns as soon as one channel has written its whole backlog, so that the session can
+    /// hand over the frames it held for that channel.
     async fn write_backlog(&mut self) -> Result<(), TransportError> {
-        let WtWriter {
-            control,
-            rooms,
-            closing,
-            backlog,
-            ..
-        } = self;
-        let mut writes = Vec::new();
-        if control.backlog() > 0 {
-            writes.push(control.write_backlog(backlog));
-        }
-        for room in rooms.values_mut() {
-            if let RoomChannel::Stream(channel) = room
-                && channel.backlog() > 0
-            {
-                writes.push(channel.write_backlog(backlog));
-            }
-        }
-        for channel in closing.iter_mut() {
-            writes.push(channel.write_backlog(backlog));
-        }
-        let result = futures_util::future::try_join_all(writes).await.map(|_| ());
-        self.finish_closed();
-        result
+        self.flush(false).await
+    }
+
+    fn backpressured(&self) -> bool {
+        self.backlog.load(Ordering::Relaxed) >= self.hold_backlog
+    }
+
+    /// Holds the frames of a channel that still has a backlog (a room stream out of credit,
+    /// or the control stream for the rooms riding it), once the backlog of all channels is
+    /// over `hold_backlog`: they then wait in the outbox instead of here.
+    fn holds(&self, lane: Lane) -> bool {
+        self.lane_channel(lane)
+            .is_some_and(|channel| channel.backlog() > 0)
     }
 
     async fn send_control(&mut self, _raw: Bytes) -> Result<(), TransportError> {
@@ -429,7 +479,7 @@ impl FrameWriter for WtWriter {
         // consumer, whose backlog is the problem), then the control stream with the Close
         // frame, then the client gets a moment to close first.
         if code != Code::SlowConsumer {
-            let _ = tokio::time::timeout(CLOSE_FLUSH_STEP, self.write_backlog()).await;
+            let _ = tokio::time::timeout(CLOSE_FLUSH_STEP, self.flush(true)).await;
         }
         let control = self.control.write_backlog(&self.backlog);
         if let Ok(Ok(())) = tokio::time::timeout(CLOSE_FLUSH_STEP, control).await {
