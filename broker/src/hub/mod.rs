@@ -90,11 +90,6 @@ impl RoomRule {
         sequenced: false,
         conflate: None,
     };
-
-    /// Whether rooms of this rule have an epoch (local history, or a stream).
-    pub fn has_history(&self) -> bool {
-        !self.volatile && self.history.is_on()
-    }
 }
 
 /// The rule of every namespace: a default plus exceptions.
@@ -783,11 +778,6 @@ impl Hub {
                 _ => None,
             })
             .collect()
-    }
-
-    /// The room's current position, if it is in the registry.
-    pub fn position(&self, room: &RoomName) -> Option<Position> {
-        self.room(room).map(|state| lock_room(&state).position())
     }
 
     /// Answers `session`'s waiting recovery in a sequenced room: `Some(events)` (every event
