@@ -31,6 +31,9 @@ build() {
 # start_broker [serve flags...]: a broker on 127.0.0.1:0; sets BROKER (pid) and URL.
 start_broker() {
   local log=target/bench/broker.log
+  # Emptied here, not by the background redirection below: that one may run after the first
+  # grep, which would then find the previous broker's address.
+  : > "$log"
   # shellcheck disable=SC2086
   ROOMCAST_LOG=${ROOMCAST_LOG:-info} target/release/roomcast serve --listen 127.0.0.1:0 \
     ${BROKER_ARGS:-} "$@" > "$log" 2>&1 &

@@ -3,13 +3,16 @@
 //! Scenarios: `fanout` (closed-loop fan-out to N subscribers of one room), `latency`
 //! (publish→deliver latency at a fixed publish rate), `connections` (many idle sessions, the
 //! broker's memory per session), `publishers` (many publishers, each into its own watched
-//! room) and `hol` (head-of-line blocking across rooms: a WebTransport subscriber of a heavy
-//! and a light room behind a lossy user-space UDP relay). Each scenario lives in its own
-//! module; `common` holds sessions and wire helpers, `measure` clocks, histograms and
-//! schedules, `timed` the subscribers that time every delivery. Subscribers read events
-//! straight off the socket after the handshake and look only at what they measure, so the
-//! generator stays cheaper than the broker it measures. Every scenario stops by itself, prints progress on stderr once per second and
-//! ends with a table, or one JSON line with `--json`.
+//! room), `hol` (head-of-line blocking across rooms: a WebTransport subscriber of a heavy
+//! and a light room behind a lossy user-space UDP relay) and `soak` (minutes of session
+//! churn with recoveries, reported interval by interval: broker RSS, latency, errors). Each
+//! scenario lives in its own module; `common` holds sessions and wire helpers, `measure`
+//! clocks, histograms and schedules, `timed` the subscribers that time every delivery.
+//! Subscribers of the throughput scenarios read events straight off the socket after the
+//! handshake and look only at what they measure, so the generator stays cheaper than the
+//! broker it measures (`soak`, at a lighter load, decodes and checks every frame). Every
+//! scenario stops by itself, prints progress on stderr once per second (`soak`: once per
+//! `--interval`) and ends with a table, or one JSON line with `--json`.
 //!
 //! JSON units: durations in seconds (`*_s`), latencies in milliseconds (`*_ms` objects with
 //! `n`, `p50`, `p90`, `p99`, `p999`, `max`, `mean`, the shape of limit-ref's `lat_ms`), memory
@@ -25,6 +28,7 @@ mod hol;
 mod latency;
 mod measure;
 mod publishers;
+mod soak;
 mod timed;
 mod wt;
 
@@ -55,6 +59,9 @@ enum Scenario {
     /// Head-of-line blocking across rooms: one WebTransport subscriber of a heavy and a light
     /// room behind a lossy UDP relay; the light room's latency.
     Hol(hol::HolArgs),
+    /// Minutes of churn (sessions connect, subscribe, recover, leave; publishers at a fixed
+    /// rate): RSS, latency and errors interval by interval (scripts/soak; not in CI).
+    Soak(soak::SoakArgs),
 }
 
 #[tokio::main]
@@ -67,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Connections(args) => connections::run(args).await,
         Scenario::Publishers(args) => publishers::run(args).await,
         Scenario::Hol(args) => hol::run(args).await,
+        Scenario::Soak(args) => soak::run(args).await,
     };
     // Reader tasks are still parked on their sockets: leave without waiting for them.
     std::process::exit(match result {

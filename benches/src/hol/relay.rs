@@ -554,14 +554,16 @@ mod tests {
         server.send_to(b"pong", from).unwrap();
         let (n, from) = client.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from), (&b"pong"[..], relay.addr));
-        // The relay counts a datagram after handing it to the socket: the receiver may see it
-        // first, so wait (bounded) for the counters.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while relay.down.snapshot().forwarded < 1 && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert_eq!(relay.up.snapshot().forwarded, 1);
-        assert_eq!(relay.down.snapshot().forwarded, 1);
+        // The relay counts a datagram after sending it: the receiver may see it first.
+        let counted = |stats: &DirectionStats| {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while stats.snapshot().forwarded == 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            stats.snapshot().forwarded
+        };
+        assert_eq!(counted(&relay.up), 1);
+        assert_eq!(counted(&relay.down), 1);
 
         let config = LinkConfig {
             loss: 1.0,
