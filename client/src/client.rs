@@ -382,6 +382,20 @@ impl Client {
             let key = self.inner.auto_keys.then(IdempotencyKey::random);
             return self.publish_frame(room, event, data, key).await;
         }
+        self.publish_unacknowledged(room, event, &data, false)
+            .await?;
+        Ok(None)
+    }
+
+    /// Hands an unacknowledged `Publish` to the connection (`unreliable`: as a datagram when
+    /// it fits one); returns once it is queued.
+    async fn publish_unacknowledged(
+        &self,
+        room: &str,
+        event: &str,
+        data: &Payload,
+        unreliable: bool,
+    ) -> Result<(), Error> {
         let frame = ClientFrame::Publish {
             key: None,
             id: self.next_id(),
@@ -391,12 +405,7 @@ impl Client {
             ack: false,
         }
         .encode();
-        self.send_command(Command::Send {
-            frame,
-            unreliable: false,
-        })
-        .await?;
-        Ok(None)
+        self.send_command(Command::Send { frame, unreliable }).await
     }
 
     /// Sends an acknowledged `Publish` and waits for the `Ack`.
@@ -440,20 +449,7 @@ impl Client {
         data: &T,
     ) -> Result<(), Error> {
         let data = Payload::encode(data).map_err(Error::Encode)?;
-        let frame = ClientFrame::Publish {
-            key: None,
-            id: self.next_id(),
-            room: room.to_owned(),
-            event: event.to_owned(),
-            data: data.as_bytes().clone(),
-            ack: false,
-        }
-        .encode();
-        self.send_command(Command::Send {
-            frame,
-            unreliable: true,
-        })
-        .await
+        self.publish_unacknowledged(room, event, &data, true).await
     }
 
     /// Sends `frame` as one binary message, unchecked, once the connection gets to it (for
