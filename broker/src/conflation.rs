@@ -336,7 +336,9 @@ mod tests {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..4).prop_map(V::Array),
                 proptest::collection::vec((key.clone(), inner.clone()), 0..4).prop_map(V::Map),
-                (1..5u64, inner).prop_map(|(tag, v)| V::Tag(tag, Box::new(v))),
+                // Not tags 2 and 3: ciborium's reference decoding turns bignums into
+                // integers, which the raw bytes located are not.
+                (4..8u64, inner).prop_map(|(tag, v)| V::Tag(tag, Box::new(v))),
             ]
         })
     }

@@ -7,7 +7,8 @@
 //! requests), [`transport`] (session I/O over WebSocket and
 //! WebTransport), [`certs`] (TLS identities for QUIC), [`session`]
 //! (drives the protocol state machine, owns the outbound queue), [`outbox`] (the bounded
-//! per-session queue, where conflation happens), [`conflation`] (where a namespace's
+//! per-session queue, where conflation happens), [`wire`] (frames as sent: events encoded once
+//! with their WebSocket header in front), [`conflation`] (where a namespace's
 //! conflation key is in an event), [`hub`] (rooms and fan-out), [`cluster`] (the bridge between the hub and
 //! other nodes: in-process or NATS), [`config`], [`metrics`], [`api`] (HTTP
 //! routes), [`dev_ui`] (`--dev-ui`: a demo page and its certificate hash) and [`server`]
@@ -32,6 +33,7 @@ pub mod schema;
 pub mod server;
 mod session;
 pub mod transport;
+pub mod wire;
 
 pub use config::Config;
 pub use server::{Server, serve};

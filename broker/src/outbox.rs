@@ -30,19 +30,24 @@
 //! Holes (replaced or evicted events) cost one slot each until the queue is drained or they
 //! outnumber the frames, when the queue is compacted: every operation is O(1) amortized, but
 //! for evicting volatile events (a scan for the oldest) and partial drains (a pass over the
-//! queue).
+//! queue). A full drain hands the queue over by swapping two vectors, and the session is woken
+//! through an atomic flag and waker rather than a lock: on the fan-out path a delivery costs
+//! one push under the queue's lock and a share of one wake-up per batch.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::HashMap,
     num::NonZeroU64,
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
+    task::{Context, Poll},
 };
 
 use bytes::Bytes;
-use tokio::sync::{Notify, futures::Notified};
+use futures_util::task::AtomicWaker;
+
+use crate::wire::Wire;
 
 /// The ordered channel a frame belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +81,7 @@ impl Lane {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outgoing {
     /// The encoded frame (shared with other sessions for events).
-    pub frame: Bytes,
+    pub frame: Wire,
     /// Where it goes.
     pub lane: Lane,
 }
@@ -85,7 +90,7 @@ impl Outgoing {
     /// A session-level frame.
     pub fn control(frame: Bytes) -> Self {
         Outgoing {
-            frame,
+            frame: frame.into(),
             lane: Lane::Control,
         }
     }
@@ -117,47 +122,21 @@ enum Status {
     Closed,
 }
 
-/// A queued frame. `key` is set on events of a conflating room queued after its
-/// `Conflation { active: true }`: those a later event of the same key replaces.
-#[derive(Debug)]
-struct Entry {
-    frame: Bytes,
-    lane: Lane,
-    key: Option<NonZeroU64>,
-}
-
-impl Entry {
-    fn plain(item: Outgoing) -> Self {
-        Entry {
-            frame: item.frame,
-            lane: item.lane,
-            key: None,
-        }
-    }
-
-    fn outgoing(self) -> Outgoing {
-        Outgoing {
-            frame: self.frame,
-            lane: self.lane,
-        }
-    }
-}
-
 /// The rooms being conflated, and where the replaceable event of each (room, key) is.
 #[derive(Debug, Default)]
 struct Conflating {
     /// Room id and its `Conflation { active: false }` frame, to send once it caught up.
     rooms: Vec<(u64, Bytes)>,
-    /// (room, key) → position (see [`Queue::base`]) of the event to replace.
-    latest: HashMap<(u64, NonZeroU64), u64>,
+    /// (room, key) → index in [`Queue::frames`] of the queued event a later one replaces.
+    latest: HashMap<(u64, NonZeroU64), usize>,
 }
 
 #[derive(Debug)]
 struct Queue {
-    /// Queued frames; `None` is a hole left by a replaced or evicted event.
-    frames: VecDeque<Option<Entry>>,
-    /// Position of `frames[0]`: positions stay valid while the front is popped.
-    base: u64,
+    /// Queued frames, in order. An entry whose frame is empty is a hole left by a replaced or
+    /// evicted event (no frame is empty); holes never leave the queue. A `Vec`, so that a
+    /// full drain hands the whole queue over by swapping it with the writer's empty batch.
+    frames: Vec<Outgoing>,
     /// Holes in `frames`.
     holes: usize,
     /// Bytes of the queued frames (holes count nothing).
@@ -182,6 +161,10 @@ enum Pushed {
     Overflowed,
 }
 
+fn is_hole(item: &Outgoing) -> bool {
+    item.frame.is_empty()
+}
+
 impl Queue {
     fn live(&self) -> usize {
         self.frames.len() - self.holes
@@ -199,26 +182,22 @@ impl Queue {
         self.live() == 0 || (!self.held.is_empty() && !self.held.contains(&lane.room()))
     }
 
-    /// Queues `entry` within `cap` bytes, evicting older volatile events for a volatile one.
-    fn push(&mut self, entry: Entry, cap: usize, dropped: &AtomicU64) -> Pushed {
-        let len = entry.frame.len();
+    /// Queues `item` within `cap` bytes, evicting older volatile events for a volatile one.
+    #[inline]
+    fn push(&mut self, item: Outgoing, cap: usize, dropped: &AtomicU64) -> Pushed {
+        let len = item.frame.len();
         if self.bytes + len > cap {
-            if !matches!(entry.lane, Lane::Volatile(_)) {
+            if !matches!(item.lane, Lane::Volatile(_)) {
                 self.overflow();
                 return Pushed::Overflowed;
             }
             // Latest value wins: make room by dropping older volatile events; if that is not
             // enough, drop this one. The subscriber is not disconnected.
             while self.bytes + len > cap {
-                let oldest = self.frames.iter().position(|e| {
-                    matches!(
-                        e,
-                        Some(Entry {
-                            lane: Lane::Volatile(_),
-                            ..
-                        })
-                    )
-                });
+                let oldest = self
+                    .frames
+                    .iter()
+                    .position(|e| matches!(e.lane, Lane::Volatile(_)) && !is_hole(e));
                 dropped.fetch_add(1, Ordering::Relaxed);
                 match oldest {
                     Some(at) => self.punch(at),
@@ -226,61 +205,44 @@ impl Queue {
                 }
             }
         }
-        if let Lane::RoomClose(room) = entry.lane {
+        if let Lane::RoomClose(room) = item.lane {
             self.stop_conflating(room);
         }
-        let wake = self.wakes_for(entry.lane);
+        let wake = self.wakes_for(item.lane);
         self.bytes += len;
-        self.frames.push_back(Some(entry));
+        self.frames.push(item);
         Pushed::Queued(wake)
-    }
-
-    /// The position the next queued frame gets.
-    fn next_position(&self) -> u64 {
-        self.base + self.frames.len() as u64
     }
 
     /// Removes the frame at index `at`, leaving a hole; compacts when holes pile up.
     fn punch(&mut self, at: usize) {
-        let Some(old) = self.frames.get_mut(at).and_then(Option::take) else {
+        let Some(old) = self.frames.get_mut(at).filter(|e| !is_hole(e)) else {
             return;
         };
-        self.bytes -= old.frame.len();
+        let frame = std::mem::take(&mut old.frame);
+        self.bytes -= frame.len();
         self.holes += 1;
-        while let Some(None) = self.frames.front() {
-            self.frames.pop_front();
-            self.base += 1;
-            self.holes -= 1;
-        }
         if self.holes > COMPACT_AFTER_HOLES && self.holes * 2 > self.frames.len() {
             self.compact();
         }
     }
 
-    /// Drops the holes and renumbers the replaceable events.
+    /// Drops the holes, keeping the replaceable events' indexes right.
     fn compact(&mut self) {
-        self.frames.retain(Option::is_some);
-        self.holes = 0;
-        self.reindex();
-    }
-
-    fn reindex(&mut self) {
-        let Some(conflating) = self.conflating.as_mut() else {
-            return;
-        };
-        conflating.latest.clear();
-        for (i, entry) in self.frames.iter().enumerate() {
-            if let Some(Entry {
-                lane: Lane::Room(room),
-                key: Some(key),
-                ..
-            }) = entry
-            {
-                conflating
-                    .latest
-                    .insert((*room, *key), self.base + i as u64);
+        if let Some(conflating) = self.conflating.as_mut() {
+            // Old index → new index (holes are never replaceable events).
+            let mut new_index = Vec::with_capacity(self.frames.len());
+            let mut next = 0;
+            for entry in &self.frames {
+                new_index.push(next);
+                next += usize::from(!is_hole(entry));
+            }
+            for at in conflating.latest.values_mut() {
+                *at = new_index[*at];
             }
         }
+        self.frames.retain(|e| !is_hole(e));
+        self.holes = 0;
     }
 
     /// The room left (its `Unsubscribed` is being queued): its conflation ends silently.
@@ -293,21 +255,16 @@ impl Queue {
         if conflating.rooms.len() == before {
             return;
         }
+        // Its queued events are no longer replaceable (a later subscription starts afresh).
         conflating.latest.retain(|(r, _), _| *r != room);
         if conflating.rooms.is_empty() {
             self.conflating = None;
-        }
-        // Its queued events are no longer replaceable (a later subscription starts afresh).
-        for entry in self.frames.iter_mut().flatten() {
-            if entry.lane == Lane::Room(room) {
-                entry.key = None;
-            }
         }
     }
 
     fn overflow(&mut self) {
         self.status = Status::Overflowed;
-        self.frames = VecDeque::new();
+        self.frames = Vec::new();
         self.bytes = 0;
         self.holes = 0;
         self.conflating = None;
@@ -327,10 +284,12 @@ impl Queue {
 pub struct Outbox {
     queue: Mutex<Queue>,
     cap_bytes: usize,
-    /// Woken when the queue gets frames the session may take.
-    ready: Notify,
-    /// Woken once when the queue overflows.
-    overflow: Notify,
+    /// Set when the queue got frames the session may take, or overflowed; cleared when the
+    /// session sees it ([`Outbox::poll_ready`]).
+    signal: AtomicBool,
+    /// The session task waiting for `signal`. Registering it is a swap, not a lock: the
+    /// session polls it on every turn of its loop.
+    waiter: AtomicWaker,
     /// Volatile events dropped to make room.
     dropped: AtomicU64,
 }
@@ -340,8 +299,7 @@ impl Outbox {
     pub fn new(cap_bytes: usize) -> Self {
         Outbox {
             queue: Mutex::new(Queue {
-                frames: VecDeque::new(),
-                base: 0,
+                frames: Vec::new(),
                 holes: 0,
                 bytes: 0,
                 status: Status::Open,
@@ -349,8 +307,8 @@ impl Outbox {
                 held: Vec::new(),
             }),
             cap_bytes,
-            ready: Notify::new(),
-            overflow: Notify::new(),
+            signal: AtomicBool::new(false),
+            waiter: AtomicWaker::new(),
             dropped: AtomicU64::new(0),
         }
     }
@@ -369,13 +327,14 @@ impl Outbox {
         }
     }
 
-    /// Wakes whom a push concerns, after the lock is released.
+    /// Wakes the session if a push concerns it, after the lock is released.
+    #[inline]
     fn settle(&self, pushed: Pushed) -> Result<(), PushError> {
         match pushed {
-            Pushed::Queued(true) => self.ready.notify_one(),
+            Pushed::Queued(true) => self.wake(),
             Pushed::Queued(false) | Pushed::Dropped => {}
             Pushed::Overflowed => {
-                self.overflow.notify_one();
+                self.wake();
                 return Err(PushError::Full);
             }
         }
@@ -388,11 +347,12 @@ impl Outbox {
     }
 
     /// Queues a frame on its lane. Never waits.
+    #[inline]
     pub fn push_to(&self, item: Outgoing) -> Result<(), PushError> {
         let pushed = {
             let mut q = self.lock();
             Self::open(&q)?;
-            q.push(Entry::plain(item), self.cap_bytes, &self.dropped)
+            q.push(item, self.cap_bytes, &self.dropped)
         };
         self.settle(pushed)
     }
@@ -416,7 +376,7 @@ impl Outbox {
             Self::open(&q)?;
             let active = q.is_conflating(room);
             if !active && q.bytes + item.frame.len() <= self.cap_bytes / 2 {
-                let pushed = q.push(Entry::plain(item), self.cap_bytes, &self.dropped);
+                let pushed = q.push(item, self.cap_bytes, &self.dropped);
                 drop(q);
                 return self.settle(pushed).map(|()| false);
             }
@@ -424,10 +384,9 @@ impl Outbox {
             if !active {
                 // Falling behind: say so, in the room's order, before the first event that
                 // may replace another.
-                let on = Entry {
-                    frame: frames.on.clone(),
+                let on = Outgoing {
+                    frame: frames.on.clone().into(),
                     lane: Lane::Room(room),
-                    key: None,
                 };
                 match q.push(on, self.cap_bytes, &self.dropped) {
                     Pushed::Queued(w) => wake = w,
@@ -445,22 +404,15 @@ impl Outbox {
                 .conflating
                 .as_mut()
                 .and_then(|c| c.latest.remove(&(room, key)));
-            if let Some(position) = older {
-                let at = position.checked_sub(q.base).map(|at| at as usize);
-                if let Some(at) = at {
-                    q.punch(at);
-                }
+            if let Some(at) = older {
+                q.punch(at);
             }
-            let position = q.next_position();
-            let entry = Entry {
-                frame: item.frame,
-                lane: item.lane,
-                key: Some(key),
-            };
-            let pushed = match q.push(entry, self.cap_bytes, &self.dropped) {
+            // After the punch, which may have compacted the queue.
+            let at = q.frames.len();
+            let pushed = match q.push(item, self.cap_bytes, &self.dropped) {
                 Pushed::Queued(w) => {
                     if let Some(c) = q.conflating.as_mut() {
-                        c.latest.insert((room, key), position);
+                        c.latest.insert((room, key), at);
                     }
                     Pushed::Queued(w || wake)
                 }
@@ -471,7 +423,8 @@ impl Outbox {
         self.settle(pushed).map(|()| replaced)
     }
 
-    /// Moves every queued frame into `batch` (appending), then the `Conflation { active:
+    /// Moves every queued frame into `batch` (appending; when `batch` is empty, by swapping
+    /// the two, so `batch`'s capacity is reused by the queue), then the `Conflation { active:
     /// false }` of every room that was being conflated. Returns false if the queue
     /// overflowed (then nothing is moved).
     pub fn drain_into(&self, batch: &mut Vec<Outgoing>) -> bool {
@@ -479,15 +432,21 @@ impl Outbox {
         if q.status == Status::Overflowed {
             return false;
         }
-        batch.extend(q.frames.drain(..).flatten().map(Entry::outgoing));
+        if q.holes > 0 {
+            q.frames.retain(|e| !is_hole(e));
+            q.holes = 0;
+        }
+        if batch.is_empty() {
+            std::mem::swap(&mut q.frames, batch);
+        } else {
+            batch.append(&mut q.frames);
+        }
         q.bytes = 0;
-        q.holes = 0;
-        q.base = 0;
         q.held.clear();
         if let Some(conflating) = q.conflating.take() {
             for (room, off) in conflating.rooms {
                 batch.push(Outgoing {
-                    frame: off,
+                    frame: off.into(),
                     lane: Lane::Room(room),
                 });
             }
@@ -512,23 +471,34 @@ impl Outbox {
         }
         let mut held: Vec<Option<u64>> = Vec::new();
         let mut bytes = 0;
+        let conflating = q.conflating.is_some();
+        // Old index → new index of the frames that stay (only needed to keep the
+        // replaceable events' indexes right).
+        let mut new_index: Vec<Option<usize>> = Vec::new();
+        let mut kept = 0;
         // In place: holes go, taken frames go to the batch, held ones stay in order.
-        q.frames.retain_mut(|slot| {
-            let Some(entry) = slot else {
-                return false;
-            };
-            let room = entry.lane.room();
-            let keep = held.contains(&room) || {
-                let keep = hold(entry.lane);
-                if keep {
-                    held.push(room);
+        q.frames.retain_mut(|entry| {
+            let keep = !is_hole(entry) && {
+                let room = entry.lane.room();
+                held.contains(&room) || {
+                    let keep = hold(entry.lane);
+                    if keep {
+                        held.push(room);
+                    }
+                    keep
                 }
-                keep
             };
+            if conflating {
+                new_index.push(keep.then_some(kept));
+            }
             if keep {
                 bytes += entry.frame.len();
-            } else if let Some(entry) = slot.take() {
-                batch.push(entry.outgoing());
+                kept += 1;
+            } else if !is_hole(entry) {
+                batch.push(Outgoing {
+                    frame: std::mem::take(&mut entry.frame),
+                    lane: entry.lane,
+                });
             }
             keep
         });
@@ -543,20 +513,28 @@ impl Outbox {
                     return true;
                 }
                 batch.push(Outgoing {
-                    frame: off.clone(),
+                    frame: off.clone().into(),
                     lane: Lane::Room(*room),
                 });
                 false
             });
+            // Events taken are no longer replaceable; held ones moved.
+            conflating
+                .latest
+                .retain(|_, at| match new_index.get(*at).copied().flatten() {
+                    Some(new) => {
+                        *at = new;
+                        true
+                    }
+                    None => false,
+                });
             if conflating.rooms.is_empty() {
                 q.conflating = None;
             }
         }
         q.bytes = bytes;
         q.holes = 0;
-        q.base = 0;
         q.held = held;
-        q.reindex();
         q.shrink();
         true
     }
@@ -566,21 +544,31 @@ impl Outbox {
         !self.lock().held.is_empty()
     }
 
-    /// Resolves when frames may be waiting (spurious wake-ups are possible). Keep the future
-    /// across loop turns (and make a new one after it fires) rather than re-creating it each
-    /// turn: registering a waiter is not free.
-    pub fn ready(&self) -> Notified<'_> {
-        self.ready.notified()
+    /// Ready when frames may be waiting or the queue overflowed (spurious wake-ups are
+    /// possible); each readiness is reported once. One task at a time may wait.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        // Registering before looking: a push after the look finds the waker in place.
+        if self.signal.swap(false, Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.waiter.register(cx.waker());
+        if self.signal.swap(false, Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Resolves as [`Outbox::poll_ready`] does.
+    pub async fn ready(&self) {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 
     /// Wakes the session as if frames had been queued.
+    #[inline]
     pub fn wake(&self) {
-        self.ready.notify_one();
-    }
-
-    /// Resolves once the queue has overflowed.
-    pub fn overflowed(&self) -> Notified<'_> {
-        self.overflow.notified()
+        self.signal.store(true, Ordering::Release);
+        self.waiter.wake();
     }
 
     /// True if the queue has overflowed.
@@ -659,7 +647,7 @@ mod tests {
     fn volatile_events_drop_oldest_instead_of_overflowing() {
         let outbox = Outbox::new(10);
         let volatile = |b: &'static [u8]| Outgoing {
-            frame: Bytes::from_static(b),
+            frame: Bytes::from_static(b).into(),
             lane: Lane::Volatile(1),
         };
         outbox.push(Bytes::from_static(b"ctl")).unwrap();
@@ -673,7 +661,10 @@ mod tests {
         let mut batch = Vec::new();
         outbox.drain_into(&mut batch);
         let frames: Vec<_> = batch.iter().map(|o| o.frame.clone()).collect();
-        assert_eq!(frames, ["ctl", "p2", "p3", "p4"].map(Bytes::from));
+        assert_eq!(
+            frames,
+            ["ctl", "p2", "p3", "p4"].map(|b| Wire::from(Bytes::from(b)))
+        );
         // A volatile frame that cannot fit even alone is dropped, not queued.
         outbox.push(Bytes::from_static(b"123456789")).unwrap();
         outbox.push_to(volatile(b"xx")).unwrap();
@@ -685,7 +676,7 @@ mod tests {
 
     fn event(room: u64, body: &str) -> Outgoing {
         Outgoing {
-            frame: Bytes::copy_from_slice(body.as_bytes()),
+            frame: Bytes::copy_from_slice(body.as_bytes()).into(),
             lane: Lane::Room(room),
         }
     }
@@ -811,7 +802,7 @@ mod tests {
         // Room 1 leaves: no off frame for it, and its queued event stays.
         outbox
             .push_to(Outgoing {
-                frame: Bytes::from_static(b"U1"),
+                frame: Bytes::from_static(b"U1").into(),
                 lane: Lane::RoomClose(1),
             })
             .unwrap();
@@ -843,7 +834,7 @@ mod tests {
         let mut batch = Vec::new();
         assert!(outbox.drain_into_except(&mut batch, |lane| lane.room() == Some(1)));
         let frames: Vec<_> = batch.iter().map(|o| o.frame.clone()).collect();
-        assert_eq!(frames, ["pong", "z-01"].map(Bytes::from));
+        assert_eq!(frames, ["pong", "z-01"].map(|b| Wire::from(Bytes::from(b))));
         assert!(outbox.has_held());
         assert_eq!(outbox.queued_bytes(), 4);
         assert!(woken(&outbox), "the first push woke the session");
@@ -878,20 +869,20 @@ mod tests {
         let outbox = Outbox::new(100);
         outbox
             .push_to(Outgoing {
-                frame: Bytes::from_static(b"S"),
+                frame: Bytes::from_static(b"S").into(),
                 lane: Lane::RoomOpen(3),
             })
             .unwrap();
         outbox.push_to(event(3, "e1")).unwrap();
         outbox
             .push_to(Outgoing {
-                frame: Bytes::from_static(b"U"),
+                frame: Bytes::from_static(b"U").into(),
                 lane: Lane::RoomClose(3),
             })
             .unwrap();
         outbox
             .push_to(Outgoing {
-                frame: Bytes::from_static(b"S2"),
+                frame: Bytes::from_static(b"S2").into(),
                 lane: Lane::RoomOpen(3),
             })
             .unwrap();
@@ -978,7 +969,7 @@ mod tests {
                 Op::Event { room, key, len } => {
                     pushed.push((*room, *key));
                     let item = Outgoing {
-                        frame: event(*len),
+                        frame: event(*len).into(),
                         lane: Lane::Room(*room),
                     };
                     match key {
@@ -995,13 +986,13 @@ mod tests {
                 Op::Volatile { len } => {
                     pushed.push((4, None));
                     outbox.push_to(Outgoing {
-                        frame: event(*len),
+                        frame: event(*len).into(),
                         lane: Lane::Volatile(4),
                     })
                 }
                 Op::Control => outbox.push(Bytes::from_static(b"C")),
                 Op::Close { room } => outbox.push_to(Outgoing {
-                    frame: Bytes::from(vec![b'U', *room as u8]),
+                    frame: Bytes::from(vec![b'U', *room as u8]).into(),
                     lane: Lane::RoomClose(*room),
                 }),
                 Op::Drain { mask } => {
@@ -1083,9 +1074,16 @@ mod tests {
         tokio::task::yield_now().await;
         outbox.push(Bytes::from_static(b"ab")).unwrap();
         waiter.await.unwrap();
+        // A second push to a queue that was not drained wakes nobody.
+        outbox.push(Bytes::from_static(b"c")).unwrap();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert_eq!(outbox.poll_ready(&mut cx), Poll::Pending);
+        // The overflow does.
         let _ = outbox.push(Bytes::from_static(b"abc"));
-        tokio::time::timeout(std::time::Duration::from_secs(5), outbox.overflowed())
+        tokio::time::timeout(std::time::Duration::from_secs(5), outbox.ready())
             .await
             .expect("overflow wakes the session");
+        assert!(outbox.is_overflowed());
     }
 }

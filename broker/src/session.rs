@@ -236,42 +236,35 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         // The wake-up futures live across loop turns: re-registering waiters every turn would
         // cost more than the work of a small batch.
         let cancelled = shutdown.cancelled();
-        let overflowed = outbox.overflowed();
-        let ready = outbox.ready();
         let deadline = tokio::time::sleep_until(core.deadline().into());
-        tokio::pin!(cancelled, overflowed, ready, deadline);
+        tokio::pin!(cancelled, deadline);
         let mut batch: Vec<Outgoing> = Vec::new();
         // Shutting down with a drain window: this session's moment to close (boxed, so
         // sessions that never drain do not carry a timer).
         let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let drain_window = core.shared.config.drain_window;
         loop {
+            // Looked at here as well as waited for below: a session kept busy by its outbox
+            // takes the outbox branch first every turn and would not see the shutdown there.
+            if drain.is_none() && shutdown.is_cancelled() {
+                if drain_window.is_zero() {
+                    return shutting_down();
+                }
+                // A random moment in the window, and a short random wait before the client
+                // reconnects: the node's sessions land on the others spread out.
+                drain = Some(Box::pin(tokio::time::sleep(
+                    drain_window.mul_f64(fastrand::f64()),
+                )));
+                let window_ms = u64::try_from(drain_window.as_millis()).unwrap_or(u64::MAX);
+                core.retry_after_ms = Some(fastrand::u64(0..=window_ms.min(500)));
+            }
             // The write happens after this select! has ended, so the futures of the two
-            // selects share storage in the task instead of adding up.
+            // selects share storage in the task instead of adding up. The outbox comes first:
+            // when it woke the task, nothing else is polled (each poll of a waiting future
+            // costs a lock, paid per batch on the fan-out path).
             let write_now = tokio::select! {
                 biased;
-                () = &mut cancelled, if drain.is_none() => {
-                    if drain_window.is_zero() {
-                        return shutting_down();
-                    }
-                    // A random moment in the window, and a short random wait before the
-                    // client reconnects: the node's sessions land on the others spread out.
-                    drain = Some(Box::pin(tokio::time::sleep(
-                        drain_window.mul_f64(fastrand::f64()),
-                    )));
-                    let window_ms = u64::try_from(drain_window.as_millis()).unwrap_or(u64::MAX);
-                    core.retry_after_ms = Some(fastrand::u64(0..=window_ms.min(500)));
-                    false
-                }
-                () = async {
-                    match drain.as_mut() {
-                        Some(moment) => moment.as_mut().await,
-                        None => std::future::pending().await,
-                    }
-                } => return shutting_down(),
-                () = &mut overflowed => return slow_consumer(),
-                () = &mut ready => {
-                    ready.set(outbox.ready());
+                () = std::future::poll_fn(|cx| outbox.poll_ready(cx)) => {
                     if !take_queued(&outbox, writer, &mut batch) {
                         return slow_consumer();
                     }
@@ -341,21 +334,45 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     }
                     !batch.is_empty()
                 }
+                // Handled at the top of the loop.
+                () = &mut cancelled, if drain.is_none() => false,
+                () = async {
+                    match drain.as_mut() {
+                        Some(moment) => moment.as_mut().await,
+                        None => std::future::pending().await,
+                    }
+                } => return shutting_down(),
             };
             if write_now {
-                tokio::select! {
-                    result = writer.send_batch(&mut batch) => match result {
-                        Ok(()) => {}
-                        Err(TransportError::Backlogged) => return slow_consumer(),
-                        Err(_) => return End::Gone,
-                    },
-                    () = &mut overflowed => return slow_consumer(),
-                    // With a drain window the session is served until its moment comes.
-                    () = &mut cancelled, if drain_window.is_zero() => return End::Gone,
+                // Pushes during the write: the outbox overflowing ends a write that may never
+                // finish (a slow consumer); other frames wait for the next turn.
+                let mut woken = false;
+                {
+                    let sent = writer.send_batch(&mut batch);
+                    tokio::pin!(sent);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            result = &mut sent => match result {
+                                Ok(()) => break,
+                                Err(TransportError::Backlogged) => return slow_consumer(),
+                                Err(_) => return End::Gone,
+                            },
+                            () = std::future::poll_fn(|cx| outbox.poll_ready(cx)) => {
+                                if outbox.is_overflowed() {
+                                    return slow_consumer();
+                                }
+                                woken = true;
+                            }
+                            // With a drain window the session is served until its moment comes.
+                            () = &mut cancelled, if drain_window.is_zero() => return End::Gone,
+                        }
+                    }
                 }
                 batch.clear();
-                if outbox.has_held() {
-                    // Writing may have emptied a held channel's backlog: look again.
+                if woken || outbox.has_held() {
+                    // Frames came during the write, or writing may have emptied a held
+                    // channel's backlog: look again.
                     outbox.wake();
                 }
             }

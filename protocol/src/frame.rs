@@ -457,13 +457,31 @@ pub fn encode_event(
     seq: u64,
     epoch: Option<u64>,
 ) -> Bytes {
-    encode(&EventRef {
-        room,
-        event,
-        data,
-        seq,
-        epoch,
-    })
+    let mut out = Vec::with_capacity(64 + data.len());
+    write_event(&mut out, room, event, data, seq, epoch);
+    Bytes::from(out)
+}
+
+/// Appends the encoding of an `Event` frame to `out`, for callers that put something in front
+/// of it in the same buffer (the broker writes the WebSocket frame header there).
+pub fn write_event(
+    out: &mut Vec<u8>,
+    room: &RoomName,
+    event: &EventName,
+    data: &Payload,
+    seq: u64,
+    epoch: Option<u64>,
+) {
+    encode_into(
+        &EventRef {
+            room,
+            event,
+            data,
+            seq,
+            epoch,
+        },
+        out,
+    );
 }
 
 fn missing(frame: &'static str, field: &'static str) -> DecodeError {
@@ -479,11 +497,15 @@ fn invalid(field: &'static str, reason: impl ToString) -> DecodeError {
 
 fn encode<T: Serialize>(frame: &T) -> Bytes {
     let mut out = Vec::with_capacity(64);
+    encode_into(frame, &mut out);
+    Bytes::from(out)
+}
+
+fn encode_into<T: Serialize>(frame: &T, out: &mut Vec<u8>) {
     // Writing to a Vec cannot fail and every frame type serializes without error.
-    if let Err(e) = ciborium::into_writer(frame, &mut out) {
+    if let Err(e) = ciborium::into_writer(frame, out) {
         unreachable!("frame encoding into memory failed: {e}");
     }
-    Bytes::from(out)
 }
 
 /// A byte slice serialized as a CBOR byte string.

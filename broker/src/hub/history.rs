@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
+use crate::wire::Wire;
 
 /// How much of a room's past is kept for recovery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl HistoryLimits {
 struct Entry {
     seq: u64,
     at: Instant,
-    frame: Bytes,
+    frame: Wire,
 }
 
 /// The ring of a room's recent events, in seq order, with no gap.
@@ -62,7 +62,7 @@ pub(crate) struct History {
 /// What a recovery from a position finds.
 pub(crate) enum Replay<'a> {
     /// Every event after the position is held: these frames, in order (maybe none).
-    Complete(Vec<&'a Bytes>),
+    Complete(Vec<&'a Wire>),
     /// Some event after the position is gone.
     Gap,
 }
@@ -80,7 +80,7 @@ impl History {
 
     /// Records the event `seq` (the room's newest). Oldest events go first when a limit (count,
     /// bytes, the hub-wide budget) would be exceeded; the newest event itself is always kept.
-    pub(crate) fn record(&mut self, seq: u64, frame: Bytes, now: Instant) {
+    pub(crate) fn record(&mut self, seq: u64, frame: Wire, now: Instant) {
         let len = frame.len();
         while let Some(oldest) = self.entries.front() {
             let over_count = self.entries.len() + 1 > self.limits.events;
@@ -211,6 +211,7 @@ impl Dedup {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn limits(events: usize, bytes: usize) -> HistoryLimits {
         HistoryLimits {
@@ -233,7 +234,7 @@ mod tests {
         let mut h = History::new(limits(3, 1000), total.clone(), 1 << 20);
         let now = Instant::now();
         for seq in 1..=5u8 {
-            h.record(u64::from(seq), Bytes::from(vec![seq; 10]), now);
+            h.record(u64::from(seq), Bytes::from(vec![seq; 10]).into(), now);
         }
         // Holds 3, 4, 5.
         assert_eq!(frames(&h.after(5, 5)), Some(vec![]));
@@ -250,7 +251,7 @@ mod tests {
         // Bytes: 25 bytes hold two 10-byte events.
         let mut h = History::new(limits(100, 25), total.clone(), 1 << 20);
         for seq in 1..=4u8 {
-            h.record(u64::from(seq), Bytes::from(vec![seq; 10]), now);
+            h.record(u64::from(seq), Bytes::from(vec![seq; 10]).into(), now);
         }
         assert_eq!(h.bytes(), 20);
         assert_eq!(frames(&h.after(2, 4)), Some(vec![3, 4]));
@@ -258,8 +259,8 @@ mod tests {
         // The hub-wide budget: the newest is kept even when alone over it.
         let tight = Arc::new(AtomicUsize::new(0));
         let mut h = History::new(limits(100, 1000), tight.clone(), 15);
-        h.record(1, Bytes::from(vec![1; 10]), now);
-        h.record(2, Bytes::from(vec![2; 10]), now);
+        h.record(1, Bytes::from(vec![1; 10]).into(), now);
+        h.record(2, Bytes::from(vec![2; 10]).into(), now);
         assert_eq!(frames(&h.after(1, 2)), Some(vec![2]));
         assert_eq!(tight.load(Ordering::Relaxed), 10);
         drop(h);
@@ -275,8 +276,12 @@ mod tests {
         let total = Arc::new(AtomicUsize::new(0));
         let mut h = History::new(limits(10, 1000), total, 1 << 20);
         let t0 = Instant::now();
-        h.record(1, Bytes::from_static(b"a"), t0);
-        h.record(2, Bytes::from_static(b"b"), t0 + Duration::from_secs(30));
+        h.record(1, Bytes::from_static(b"a").into(), t0);
+        h.record(
+            2,
+            Bytes::from_static(b"b").into(),
+            t0 + Duration::from_secs(30),
+        );
         assert!(!h.expire(t0 + Duration::from_secs(61)));
         assert_eq!(frames(&h.after(1, 2)), Some(vec![b'b']));
         assert_eq!(frames(&h.after(0, 2)), None);

@@ -37,9 +37,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
-use roomcast_protocol::{EventName, Payload, Position, RoomName, ServerFrame, frame::encode_event};
+use roomcast_protocol::{EventName, Payload, Position, RoomName, ServerFrame};
 
 pub use self::history::HistoryLimits;
 use self::history::{DEDUP_KEYS_PER_ROOM, Dedup, History, Replay};
@@ -47,6 +46,7 @@ use crate::{
     cluster::Interest,
     conflation::KeyPath,
     outbox::{ConflationFrames, Lane, Outbox, Outgoing, PushError},
+    wire::Wire,
 };
 
 /// How the rooms of one namespace behave.
@@ -234,7 +234,8 @@ fn subscribed(room: &RoomName, id: u64, start: Start, room_id: u64) -> Outgoing 
             epoch: start.position.epoch,
             recovered: start.recovered,
         }
-        .encode(),
+        .encode()
+        .into(),
         lane: Lane::RoomOpen(room_id),
     }
 }
@@ -581,7 +582,8 @@ impl Hub {
                         id,
                         room: room.clone(),
                     }
-                    .encode(),
+                    .encode()
+                    .into(),
                     lane: Lane::RoomClose(state.id),
                 });
             }
@@ -662,7 +664,7 @@ impl Hub {
         }
         state.seq += 1;
         let seq = state.seq;
-        let frame: Bytes = encode_event(room, event, data, seq, None);
+        let frame = Wire::event(room, event, data, seq, None);
         if let Some(history) = &mut state.history {
             history.record(seq, frame.clone(), now);
         }
@@ -699,7 +701,7 @@ impl Hub {
         let epoch = (position.epoch != state.epoch).then_some(position.epoch);
         state.epoch = position.epoch;
         state.seq = position.seq;
-        let frame: Bytes = encode_event(room, event, data, position.seq, epoch);
+        let frame = Wire::event(room, event, data, position.seq, epoch);
         self.fan_out(&mut state, frame, position.seq, conflation_key)
     }
 
@@ -708,7 +710,7 @@ impl Hub {
     fn fan_out(
         &self,
         state: &mut RoomState,
-        frame: Bytes,
+        frame: Wire,
         seq: u64,
         key: Option<NonZeroU64>,
     ) -> Delivery {
@@ -804,15 +806,16 @@ impl Hub {
         };
         subscriber.pending = None;
         let outbox = subscriber.outbox.clone();
-        let frames: Option<Vec<Bytes>> = replay.map(|events| {
+        let frames: Option<Vec<Wire>> = replay.map(|events| {
             events
                 .iter()
                 .filter(|(seq, ..)| *seq > since.seq && *seq <= current.seq)
-                .map(|(seq, event, data)| encode_event(room, event, data, *seq, None))
+                .map(|(seq, event, data)| Wire::event(room, event, data, *seq, None))
                 .collect()
         });
-        let fits = |frames: &Vec<Bytes>| {
-            frames.iter().map(Bytes::len).sum::<usize>() <= outbox.free_bytes().saturating_sub(4096)
+        let fits = |frames: &Vec<Wire>| {
+            frames.iter().map(|f| f.len()).sum::<usize>()
+                <= outbox.free_bytes().saturating_sub(4096)
         };
         // A full or closed outbox ends that session anyway: nothing else to do on errors.
         match frames {
@@ -870,7 +873,7 @@ mod tests {
         RoomName::new(name).unwrap()
     }
 
-    fn decode(frame: &Bytes) -> ServerFrame {
+    fn decode(frame: &[u8]) -> ServerFrame {
         ServerFrame::decode(frame, PayloadLimits::default()).unwrap()
     }
 

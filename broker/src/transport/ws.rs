@@ -1,7 +1,7 @@
 //! WebSocket adapter: the HTTP upgrade handshake (over hyper, on axum's router), reading with
 //! tungstenite's protocol state machine fed straight from the socket, and writing pre-encoded
-//! frames with one vectored write per batch (the header of each frame formatted by
-//! tungstenite). One binary message is one frame; text messages are a protocol violation;
+//! frames with one vectored write per batch (events come with their header written once per
+//! publish, see [`crate::wire`]; other frames get theirs formatted by tungstenite). One binary message is one frame; text messages are a protocol violation;
 //! WebSocket ping and close are answered through [`Incoming::Control`].
 
 use axum::{
@@ -30,15 +30,13 @@ use tokio_tungstenite::tungstenite::{
     handshake::derive_accept_key,
     protocol::{
         CloseFrame, Role, WebSocketConfig, WebSocketContext,
-        frame::{
-            Frame, FrameHeader,
-            coding::{CloseCode, Data, OpCode},
-        },
+        frame::{Frame, coding::CloseCode},
     },
 };
 
 use super::{FrameReader, FrameWriter, Incoming, TransportError};
 use crate::outbox::Outgoing;
+use crate::wire::ws_binary_header;
 
 /// Buffer and size settings for WebSocket sessions.
 #[derive(Debug, Clone, Copy)]
@@ -348,34 +346,33 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     }
 }
 
-fn binary_header() -> FrameHeader {
-    FrameHeader {
-        opcode: OpCode::Data(Data::Binary),
-        ..FrameHeader::default()
-    }
-}
-
 impl<W: AsyncWrite + Send + Unpin> FrameWriter for WsWriter<W> {
     async fn send_batch(&mut self, batch: &mut Vec<Outgoing>) -> Result<(), TransportError> {
-        // One ordered channel: lanes do not matter.
+        // One ordered channel: lanes do not matter. Events come with their header written in
+        // front (one slice each); other frames get theirs formatted here.
         let io_error = |e: io::Error| TransportError::Io(e.to_string());
-        let header = binary_header();
+        let header = ws_binary_header();
         for chunk in batch.chunks(FRAMES_PER_WRITE) {
-            // One header per frame (2-10 bytes, server frames are unmasked), all in one buffer.
             self.headers.clear();
             for Outgoing { frame, .. } in chunk {
-                header
-                    .format(frame.len() as u64, &mut self.headers)
-                    .map_err(map_error)?;
+                if frame.ws_message().is_none() {
+                    header
+                        .format(frame.len() as u64, &mut self.headers)
+                        .map_err(map_error)?;
+                }
             }
             let headers = std::mem::take(&mut self.headers);
             let mut slices = Vec::with_capacity(chunk.len() * 2);
             let mut start = 0;
             for Outgoing { frame, .. } in chunk {
-                let end = start + header.len(frame.len() as u64);
-                slices.push(IoSlice::new(&headers[start..end]));
-                slices.push(IoSlice::new(frame));
-                start = end;
+                if let Some(message) = frame.ws_message() {
+                    slices.push(IoSlice::new(message));
+                } else {
+                    let end = start + header.len(frame.len() as u64);
+                    slices.push(IoSlice::new(&headers[start..end]));
+                    slices.push(IoSlice::new(frame));
+                    start = end;
+                }
             }
             let result = self.write_all_vectored(&mut slices).await;
             drop(slices);

@@ -422,7 +422,7 @@ impl FrameWriter for WtWriter {
                         .connection
                         .max_datagram_size()
                         .is_some_and(|max| frame.len() <= max);
-                    if fits && self.connection.send_datagram(frame.clone()).is_ok() {
+                    if fits && self.connection.send_datagram(frame.frame_bytes()).is_ok() {
                         self.datagrams_out.inc();
                         continue;
                     }
