@@ -37,15 +37,13 @@
 use std::{
     collections::HashMap,
     num::NonZeroU64,
-    sync::{
-        Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::wire::Wire;
 
@@ -313,10 +311,9 @@ impl Outbox {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
-        // A poisoned lock only means another thread panicked mid-push; the queue is still
-        // structurally valid.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    #[inline]
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock()
     }
 
     fn open(q: &Queue) -> Result<(), PushError> {
@@ -355,6 +352,35 @@ impl Outbox {
             q.push(item, self.cap_bytes, &self.dropped)
         };
         self.settle(pushed)
+    }
+
+    /// Queues an event frame shared with other sessions on its (room or volatile) lane: the
+    /// fan-out's push, which takes the lock once and moves nothing but a reference count
+    /// when the frame fits. Never waits.
+    #[inline]
+    pub fn push_shared(&self, frame: &Wire, lane: Lane) -> Result<(), PushError> {
+        let item = Outgoing {
+            frame: frame.clone(),
+            lane,
+        };
+        let len = item.frame.len();
+        let wake = {
+            let mut q = self.lock();
+            Self::open(&q)?;
+            if q.bytes + len > self.cap_bytes || matches!(lane, Lane::RoomClose(_)) {
+                let pushed = q.push(item, self.cap_bytes, &self.dropped);
+                drop(q);
+                return self.settle(pushed);
+            }
+            let wake = q.wakes_for(lane);
+            q.bytes += len;
+            q.frames.push(item);
+            wake
+        };
+        if wake {
+            self.wake();
+        }
+        Ok(())
     }
 
     /// Queues an event of a conflating room (`item.lane` is `Lane::Room`; other lanes are

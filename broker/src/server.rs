@@ -13,7 +13,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{
         Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -71,6 +71,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Cancelled when the broker starts shutting down.
     pub shutdown: CancellationToken,
+    /// Set soon after `shutdown` is cancelled (by [`serve`]'s watcher): a load, where
+    /// `is_cancelled` takes a lock. Busy sessions look at it on every turn of their loop.
+    pub shutting_down: AtomicBool,
     /// Tracks every connection and session task, for the drain.
     pub tracker: TaskTracker,
     /// Distinguishes this process's session ids from another run's.
@@ -201,6 +204,7 @@ impl Shared {
             config,
             metrics,
             shutdown: CancellationToken::new(),
+            shutting_down: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             boot_id,
             cert: RwLock::new(None),
@@ -269,15 +273,15 @@ async fn serve_shared(
     endpoints: Vec<Arc<QuicEndpoint>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let token = shared.shutdown.clone();
     tokio::spawn({
-        let token = token.clone();
+        let shared = shared.clone();
         async move {
             tokio::select! {
                 () = shutdown => {}
-                () = token.cancelled() => {}
+                () = shared.shutdown.cancelled() => {}
             }
-            token.cancel();
+            shared.shutdown.cancel();
+            shared.shutting_down.store(true, Ordering::Relaxed);
         }
     });
     tokio::spawn({

@@ -11,7 +11,7 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -243,10 +243,13 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         // sessions that never drain do not carry a timer).
         let mut drain: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let drain_window = core.shared.config.drain_window;
+        // The shutdown was seen through `cancelled` (which then stays complete).
+        let mut cancel_seen = false;
         loop {
             // Looked at here as well as waited for below: a session kept busy by its outbox
             // takes the outbox branch first every turn and would not see the shutdown there.
-            if drain.is_none() && shutdown.is_cancelled() {
+            if drain.is_none() && (cancel_seen || core.shared.shutting_down.load(Ordering::Relaxed))
+            {
                 if drain_window.is_zero() {
                     return shutting_down();
                 }
@@ -335,7 +338,10 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     !batch.is_empty()
                 }
                 // Handled at the top of the loop.
-                () = &mut cancelled, if drain.is_none() => false,
+                () = &mut cancelled, if !cancel_seen => {
+                    cancel_seen = true;
+                    false
+                }
                 () = async {
                     match drain.as_mut() {
                         Some(moment) => moment.as_mut().await,
@@ -365,7 +371,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                                 woken = true;
                             }
                             // With a drain window the session is served until its moment comes.
-                            () = &mut cancelled, if drain_window.is_zero() => return End::Gone,
+                            () = &mut cancelled, if drain_window.is_zero() && !cancel_seen => return End::Gone,
                         }
                     }
                 }

@@ -61,6 +61,18 @@ impl Wire {
         &self.bytes[usize::from(self.ws_header)..]
     }
 
+    /// Length of the frame alone (what [`Wire::frame`] would give, without slicing).
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.bytes.len() - usize::from(self.ws_header)
+    }
+
+    /// True for the empty default, which no encoded frame is.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The frame alone, sharing the allocation.
     pub fn frame_bytes(&self) -> Bytes {
         if self.ws_header == 0 {

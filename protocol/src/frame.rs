@@ -748,7 +748,11 @@ struct Fields {
 impl Fields {
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut reader = bytes;
-        let fields: FieldsOrDup = ciborium::from_reader(&mut reader)
+        // Strings up to this size are read through the scratch buffer, longer ones into their
+        // own allocation. ciborium's default, 4 KiB, is zeroed on every call: most of the
+        // cost of decoding a small frame.
+        let mut scratch = [0u8; 256];
+        let fields: FieldsOrDup = ciborium::de::from_reader_with_buffer(&mut reader, &mut scratch)
             .map_err(|e| DecodeError::Malformed(e.to_string()))?;
         match fields {
             FieldsOrDup::Fields(_) if !reader.is_empty() => Err(DecodeError::TrailingBytes),

@@ -726,32 +726,41 @@ impl Hub {
             seq: Some(seq),
             ..Delivery::default()
         };
-        state.subscribers.retain(|s| {
+        // Subscribers that are slow or gone, by index (ascending); removed after the loop.
+        let mut dropped: Vec<usize> = Vec::new();
+        for (index, s) in state.subscribers.iter().enumerate() {
             if s.pending.is_some() {
-                return true;
+                continue;
             }
-            let item = Outgoing {
-                frame: frame.clone(),
-                lane,
-            };
             let pushed = match conflation {
-                Some((key, frames)) => s.outbox.push_conflatable(item, key, frames).map(|r| {
-                    replaced += u64::from(r);
-                }),
-                None => s.outbox.push_to(item),
+                Some((key, frames)) => {
+                    let item = Outgoing {
+                        frame: frame.clone(),
+                        lane,
+                    };
+                    s.outbox.push_conflatable(item, key, frames).map(|r| {
+                        replaced += u64::from(r);
+                    })
+                }
+                None => s.outbox.push_shared(&frame, lane),
             };
             match pushed {
-                Ok(()) => {
-                    delivery.delivered += 1;
-                    true
-                }
+                Ok(()) => delivery.delivered += 1,
                 Err(PushError::Full) => {
                     delivery.slow += 1;
-                    false
+                    dropped.push(index);
                 }
-                Err(PushError::Closed) => false,
+                Err(PushError::Closed) => dropped.push(index),
             }
-        });
+        }
+        if !dropped.is_empty() {
+            let mut index = 0;
+            state.subscribers.retain(|_| {
+                let keep = dropped.binary_search(&index).is_err();
+                index += 1;
+                keep
+            });
+        }
         let removed = before - state.subscribers.len();
         if removed > 0 {
             self.subscriptions.fetch_sub(removed, Ordering::Relaxed);

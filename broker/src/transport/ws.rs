@@ -333,14 +333,24 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 const FRAMES_PER_WRITE: usize = 256;
 
 impl<W: AsyncWrite + Unpin> WsWriter<W> {
-    async fn write_all_vectored(&mut self, slices: &mut [IoSlice<'_>]) -> io::Result<()> {
+    /// Writes all of `slices`, `total` bytes.
+    async fn write_all_vectored(
+        &mut self,
+        slices: &mut [IoSlice<'_>],
+        total: usize,
+    ) -> io::Result<()> {
         let mut slices = slices;
-        while !slices.is_empty() {
+        let mut left = total;
+        while left > 0 {
             let written = self.socket.write_vectored(slices).await?;
             if written == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
-            IoSlice::advance_slices(&mut slices, written);
+            left = left.saturating_sub(written);
+            if left > 0 {
+                // Only a partial write needs to find where it stopped.
+                IoSlice::advance_slices(&mut slices, written);
+            }
         }
         Ok(())
     }
@@ -364,17 +374,20 @@ impl<W: AsyncWrite + Send + Unpin> FrameWriter for WsWriter<W> {
             let headers = std::mem::take(&mut self.headers);
             let mut slices = Vec::with_capacity(chunk.len() * 2);
             let mut start = 0;
+            let mut total = headers.len();
             for Outgoing { frame, .. } in chunk {
                 if let Some(message) = frame.ws_message() {
                     slices.push(IoSlice::new(message));
+                    total += message.len();
                 } else {
                     let end = start + header.len(frame.len() as u64);
                     slices.push(IoSlice::new(&headers[start..end]));
                     slices.push(IoSlice::new(frame));
+                    total += frame.len();
                     start = end;
                 }
             }
-            let result = self.write_all_vectored(&mut slices).await;
+            let result = self.write_all_vectored(&mut slices, total).await;
             drop(slices);
             self.headers = headers;
             result.map_err(io_error)?;
