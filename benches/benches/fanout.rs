@@ -124,7 +124,7 @@ fn conflation(c: &mut Criterion) {
         on: Bytes::from_static(b"on"),
         off: Bytes::from_static(b"off"),
     };
-    let frame = Bytes::from(vec![0u8; 150]);
+    let frame: roomcast_broker::wire::Wire = Bytes::from(vec![0u8; 150]).into();
     let keys: Vec<std::num::NonZeroU64> = (1..=3).filter_map(std::num::NonZeroU64::new).collect();
     let mut n = 0;
     g.throughput(Throughput::Elements(1));

@@ -205,13 +205,31 @@ pub(crate) async fn hello(
     }
 }
 
+/// Receive buffer asked for on the generator's UDP sockets (the kernel caps it at
+/// `net.core.rmem_max`): each socket carries a few hundred sessions, and with the usual
+/// ~208 KB default a burst of events to all of them overflows it; every lost packet then
+/// stalls that subscriber (and a closed-loop publisher) for a loss-detection timeout.
+const CLIENT_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// A UDP socket bound to `bind` with a large receive buffer.
+fn client_socket(bind: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(bind), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer still works, with more loss under bursts.
+    let _ = socket.set_recv_buffer_size(CLIENT_RECEIVE_BUFFER);
+    socket
+        .bind(&bind.into())
+        .context("bind the client socket")?;
+    Ok(socket.into())
+}
+
 /// A QUIC client endpoint trusting the certificate with SHA-256 `hash`, bound to `bind`.
 pub(crate) fn client_endpoint(
     bind: SocketAddr,
     hash: [u8; 32],
 ) -> anyhow::Result<Endpoint<Client>> {
     let config = ClientConfig::builder()
-        .with_bind_address(bind)
+        .with_bind_socket(client_socket(bind)?)
         .with_server_certificate_hashes([Sha256Digest::new(hash)])
         .keep_alive_interval(None)
         .max_idle_timeout(Some(Duration::from_secs(120)))

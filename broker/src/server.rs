@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use wtransport::{
     Endpoint, Identity, ServerConfig, VarInt, config::QuicTransportConfig, endpoint::endpoint_side,
+    quinn::AckFrequencyConfig,
 };
 
 use crate::{
@@ -434,6 +435,9 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// Ack-eliciting packets a client may receive before it must acknowledge (QUIC's default: 1).
+const ACK_ELICITING_THRESHOLD: u32 = 9;
+
 /// QUIC transport limits for many small sessions. Idle memory follows the stream limits (quinn
 /// keeps state per stream the peer may open); the windows only cap memory under load.
 fn quic_transport(config: &Config) -> anyhow::Result<QuicTransportConfig> {
@@ -457,6 +461,14 @@ fn quic_transport(config: &Config) -> anyhow::Result<QuicTransportConfig> {
     let idle = config.idle_timeout + Duration::from_secs(10);
     transport.max_idle_timeout(Some(idle.try_into()?));
     transport.keep_alive_interval(None);
+    // Clients that speak QUIC's ACK frequency extension (quinn does; browsers do not yet)
+    // acknowledge every tenth packet instead of every second one: fan-out sends many small
+    // packets, and the ACKs coming back were a third of the broker's QUIC work (datagram
+    // fan-out 3x faster; docs/BENCHMARKS.md). Loss is still detected within the peer's
+    // max_ack_delay.
+    let mut ack = AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(ACK_ELICITING_THRESHOLD.into());
+    transport.ack_frequency_config(Some(ack));
     Ok(transport)
 }
 
