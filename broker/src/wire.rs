@@ -1,8 +1,15 @@
-//! Frames as the broker sends them: encoded once and shared by reference count, with the
-//! WebSocket frame header written in front of `Event` frames when they are encoded, so that a
-//! WebSocket writer sends header and frame as one slice instead of formatting a header per
-//! delivery (with 1,000 subscribers that was a quarter of the broker's own instructions per
-//! delivery; docs/BENCHMARKS.md). Other transports see only the frame.
+//! Frames as the broker sends them: encoded once and shared by reference count, with a
+//! transport's header written in front of `Event` frames when they are encoded, so that a
+//! writer sends header and frame as one slice instead of building them per delivery:
+//!
+//! - events of ordinary rooms carry the WebSocket frame header (formatting it per delivery
+//!   was a quarter of the broker's own instructions per delivery with 1,000 subscribers;
+//!   docs/BENCHMARKS.md);
+//! - events of volatile rooms, which go out as QUIC datagrams, carry the HTTP/3 datagram
+//!   header of a WebTransport session on stream 0 (RFC 9297: the quarter stream id, 0), so
+//!   the datagram is the shared bytes themselves instead of a copy per subscriber.
+//!
+//! Every other reader sees only the frame.
 //!
 //! Owns no I/O and knows nothing of rooms, sessions or queues.
 
@@ -18,15 +25,31 @@ use tokio_tungstenite::tungstenite::protocol::frame::{
 /// Longest WebSocket header of an unmasked server frame (64-bit length).
 const MAX_WS_HEADER: usize = 10;
 
-/// An encoded frame, maybe with its WebSocket header in front of it in the same allocation.
+/// An encoded frame, maybe with a transport's header in front of it in the same allocation.
 /// Dereferences to the frame alone. The default is empty (no frame is).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Wire {
-    /// The WebSocket header (if any) followed by the frame.
+    /// The header (if any) followed by the frame.
     bytes: Bytes,
-    /// Length of the WebSocket header at the start of `bytes`; 0: none.
-    ws_header: u8,
+    /// Length of the header at the start of `bytes`; 0: none.
+    header: u8,
+    /// What the header is.
+    kind: Header,
 }
+
+/// The header in front of a [`Wire`]'s frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Header {
+    #[default]
+    None,
+    /// A WebSocket binary frame header.
+    WebSocket,
+    /// An HTTP/3 datagram header for the WebTransport session on stream 0.
+    Datagram,
+}
+
+/// The HTTP/3 datagram header of session stream 0: its quarter stream id, 0, as a QUIC varint.
+const SESSION_ZERO_DATAGRAM_HEADER: u8 = 0x00;
 
 impl Wire {
     /// Encodes an `Event` frame with its WebSocket header in front.
@@ -52,19 +75,39 @@ impl Wire {
         bytes.advance(start);
         Wire {
             bytes,
-            ws_header: header.len() as u8,
+            header: header.len() as u8,
+            kind: Header::WebSocket,
+        }
+    }
+
+    /// Encodes an `Event` frame of a volatile room with the HTTP/3 datagram header of session
+    /// stream 0 in front (WebSocket writers format their header for it per delivery).
+    pub fn datagram_event(
+        room: &RoomName,
+        event: &EventName,
+        data: &Payload,
+        seq: u64,
+        epoch: Option<u64>,
+    ) -> Wire {
+        let mut buf = Vec::with_capacity(1 + 64 + data.len());
+        buf.push(SESSION_ZERO_DATAGRAM_HEADER);
+        write_event(&mut buf, room, event, data, seq, epoch);
+        Wire {
+            bytes: Bytes::from(buf),
+            header: 1,
+            kind: Header::Datagram,
         }
     }
 
     /// The frame alone.
     pub fn frame(&self) -> &[u8] {
-        &self.bytes[usize::from(self.ws_header)..]
+        &self.bytes[usize::from(self.header)..]
     }
 
     /// Length of the frame alone (what [`Wire::frame`] would give, without slicing).
     #[inline]
     pub fn len(&self) -> usize {
-        self.bytes.len() - usize::from(self.ws_header)
+        self.bytes.len() - usize::from(self.header)
     }
 
     /// True for the empty default, which no encoded frame is.
@@ -75,17 +118,23 @@ impl Wire {
 
     /// The frame alone, sharing the allocation.
     pub fn frame_bytes(&self) -> Bytes {
-        if self.ws_header == 0 {
+        if self.header == 0 {
             self.bytes.clone()
         } else {
-            self.bytes.slice(usize::from(self.ws_header)..)
+            self.bytes.slice(usize::from(self.header)..)
         }
     }
 
     /// Header and frame as one WebSocket binary message, when the header was written at
     /// encoding time.
     pub fn ws_message(&self) -> Option<&[u8]> {
-        (self.ws_header > 0).then_some(&self.bytes[..])
+        (self.kind == Header::WebSocket).then_some(&self.bytes[..])
+    }
+
+    /// The frame as an HTTP/3 datagram of the WebTransport session on stream 0, sharing the
+    /// allocation, when it was encoded so.
+    pub fn session_zero_datagram(&self) -> Option<Bytes> {
+        (self.kind == Header::Datagram).then(|| self.bytes.clone())
     }
 }
 
@@ -102,7 +151,8 @@ impl From<Bytes> for Wire {
     fn from(frame: Bytes) -> Self {
         Wire {
             bytes: frame,
-            ws_header: 0,
+            header: 0,
+            kind: Header::None,
         }
     }
 }
@@ -154,9 +204,35 @@ mod tests {
     }
 
     #[test]
+    fn a_volatile_event_is_a_session_zero_datagram_around_the_same_frame() {
+        let room = RoomName::new("gps:truck-7").unwrap();
+        let event = EventName::new("pos").unwrap();
+        let data = Payload::encode(&[52.52f64, 13.40]).unwrap();
+        let wire = Wire::datagram_event(&room, &event, &data, 9, None);
+        let plain = encode_event(&room, &event, &data, 9, None);
+        assert_eq!(wire.frame(), &plain[..]);
+        assert_eq!(wire.len(), plain.len());
+        assert_eq!(wire.frame_bytes(), plain);
+        assert_eq!(
+            wire.ws_message(),
+            None,
+            "WebSocket writers add their own header"
+        );
+        let datagram = wire.session_zero_datagram().unwrap();
+        // RFC 9297: quarter stream id (session stream 0 / 4 = 0, a one-byte varint), payload.
+        assert_eq!(datagram[0], 0x00);
+        assert_eq!(&datagram[1..], &plain[..]);
+        assert_eq!(
+            Wire::event(&room, &event, &data, 9, None).session_zero_datagram(),
+            None
+        );
+    }
+
+    #[test]
     fn a_plain_frame_has_no_websocket_message() {
         let wire = Wire::from(Bytes::from_static(b"\xa1\x00\x10"));
         assert_eq!(wire.ws_message(), None);
+        assert_eq!(wire.session_zero_datagram(), None);
         assert_eq!(wire.frame(), b"\xa1\x00\x10");
         assert_eq!(wire.frame_bytes(), Bytes::from_static(b"\xa1\x00\x10"));
     }

@@ -664,7 +664,11 @@ impl Hub {
         }
         state.seq += 1;
         let seq = state.seq;
-        let frame = Wire::event(room, event, data, seq, None);
+        let frame = if state.volatile {
+            Wire::datagram_event(room, event, data, seq, None)
+        } else {
+            Wire::event(room, event, data, seq, None)
+        };
         if let Some(history) = &mut state.history {
             history.record(seq, frame.clone(), now);
         }
@@ -701,7 +705,11 @@ impl Hub {
         let epoch = (position.epoch != state.epoch).then_some(position.epoch);
         state.epoch = position.epoch;
         state.seq = position.seq;
-        let frame = Wire::event(room, event, data, position.seq, epoch);
+        let frame = if state.volatile {
+            Wire::datagram_event(room, event, data, position.seq, epoch)
+        } else {
+            Wire::event(room, event, data, position.seq, epoch)
+        };
         self.fan_out(&mut state, frame, position.seq, conflation_key)
     }
 

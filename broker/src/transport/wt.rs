@@ -95,6 +95,7 @@ pub async fn open(
             datagrams_in,
         },
         WtWriter {
+            session_zero: connection.session_id().into_u64() == 0,
             connection,
             control: Channel::new(send),
             rooms: HashMap::new(),
@@ -275,6 +276,9 @@ enum RoomChannel {
 /// Sending half: the control stream and one stream per subscribed room.
 pub struct WtWriter {
     connection: Connection,
+    /// The session is on stream 0: volatile events' shared datagrams fit it as they are
+    /// (see [`crate::wire`]).
+    session_zero: bool,
     control: Channel,
     rooms: HashMap<u64, RoomChannel>,
     /// Streams of left rooms whose last bytes (ending with `Unsubscribed`) are not yet written;
@@ -412,6 +416,7 @@ impl FrameWriter for WtWriter {
         // broker's time in WebTransport fan-out.
         let mut queued = 0;
         let datagram_max = self.connection.max_datagram_size();
+        let quic_datagram_max = self.connection.quic_connection().max_datagram_size();
         for Outgoing { frame, lane } in batch.drain(..) {
             let added = match lane {
                 Lane::Control => self.control.push(&frame),
@@ -422,8 +427,21 @@ impl FrameWriter for WtWriter {
                 Lane::Room(id) => self.room_channel(id).push(&frame),
                 Lane::Volatile(id) => {
                     // A datagram when it fits (loss allowed); else the room's stream.
-                    let fits = datagram_max.is_some_and(|max| frame.len() <= max);
-                    if fits && self.connection.send_datagram(frame.frame_bytes()).is_ok() {
+                    let sent = match frame.session_zero_datagram() {
+                        Some(datagram) if self.session_zero => {
+                            quic_datagram_max.is_some_and(|max| datagram.len() <= max)
+                                && self
+                                    .connection
+                                    .quic_connection()
+                                    .send_datagram(datagram)
+                                    .is_ok()
+                        }
+                        _ => {
+                            datagram_max.is_some_and(|max| frame.len() <= max)
+                                && self.connection.send_datagram(frame.frame()).is_ok()
+                        }
+                    };
+                    if sent {
                         self.datagrams_out.inc();
                         continue;
                     }
