@@ -104,10 +104,21 @@ async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Respo
     let key = shared.next_session_key();
     let settings = shared.config.ws();
     let task_shared = shared.clone();
+    // The session gets a task of its own once the upgrade is done: a task awaiting the
+    // upgrade and then the session kept both states' captures for the session's life
+    // (480 bytes per idle session).
     shared.tracker.spawn(async move {
         match ws::open(on_upgrade, settings).await {
             Ok((reader, writer)) => {
-                session::run(task_shared, key, "ws", reader, writer, admitted).await;
+                let tracker = task_shared.tracker.clone();
+                tracker.spawn(session::run(
+                    task_shared,
+                    key,
+                    "ws",
+                    reader,
+                    writer,
+                    admitted,
+                ));
             }
             Err(e) => debug!(error = %e, "WebSocket upgrade failed"),
         }

@@ -241,13 +241,14 @@ impl PublishBuckets {
 #[derive(Debug)]
 pub struct SessionLimits {
     config: Arc<LimitsConfig>,
-    publish: Option<PublishBuckets>,
+    // Buckets are boxed and made on first use: an idle session carries pointers, not buckets.
+    publish: Option<Box<PublishBuckets>>,
     /// Publish buckets of namespaces with their own rates, by namespace (`None`: the
     /// `[default]` policy's); at most one per configured namespace.
     namespaces: Vec<(Option<Box<str>>, PublishBuckets)>,
-    subscribe: Option<Direct>,
-    datagrams: Option<Direct>,
-    errors: Option<Direct>,
+    subscribe: Option<Box<Direct>>,
+    datagrams: Option<Box<Direct>>,
+    errors: Option<Box<Direct>>,
 }
 
 /// Which bucket a request draws from.
@@ -291,7 +292,7 @@ impl SessionLimits {
             PublishScope::Session => {
                 let config = &self.config;
                 self.publish
-                    .get_or_insert_with(|| PublishBuckets::new(config.publish_rates()))
+                    .get_or_insert_with(|| Box::new(PublishBuckets::new(config.publish_rates())))
                     .spend(bytes, None)
             }
             PublishScope::Namespace(namespace, rates) => {
@@ -336,7 +337,7 @@ impl SessionLimits {
         let config = &self.config;
         let errors = self
             .errors
-            .get_or_insert_with(|| direct(config.error_quota()));
+            .get_or_insert_with(|| Box::new(direct(config.error_quota())));
         errors.check().map_err(|_| {
             Refusal::new(
                 Code::PolicyViolation,
@@ -354,14 +355,14 @@ impl SessionLimits {
         match spend {
             Spend::Publish(bytes) => self
                 .publish
-                .get_or_insert_with(|| PublishBuckets::new(c.publish_rates()))
+                .get_or_insert_with(|| Box::new(PublishBuckets::new(c.publish_rates())))
                 .spend(bytes, None),
             Spend::Subscribe => {
                 let limiter = self.subscribe.get_or_insert_with(|| {
-                    direct(LimitsConfig::quota(
+                    Box::new(direct(LimitsConfig::quota(
                         c.subscribe_per_second,
                         c.subscribe_burst,
-                    ))
+                    )))
                 });
                 limiter
                     .check()
@@ -369,10 +370,10 @@ impl SessionLimits {
             }
             Spend::Datagram => {
                 let limiter = self.datagrams.get_or_insert_with(|| {
-                    direct(LimitsConfig::quota(
+                    Box::new(direct(LimitsConfig::quota(
                         c.datagrams_per_second,
                         c.datagram_burst,
-                    ))
+                    )))
                 });
                 limiter
                     .check()

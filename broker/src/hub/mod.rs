@@ -181,14 +181,17 @@ struct RoomState {
     /// `seq` and epoch come from the cluster ([`RoomRule::sequenced`]).
     sequenced: bool,
     /// The room conflates: its `Conflation` frames.
-    conflation: Option<ConflationFrames>,
+    conflation: Option<Box<ConflationFrames>>,
     /// Numbering of `seq`: random per room state, 0 when the room keeps no history.
     epoch: u64,
     seq: u64,
     /// Recent events, when the namespace keeps history.
     history: Option<History>,
-    /// Recent idempotency keys, when the namespace has a dedup window.
-    dedup: Option<Dedup>,
+    /// The namespace has a dedup window: keyed publishes are remembered in `dedup`.
+    dedups: bool,
+    /// Recent idempotency keys, made on the first keyed publish (boxed: most rooms never see
+    /// a key, and every idle room would carry the empty table).
+    dedup: Option<Box<Dedup>>,
     subscribers: Vec<Subscriber>,
     /// The interest listener was told of this room (`interest_on` without `interest_off`).
     interested: bool,
@@ -382,8 +385,7 @@ impl Hub {
                 self.rules.history_budget,
             )
         });
-        let dedup = (local && !rule.dedup_window.is_zero())
-            .then(|| Dedup::new(rule.dedup_window, DEDUP_KEYS_PER_ROOM));
+        let dedups = local && !rule.dedup_window.is_zero();
         let conflation = (!rule.volatile && rule.conflate.is_some()).then(|| {
             let frame = |active| {
                 ServerFrame::Conflation {
@@ -401,11 +403,12 @@ impl Hub {
             id: self.next_room_id.fetch_add(1, Ordering::Relaxed),
             volatile: rule.volatile,
             sequenced: rule.sequenced && !rule.volatile,
-            conflation,
+            conflation: conflation.map(Box::new),
             epoch: if history.is_some() { new_epoch() } else { 0 },
             seq: 0,
             history,
-            dedup,
+            dedups,
+            dedup: None,
             subscribers: Vec::new(),
             interested: false,
             live,
@@ -471,6 +474,11 @@ impl Hub {
             Some(existing) => existing.pending = Some((id, since)),
             None => {
                 self.subscriptions.fetch_add(1, Ordering::Relaxed);
+                // Many rooms have one subscriber (a device's, a user's): the first slot alone
+                // rather than four; later pushes grow as usual.
+                if state.subscribers.capacity() == 0 {
+                    state.subscribers.reserve_exact(1);
+                }
                 state.subscribers.push(Subscriber {
                     session,
                     outbox: outbox.clone(),
@@ -672,8 +680,12 @@ impl Hub {
         if let Some(history) = &mut state.history {
             history.record(seq, frame.clone(), now);
         }
-        if let (Some(key), Some(dedup)) = (key, &mut state.dedup) {
-            dedup.insert(key, seq, now);
+        if let Some(key) = key.filter(|_| state.dedups) {
+            let window = self.rules.rule(room).dedup_window;
+            state
+                .dedup
+                .get_or_insert_with(|| Box::new(Dedup::new(window, DEDUP_KEYS_PER_ROOM)))
+                .insert(key, seq, now);
         }
         self.fan_out(&mut state, frame, seq, conflation_key)
     }
@@ -727,7 +739,7 @@ impl Hub {
         } else {
             Lane::Room(state.id)
         };
-        let conflation = key.zip(state.conflation.as_ref());
+        let conflation = key.zip(state.conflation.as_deref());
         let mut replaced = 0;
         let before = state.subscribers.len();
         let mut delivery = Delivery {
