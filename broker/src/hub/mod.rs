@@ -185,8 +185,10 @@ struct RoomState {
     /// Numbering of `seq`: random per room state, 0 when the room keeps no history.
     epoch: u64,
     seq: u64,
-    /// Recent events, when the namespace keeps history.
-    history: Option<History>,
+    /// The namespace keeps history: events are recorded in `history`.
+    keeps_history: bool,
+    /// Recent events, made on the first publish (boxed: an idle room carries a pointer).
+    history: Option<Box<History>>,
     /// The namespace has a dedup window: keyed publishes are remembered in `dedup`.
     dedups: bool,
     /// Recent idempotency keys, made on the first keyed publish (boxed: most rooms never see
@@ -270,9 +272,15 @@ impl RoomState {
         since: Option<Position>,
         outbox: &Outbox,
     ) -> Result<Start, PushError> {
-        let replay = match (since, &self.history) {
-            (Some(p), Some(history)) if p.epoch == self.epoch => {
-                match history.after(p.seq, self.seq) {
+        let replay = match since {
+            Some(p) if self.keeps_history && p.epoch == self.epoch => {
+                let found = match self.history.as_deref() {
+                    Some(history) => history.after(p.seq, self.seq),
+                    // Nothing recorded yet: only the current position is complete.
+                    None if p.seq == self.seq => Replay::Complete(Vec::new()),
+                    None => Replay::Gap,
+                };
+                match found {
                     // The replay must fit the queue with room to spare, or the session would
                     // be closed as slow in the middle of it.
                     Replay::Complete(frames)
@@ -378,13 +386,7 @@ impl Hub {
     fn new_room(&self, room: &RoomName, live: bool) -> RoomState {
         let rule = self.rules.rule(room);
         let local = !rule.volatile && !rule.sequenced;
-        let history = (local && rule.history.is_on()).then(|| {
-            History::new(
-                rule.history,
-                self.history_bytes.clone(),
-                self.rules.history_budget,
-            )
-        });
+        let keeps_history = local && rule.history.is_on();
         let dedups = local && !rule.dedup_window.is_zero();
         let conflation = (!rule.volatile && rule.conflate.is_some()).then(|| {
             let frame = |active| {
@@ -404,9 +406,10 @@ impl Hub {
             volatile: rule.volatile,
             sequenced: rule.sequenced && !rule.volatile,
             conflation: conflation.map(Box::new),
-            epoch: if history.is_some() { new_epoch() } else { 0 },
+            epoch: if keeps_history { new_epoch() } else { 0 },
             seq: 0,
-            history,
+            keeps_history,
+            history: None,
             dedups,
             dedup: None,
             subscribers: Vec::new(),
@@ -574,7 +577,7 @@ impl Hub {
                 state.interested = false;
             }
             // A room with history outlives its last subscriber until the history expires.
-            empty = state.subscribers.is_empty() && state.history.is_none();
+            empty = state.subscribers.is_empty() && !state.keeps_history;
             if let (Some((subscribe_id, _)), Some(_)) = (unanswered, reply_id) {
                 // Left before the room went live: the Subscribe still gets its answer first.
                 let start = Start {
@@ -677,7 +680,14 @@ impl Hub {
         } else {
             Wire::event(room, event, data, seq, None)
         };
-        if let Some(history) = &mut state.history {
+        if state.keeps_history {
+            let history = state.history.get_or_insert_with(|| {
+                Box::new(History::new(
+                    self.rules.rule(room).history,
+                    self.history_bytes.clone(),
+                    self.rules.history_budget,
+                ))
+            });
             history.record(seq, frame.clone(), now);
         }
         if let Some(key) = key.filter(|_| state.dedups) {
