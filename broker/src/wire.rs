@@ -34,17 +34,19 @@ pub struct Wire {
     /// Length of the header at the start of `bytes`; 0: none.
     header: u8,
     /// What the header is.
-    kind: Header,
+    kind: Framing,
 }
 
-/// The header in front of a [`Wire`]'s frame.
+/// The header written in front of a [`Wire`]'s frame.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-enum Header {
+pub enum Framing {
+    /// None: the frame alone.
     #[default]
     None,
-    /// A WebSocket binary frame header.
+    /// A WebSocket binary frame header (events of ordinary rooms).
     WebSocket,
-    /// An HTTP/3 datagram header for the WebTransport session on stream 0.
+    /// The HTTP/3 datagram header of the WebTransport session on stream 0 (events of volatile
+    /// rooms; WebSocket writers format their header for these per delivery).
     Datagram,
 }
 
@@ -52,50 +54,42 @@ enum Header {
 const SESSION_ZERO_DATAGRAM_HEADER: u8 = 0x00;
 
 impl Wire {
-    /// Encodes an `Event` frame with its WebSocket header in front.
+    /// Encodes an `Event` frame with the header `framing` asks for in front.
     pub fn event(
+        framing: Framing,
         room: &RoomName,
         event: &EventName,
         data: &Payload,
         seq: u64,
         epoch: Option<u64>,
     ) -> Wire {
-        let mut buf = Vec::with_capacity(MAX_WS_HEADER + 64 + data.len());
-        buf.resize(MAX_WS_HEADER, 0);
+        let reserved = match framing {
+            Framing::None => 0,
+            Framing::WebSocket => MAX_WS_HEADER,
+            Framing::Datagram => 1,
+        };
+        let mut buf = Vec::with_capacity(reserved + 64 + data.len());
+        buf.resize(reserved, SESSION_ZERO_DATAGRAM_HEADER);
         write_event(&mut buf, room, event, data, seq, epoch);
-        let mut header = Vec::with_capacity(MAX_WS_HEADER);
-        let frame_len = (buf.len() - MAX_WS_HEADER) as u64;
-        if let Err(e) = ws_binary_header().format(frame_len, &mut header) {
-            // Formatting into a Vec cannot fail.
-            unreachable!("WebSocket header formatting into memory failed: {e}");
-        }
-        let start = MAX_WS_HEADER - header.len();
-        buf[start..MAX_WS_HEADER].copy_from_slice(&header);
+        let header = match framing {
+            Framing::None | Framing::Datagram => reserved,
+            Framing::WebSocket => {
+                let mut header = Vec::with_capacity(MAX_WS_HEADER);
+                let frame_len = (buf.len() - MAX_WS_HEADER) as u64;
+                if let Err(e) = ws_binary_header().format(frame_len, &mut header) {
+                    // Formatting into a Vec cannot fail.
+                    unreachable!("WebSocket header formatting into memory failed: {e}");
+                }
+                buf[MAX_WS_HEADER - header.len()..MAX_WS_HEADER].copy_from_slice(&header);
+                header.len()
+            }
+        };
         let mut bytes = Bytes::from(buf);
-        bytes.advance(start);
+        bytes.advance(reserved - header);
         Wire {
             bytes,
-            header: header.len() as u8,
-            kind: Header::WebSocket,
-        }
-    }
-
-    /// Encodes an `Event` frame of a volatile room with the HTTP/3 datagram header of session
-    /// stream 0 in front (WebSocket writers format their header for it per delivery).
-    pub fn datagram_event(
-        room: &RoomName,
-        event: &EventName,
-        data: &Payload,
-        seq: u64,
-        epoch: Option<u64>,
-    ) -> Wire {
-        let mut buf = Vec::with_capacity(1 + 64 + data.len());
-        buf.push(SESSION_ZERO_DATAGRAM_HEADER);
-        write_event(&mut buf, room, event, data, seq, epoch);
-        Wire {
-            bytes: Bytes::from(buf),
-            header: 1,
-            kind: Header::Datagram,
+            header: header as u8,
+            kind: framing,
         }
     }
 
@@ -128,13 +122,13 @@ impl Wire {
     /// Header and frame as one WebSocket binary message, when the header was written at
     /// encoding time.
     pub fn ws_message(&self) -> Option<&[u8]> {
-        (self.kind == Header::WebSocket).then_some(&self.bytes[..])
+        (self.kind == Framing::WebSocket).then_some(&self.bytes[..])
     }
 
     /// The frame as an HTTP/3 datagram of the WebTransport session on stream 0, sharing the
     /// allocation, when it was encoded so.
     pub fn session_zero_datagram(&self) -> Option<Bytes> {
-        (self.kind == Header::Datagram).then(|| self.bytes.clone())
+        (self.kind == Framing::Datagram).then(|| self.bytes.clone())
     }
 }
 
@@ -152,7 +146,7 @@ impl From<Bytes> for Wire {
         Wire {
             bytes: frame,
             header: 0,
-            kind: Header::None,
+            kind: Framing::None,
         }
     }
 }
@@ -175,7 +169,7 @@ mod tests {
         let event = EventName::new("tick").unwrap();
         let data = Payload::encode(&vec![0u8; size]).unwrap();
         (
-            Wire::event(&room, &event, &data, 7, None),
+            Wire::event(Framing::WebSocket, &room, &event, &data, 7, None),
             encode_event(&room, &event, &data, 7, None),
         )
     }
@@ -208,7 +202,7 @@ mod tests {
         let room = RoomName::new("gps:truck-7").unwrap();
         let event = EventName::new("pos").unwrap();
         let data = Payload::encode(&[52.52f64, 13.40]).unwrap();
-        let wire = Wire::datagram_event(&room, &event, &data, 9, None);
+        let wire = Wire::event(Framing::Datagram, &room, &event, &data, 9, None);
         let plain = encode_event(&room, &event, &data, 9, None);
         assert_eq!(wire.frame(), &plain[..]);
         assert_eq!(wire.len(), plain.len());
@@ -223,9 +217,11 @@ mod tests {
         assert_eq!(datagram[0], 0x00);
         assert_eq!(&datagram[1..], &plain[..]);
         assert_eq!(
-            Wire::event(&room, &event, &data, 9, None).session_zero_datagram(),
+            Wire::event(Framing::WebSocket, &room, &event, &data, 9, None).session_zero_datagram(),
             None
         );
+        let unframed = Wire::event(Framing::None, &room, &event, &data, 9, None);
+        assert_eq!(unframed, Wire::from(plain));
     }
 
     #[test]

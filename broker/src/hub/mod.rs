@@ -46,7 +46,7 @@ use crate::{
     cluster::Interest,
     conflation::KeyPath,
     outbox::{ConflationFrames, Lane, Outbox, Outgoing, PushError},
-    wire::Wire,
+    wire::{Framing, Wire},
 };
 
 /// How the rooms of one namespace behave.
@@ -260,6 +260,15 @@ impl RoomState {
         Position {
             epoch: self.epoch,
             seq: self.seq,
+        }
+    }
+
+    /// How the room's events are encoded: volatile ones for datagrams, others for WebSocket.
+    fn framing(&self) -> Framing {
+        if self.volatile {
+            Framing::Datagram
+        } else {
+            Framing::WebSocket
         }
     }
 
@@ -675,11 +684,7 @@ impl Hub {
         }
         state.seq += 1;
         let seq = state.seq;
-        let frame = if state.volatile {
-            Wire::datagram_event(room, event, data, seq, None)
-        } else {
-            Wire::event(room, event, data, seq, None)
-        };
+        let frame = Wire::event(state.framing(), room, event, data, seq, None);
         if state.keeps_history {
             let history = state.history.get_or_insert_with(|| {
                 Box::new(History::new(
@@ -727,11 +732,7 @@ impl Hub {
         let epoch = (position.epoch != state.epoch).then_some(position.epoch);
         state.epoch = position.epoch;
         state.seq = position.seq;
-        let frame = if state.volatile {
-            Wire::datagram_event(room, event, data, position.seq, epoch)
-        } else {
-            Wire::event(room, event, data, position.seq, epoch)
-        };
+        let frame = Wire::event(state.framing(), room, event, data, position.seq, epoch);
         self.fan_out(&mut state, frame, position.seq, conflation_key)
     }
 
@@ -849,7 +850,9 @@ impl Hub {
             events
                 .iter()
                 .filter(|(seq, ..)| *seq > since.seq && *seq <= current.seq)
-                .map(|(seq, event, data)| Wire::event(room, event, data, *seq, None))
+                .map(|(seq, event, data)| {
+                    Wire::event(Framing::WebSocket, room, event, data, *seq, None)
+                })
                 .collect()
         });
         let fits = |frames: &Vec<Wire>| {
