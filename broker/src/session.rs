@@ -261,6 +261,10 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                 let window_ms = u64::try_from(drain_window.as_millis()).unwrap_or(u64::MAX);
                 core.retry_after_ms = Some(fastrand::u64(0..=window_ms.min(500)));
             }
+            // Likewise the session's moment in the drain window.
+            if drain.as_ref().is_some_and(|moment| moment.is_elapsed()) {
+                return shutting_down();
+            }
             // The write happens after this select! has ended, so the futures of the two
             // selects share storage in the task instead of adding up. The outbox comes first:
             // when it woke the task, nothing else is polled (each poll of a waiting future
