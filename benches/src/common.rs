@@ -650,6 +650,16 @@ fn payload_content_len(payload: &Bytes) -> usize {
     }
 }
 
+/// The first complete WebSocket frame (from the broker: unmasked) in `buf`: its opcode and the
+/// range of its payload, which ends where the next frame starts. `None` while incomplete.
+pub(crate) fn next_ws_frame(buf: &[u8]) -> Option<(OpCode, std::ops::Range<usize>)> {
+    let mut cursor = Cursor::new(buf);
+    let (header, len) = FrameHeader::parse(&mut cursor).ok()??;
+    let start = cursor.position() as usize;
+    let end = start + usize::try_from(len).ok()?;
+    (buf.len() >= end).then_some((header.opcode, start..end))
+}
+
 /// Reads binary frames straight off the TCP socket of a session whose handshake went through
 /// tungstenite: many frames per read system call, headers parsed by tungstenite's
 /// `FrameHeader`. Can also write pre-masked frames (pings) on the same socket.
@@ -685,23 +695,15 @@ impl RawFrames {
             Ok(0) | Err(_) => return false,
             Ok(_) => self.reads += 1,
         }
-        loop {
-            let mut cursor = Cursor::new(&self.buf[..]);
-            let Ok(Some((header, len))) = FrameHeader::parse(&mut cursor) else {
-                return true;
-            };
-            let start = cursor.position() as usize;
-            let end = start + len as usize;
-            if self.buf.len() < end {
-                return true;
-            }
-            if header.opcode == OpCode::Data(Data::Binary) {
-                on_frame(&self.buf[start..end]);
-            } else if header.opcode == OpCode::Control(Control::Close) {
+        while let Some((opcode, payload)) = next_ws_frame(&self.buf) {
+            if opcode == OpCode::Data(Data::Binary) {
+                on_frame(&self.buf[payload.clone()]);
+            } else if opcode == OpCode::Control(Control::Close) {
                 return false;
             }
-            self.buf.advance(end);
+            self.buf.advance(payload.end);
         }
+        true
     }
 
     /// Writes `frame`, already a masked WebSocket frame (for example [`ping_frame`]).
@@ -729,6 +731,27 @@ pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_ws_frame_waits_for_a_whole_frame_and_finds_where_the_next_starts() {
+        // Two unmasked binary frames of 3 and 200 bytes (the second with a 16-bit length).
+        let mut buf = vec![0x82, 3, b'a', b'b', b'c', 0x82, 126, 0, 200];
+        buf.extend(std::iter::repeat_n(7u8, 200));
+        assert_eq!(
+            next_ws_frame(&buf),
+            Some((OpCode::Data(Data::Binary), 2..5))
+        );
+        assert_eq!(
+            next_ws_frame(&buf[5..]),
+            Some((OpCode::Data(Data::Binary), 4..204))
+        );
+        assert_eq!(next_ws_frame(&buf[5..150]), None, "incomplete payload");
+        assert_eq!(next_ws_frame(&buf[..1]), None, "incomplete header");
+        assert_eq!(
+            next_ws_frame(&[0x88, 0]),
+            Some((OpCode::Control(Control::Close), 2..2))
+        );
+    }
 
     #[test]
     fn layout_finds_seq_and_stamp() {

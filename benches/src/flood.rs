@@ -7,7 +7,6 @@
 //! retried after a millisecond.
 
 use std::{
-    io::Cursor,
     net::Ipv4Addr,
     sync::{
         Arc,
@@ -23,12 +22,9 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::tcp::OwnedReadHalf,
 };
-use tokio_tungstenite::tungstenite::protocol::frame::{
-    FrameHeader,
-    coding::{Control, Data, OpCode},
-};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
-use crate::common::{MaskKeys, PublishTemplate, into_tcp, open_session, payload};
+use crate::common::{MaskKeys, PublishTemplate, into_tcp, next_ws_frame, open_session, payload};
 
 /// The flood's event name: as long as the measured one, so the subscribers' event layout
 /// tells the two apart by name.
@@ -166,22 +162,13 @@ async fn read_until_closed(mut read: OwnedReadHalf, stats: &FloodStats, stop: &A
             }
             Ok(Ok(_)) => {}
         }
-        loop {
-            let mut cursor = Cursor::new(&buf[..]);
-            let Ok(Some((header, len))) = FrameHeader::parse(&mut cursor) else {
-                break;
-            };
-            let start = cursor.position() as usize;
-            let end = start + len as usize;
-            if buf.len() < end {
-                break;
-            }
-            if header.opcode == OpCode::Control(Control::Close) {
+        while let Some((opcode, payload)) = next_ws_frame(&buf) {
+            if opcode == OpCode::Control(Control::Close) {
                 stats.other_ends.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            if header.opcode == OpCode::Data(Data::Binary) {
-                match ServerFrame::decode(&buf[start..end], PayloadLimits::default()) {
+            if opcode == OpCode::Data(Data::Binary) {
+                match ServerFrame::decode(&buf[payload.clone()], PayloadLimits::default()) {
                     Ok(ServerFrame::Error { code, .. }) => {
                         let counter = if code == Code::RateLimited {
                             &stats.rate_limited
@@ -202,7 +189,7 @@ async fn read_until_closed(mut read: OwnedReadHalf, stats: &FloodStats, stop: &A
                     _ => {}
                 }
             }
-            buf.advance(end);
+            buf.advance(payload.end);
         }
     }
 }

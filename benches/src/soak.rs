@@ -42,7 +42,7 @@
 //! and `intervals`, one object per interval.
 
 use std::{
-    io::{Cursor, Read, Write},
+    io::{Read, Write},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -66,17 +66,15 @@ use tokio_tungstenite::{
     tungstenite::{
         Message,
         client::IntoClientRequest,
-        protocol::frame::{
-            FrameHeader,
-            coding::{Control, Data, OpCode},
-        },
+        protocol::frame::coding::{Control, Data, OpCode},
     },
 };
 
 use crate::{
     common::{
         CommonArgs, MaskKeys, PublishTemplate, Socket, Transport, cpu_seconds, into_tcp,
-        min_payload, open_session, payload, payload_stamp, rss_bytes, wait_until_due,
+        min_payload, next_ws_frame, open_session, payload, payload_stamp, rss_bytes,
+        wait_until_due,
     },
     measure::{CpuMark, Summary, due_ns, histogram, jitter_ns, now_ns, round1},
     timed::Keepalive,
@@ -925,18 +923,9 @@ fn publisher_reader(mut tcp: std::net::TcpStream, index: usize, soak: Arc<Soak>)
             }
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
-        loop {
-            let mut cursor = Cursor::new(&buf[..]);
-            let Ok(Some((header, len))) = FrameHeader::parse(&mut cursor) else {
-                break;
-            };
-            let start = cursor.position() as usize;
-            let end = start + len as usize;
-            if buf.len() < end {
-                break;
-            }
-            if header.opcode == OpCode::Data(Data::Binary) {
-                match ServerFrame::decode(&buf[start..end], PayloadLimits::default()) {
+        while let Some((opcode, payload)) = next_ws_frame(&buf) {
+            if opcode == OpCode::Data(Data::Binary) {
+                match ServerFrame::decode(&buf[payload.clone()], PayloadLimits::default()) {
                     Ok(ServerFrame::Pong { .. }) => {}
                     Ok(ServerFrame::Close { code, reason, .. }) if !soak.stopping() => {
                         soak.fatal(format!("publisher {index}: Close {code:?}: {reason}"));
@@ -949,10 +938,10 @@ fn publisher_reader(mut tcp: std::net::TcpStream, index: usize, soak: Arc<Soak>)
                     }),
                     Ok(_) => {}
                 }
-            } else if header.opcode == OpCode::Control(Control::Close) && !soak.stopping() {
+            } else if opcode == OpCode::Control(Control::Close) && !soak.stopping() {
                 soak.fatal(format!("publisher {index}: WebSocket close"));
             }
-            buf.drain(..end);
+            buf.drain(..payload.end);
         }
     }
 }
