@@ -635,17 +635,7 @@ async fn single_node_http_publish_and_readiness() {
     let mut sub = RawConn::open(&server).await;
     sub.subscribe(1, "news:1").await;
     let body = serde_json::json!({"room": "news:1", "event": "e", "data": [1, 2, 3]});
-    let (status, answer) = http(
-        server.local_addr(),
-        "POST",
-        "/api/publish",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &format!("Bearer {KEY}")),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let (status, answer) = api_publish(server.local_addr(), KEY, &body.to_string()).await;
     // A single node fans out at once and knows the seq.
     assert_eq!((status, answer.as_str()), (200, r#"{"ok":true,"seq":1}"#));
     match sub.frame().await {
@@ -720,15 +710,10 @@ async fn nats_outage_during_traffic() {
     late.ping(2).await;
     let mut late = Sub::Ws(Box::new(late));
     // HTTP publishing refuses too.
-    let (status, body) = http(
+    let (status, body) = api_publish(
         a.local_addr(),
-        "POST",
-        "/api/publish",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &format!("Bearer {KEY}")),
-        ],
-        br#"{"room":"ticks:1","event":"e","data":1}"#,
+        KEY,
+        r#"{"room":"ticks:1","event":"e","data":1}"#,
     )
     .await;
     assert_eq!(status, 503, "{body}");
@@ -830,17 +815,7 @@ async fn nats_over_tls_with_a_private_ca_and_a_password() {
 /// `POST /api/publish` of event `note` with `{"n": n}` to `room` on `server`; expects 200.
 async fn api_note(server: &Server, room: &str, n: u64) {
     let body = serde_json::json!({"room": room, "event": "note", "data": {"n": n}});
-    let (status, answer) = http(
-        server.local_addr(),
-        "POST",
-        "/api/publish",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &format!("Bearer {KEY}")),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let (status, answer) = api_publish(server.local_addr(), KEY, &body.to_string()).await;
     assert_eq!(status, 200, "{answer}");
 }
 

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use common::{cluster::http, wt::*, *};
+use common::{cluster::api_publish, wt::*, *};
 use roomcast_broker::{Server, config::Secret};
 use roomcast_protocol::{ClientFrame, Code, Payload, ServerFrame, frame::Event};
 use tokio_tungstenite::connect_async;
@@ -35,17 +35,7 @@ async fn broker_with(tweak: impl FnOnce(&mut roomcast_broker::Config)) -> Server
 /// `POST /api/publish` of `{"n": n}` as event `note` to `room`; expects 200.
 async fn backend_publish(server: &Server, room: &str, n: u64) {
     let body = serde_json::json!({"room": room, "event": "note", "data": {"n": n}});
-    let (status, answer) = http(
-        server.local_addr(),
-        "POST",
-        "/api/publish",
-        &[
-            ("Content-Type", "application/json"),
-            ("Authorization", &format!("Bearer {KEY}")),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .await;
+    let (status, answer) = api_publish(server.local_addr(), KEY, &body.to_string()).await;
     assert_eq!(status, 200, "{answer}");
 }
 

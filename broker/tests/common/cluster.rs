@@ -232,6 +232,21 @@ pub async fn http(
     super::http_response(stream).await
 }
 
+/// `POST /api/publish` of the JSON `body` with the backend key `key`; returns (status, body).
+pub async fn api_publish(addr: SocketAddr, key: &str, body: &str) -> (u16, String) {
+    http(
+        addr,
+        "POST",
+        "/api/publish",
+        &[
+            ("Content-Type", "application/json"),
+            ("Authorization", &format!("Bearer {key}")),
+        ],
+        body.as_bytes(),
+    )
+    .await
+}
+
 /// A TCP proxy on 127.0.0.1 port 0 that forwards to `target` and holds every chunk going
 /// *to* the target for `delay` (replies pass at once): a slow link from one node to NATS.
 /// Lives as long as the test's runtime.
