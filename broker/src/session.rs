@@ -192,17 +192,26 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         if code == Code::SlowConsumer {
             metrics.slow_consumers.inc();
         }
-        // Frames already queued (e.g. an Error explaining the close) go first, unless the
-        // queue overflowed: a slow consumer gets only the Close frame.
+        // Frames already queued (e.g. an Error explaining the close) go first. A slow
+        // consumer gets no more of them: the frame a write left half done is finished (the
+        // client never sees half a frame), then only the Close frame.
+        let slow = code == Code::SlowConsumer;
         let mut batch = Vec::new();
-        self.core.outbox.drain_into(&mut batch);
+        if !slow {
+            self.core.outbox.drain_into(&mut batch);
+        }
         let mut frame = close_frame(code, &reason);
         if let ServerFrame::Close { retry_after_ms, .. } = &mut frame {
             *retry_after_ms = self.core.retry_after_ms;
         }
         batch.push(Outgoing::control(frame.encode()));
         let writer = &mut self.writer;
+        // All of it within one deadline: a client that reads nothing at all is dropped
+        // after it without its Close.
         let flush = async {
+            if slow {
+                writer.finish_frame().await?;
+            }
             match writer.send_batch(&mut batch).await {
                 // Over the cap or not, the Close frame is queued; `close` writes what it can.
                 Ok(()) | Err(TransportError::Backlogged) => writer.close(code).await,

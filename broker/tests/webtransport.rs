@@ -486,3 +486,48 @@ async fn a_stuck_room_stream_beyond_the_queue_cap_closes_only_that_session_as_sl
         }
     }
 }
+
+#[tokio::test]
+async fn a_slow_control_stream_gets_whole_frames_then_its_close() {
+    // Every room on the control stream, which the client stops reading: when the broker gives
+    // up on it, what is left on the stream is whole frames, then `Close slow_consumer`.
+    let mut cfg = config();
+    cfg.outbound_queue_bytes = 32 * 1024;
+    cfg.wt_single_stream = true;
+    let server = start(cfg).await;
+    let mut stuck = RawWt::open_with(&server, Some(8 * 1024)).await;
+    stuck
+        .send(ClientFrame::Subscribe {
+            since: None,
+            id: 1,
+            room: "bulk:a".into(),
+        })
+        .await;
+    assert!(matches!(
+        stuck.control.frame().await,
+        ServerFrame::Subscribed { id: 1, .. }
+    ));
+    let mut publisher = RawConn::open(&server).await;
+    let mut published = 0;
+    while published < 4096 && metric(&server, "roomcast_slow_consumer_closes_total").await < 1.0 {
+        publish_many(&mut publisher, "bulk:a", 16, 1000).await;
+        published += 16;
+    }
+    assert_eq!(
+        metric(&server, "roomcast_slow_consumer_closes_total").await,
+        1.0
+    );
+    let mut events = 0;
+    loop {
+        match stuck.control.next().await {
+            Some(ServerFrame::Event(_)) => events += 1,
+            Some(ServerFrame::Close { code, .. }) => {
+                assert_eq!(code, Code::SlowConsumer);
+                break;
+            }
+            other => panic!("expected events then Close slow_consumer, got {other:?}"),
+        }
+    }
+    assert!(events < published, "the stuck session did not get everything");
+    expect_session_code(&stuck.connection, Code::SlowConsumer).await;
+}

@@ -69,7 +69,15 @@ pub(crate) struct Opened {
     pub(crate) welcomed_at: Instant,
     /// The token sent in `Hello`.
     pub(crate) token: Option<String>,
+    /// Frames that arrived before `Welcome` on other channels (a WebTransport room stream
+    /// may overtake the control stream: the personal room's `Subscribed` and first events),
+    /// handed to the session first, in arrival order.
+    pub(crate) early: Vec<Bytes>,
 }
+
+/// Most frames held from other channels while waiting for `Welcome`; a broker sending more
+/// is broken.
+const MAX_EARLY_FRAMES: usize = 64;
 
 /// Why a connection attempt failed, with the broker's `retry_after` when it refused with a
 /// `Close` that carried one.
@@ -135,6 +143,7 @@ async fn handshake(
         token: token.clone(),
     };
     link.send(hello.encode()).await.map_err(Error::Transport)?;
+    let mut early = Vec::new();
     let welcome = loop {
         let bytes = match link.recv().await.map_err(Error::Transport)? {
             Incoming::Frame(bytes) => bytes,
@@ -162,6 +171,14 @@ async fn handshake(
             Ok(ServerFrame::Error { code, message, .. }) => {
                 return Err(Error::Server { code, message }.into());
             }
+            // Room frames may overtake `Welcome` on WebTransport (PROTOCOL.md §2b): kept for
+            // the session.
+            Ok(
+                ServerFrame::Subscribed { .. }
+                | ServerFrame::Event(_)
+                | ServerFrame::Conflation { .. }
+                | ServerFrame::Unsubscribed { .. },
+            ) if early.len() < MAX_EARLY_FRAMES => early.push(bytes),
             Ok(other) => {
                 return Err(Error::Protocol(format!("expected Welcome, got {other:?}")).into());
             }
@@ -184,5 +201,6 @@ async fn handshake(
         welcome,
         welcomed_at: Instant::now(),
         token,
+        early,
     })
 }

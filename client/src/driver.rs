@@ -341,6 +341,8 @@ struct Session {
     refresh_at: Option<Instant>,
     /// When to send the resubscriptions the broker refused for now.
     resubscribe_at: Option<Instant>,
+    /// Frames received before `Welcome` (see [`Opened::early`]), served before the link's.
+    early: std::vec::IntoIter<Bytes>,
 }
 
 impl Session {
@@ -371,6 +373,7 @@ impl Session {
             last_ping: now,
             refresh_at: None,
             resubscribe_at: None,
+            early: opened.early.into_iter(),
         }
     }
 
@@ -1481,7 +1484,10 @@ impl Driver {
 /// The next frame of the session, or never between sessions.
 async fn recv(session: &mut Option<Session>) -> Result<Incoming, String> {
     match session {
-        Some(session) => session.link.recv().await,
+        Some(session) => match session.early.next() {
+            Some(frame) => Ok(Incoming::Frame(frame)),
+            None => session.link.recv().await,
+        },
         None => std::future::pending().await,
     }
 }

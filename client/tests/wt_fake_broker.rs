@@ -130,6 +130,12 @@ impl Peer {
             }
             other => panic!("expected Hello, got {other:?}"),
         };
+        self.handshake_welcome().await;
+        token
+    }
+
+    /// Sends `Welcome` on the control stream.
+    async fn handshake_welcome(&mut self) {
         self.send(ServerFrame::Welcome(Welcome {
             version: PROTOCOL_VERSION,
             session_id: "s-wt".into(),
@@ -139,7 +145,6 @@ impl Peer {
             idle_timeout_ms: 60_000,
         }))
         .await;
-        token
     }
 
     async fn open_room_stream(&self) -> RoomStream {
@@ -571,5 +576,42 @@ async fn an_oversized_frame_on_a_room_stream_ends_the_session() {
         other => panic!("expected Closed, got {other:?}"),
     }
     // The transport was dropped broken: the session ends for the broker too.
+    fake.done().await;
+}
+
+#[tokio::test]
+async fn room_stream_frames_that_overtake_welcome_do_not_break_the_handshake() {
+    // QUIC does not order streams: the broker's own join (Subscribed id 0 on a room stream)
+    // can be read before Welcome on the control stream (PROTOCOL.md §2b).
+    let fake = fake_broker(|mut peer| async move {
+        match peer.recv().await {
+            ClientFrame::Hello { .. } => {}
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        let mut personal = peer.open_room_stream().await;
+        personal
+            .send(ServerFrame::Subscribed {
+                id: 0,
+                room: RoomName::new("user:alice").unwrap(),
+                seq: 0,
+                epoch: 0,
+                recovered: None,
+            })
+            .await;
+        // Give the client time to read the room stream first.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        peer.handshake_welcome().await;
+        match peer.recv().await {
+            ClientFrame::Ping { id: Some(id) } => {
+                peer.send(ServerFrame::Pong { id: Some(id) }).await
+            }
+            other => panic!("expected Ping, got {other:?}"),
+        }
+        peer.connection.closed().await;
+    });
+    let client = client(&fake).await;
+    assert_eq!(client.session_id(), "s-wt");
+    within("ping", client.ping()).await.expect("the session works");
+    client.close().await;
     fake.done().await;
 }

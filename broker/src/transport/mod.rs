@@ -55,6 +55,8 @@ pub trait FrameWriter: Send {
     /// Takes every frame in `batch` (emptying it), each for its lane's channel where the
     /// transport has several, and writes them, ideally in one system call per channel.
     /// A writer may return before all is written and keep the rest as its backlog.
+    /// Cancel-safe: a call dropped before it returns never leaves half a frame unaccounted
+    /// for; the next call (or [`FrameWriter::finish_frame`]) goes on where it stopped.
     fn send_batch(
         &mut self,
         batch: &mut Vec<Outgoing>,
@@ -87,6 +89,12 @@ pub trait FrameWriter: Send {
     fn holds(&self, _lane: Lane) -> bool {
         false
     }
+
+    /// Completes the frame an abandoned [`FrameWriter::send_batch`] left half-written and
+    /// forgets the frames queued after it: a slow consumer's close, after which the client
+    /// gets whole frames only, and then its `Close`. Writers that never cut a frame only
+    /// forget what they hold.
+    fn finish_frame(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Writes transport-level bytes produced as [`Incoming::Control`].
     fn send_control(

@@ -172,10 +172,7 @@ pub async fn open(
             control: Vec::new(),
             pending: None,
         },
-        WsWriter {
-            socket: write,
-            headers: Vec::new(),
-        },
+        WsWriter::new(write),
     ))
 }
 
@@ -207,10 +204,22 @@ pub struct WsReader<R> {
 }
 
 /// Sending half of a WebSocket session: writes pre-encoded frames with vectored writes.
+///
+/// Cancel-safe: the batch being written stays here with how far it got, so a write the
+/// session abandons (its outbox overflowed while the socket was blocked) never leaves half a
+/// frame behind: the next write, or [`FrameWriter::finish_frame`], starts where it stopped.
 pub struct WsWriter<W> {
     socket: W,
-    /// WebSocket headers of the batch being written.
+    /// Frames of the batch being written.
+    inflight: Vec<Outgoing>,
+    /// WebSocket headers of the frames of `inflight` that carry none of their own, in order.
     headers: Vec<u8>,
+    /// Index in `inflight` of the first frame not wholly written.
+    next: usize,
+    /// Bytes of that frame (its header included) already written.
+    offset: usize,
+    /// Where that frame's header starts in `headers` (when it has one there).
+    header_at: usize,
 }
 
 /// The sync `Read + Write` view tungstenite wants, valid for one poll: reads take what the
@@ -332,75 +341,165 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 /// Most frames per `writev` (two slices each, under the usual IOV_MAX of 1024).
 const FRAMES_PER_WRITE: usize = 256;
 
+/// Above this capacity, a written batch's buffers are released rather than kept for reuse
+/// (idle sessions stay small after a burst).
+const RETAINED_HEADERS: usize = 512;
+const RETAINED_FRAMES: usize = 64;
+
 impl<W: AsyncWrite + Unpin> WsWriter<W> {
-    /// Writes all of `slices`, `total` bytes.
-    async fn write_all_vectored(
-        &mut self,
-        slices: &mut [IoSlice<'_>],
-        total: usize,
-    ) -> io::Result<()> {
-        let mut slices = slices;
-        let mut left = total;
-        while left > 0 {
-            let written = self.socket.write_vectored(slices).await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            left = left.saturating_sub(written);
-            if left > 0 {
-                // Only a partial write needs to find where it stopped.
-                IoSlice::advance_slices(&mut slices, written);
+    fn new(socket: W) -> Self {
+        WsWriter {
+            socket,
+            inflight: Vec::new(),
+            headers: Vec::new(),
+            next: 0,
+            offset: 0,
+            header_at: 0,
+        }
+    }
+
+    /// Length of frame `frame`'s WebSocket header when it is kept in `headers` (0: the frame
+    /// carries its own).
+    fn separate_header_len(frame: &Outgoing) -> usize {
+        match frame.frame.ws_message() {
+            Some(_) => 0,
+            None => ws_binary_header().len(frame.frame.len() as u64),
+        }
+    }
+
+    /// Takes `batch` as the frames to write, formatting the headers of those without one.
+    fn load(&mut self, batch: &mut Vec<Outgoing>) -> Result<(), TransportError> {
+        debug_assert!(self.inflight.is_empty());
+        std::mem::swap(batch, &mut self.inflight);
+        let header = ws_binary_header();
+        self.headers.clear();
+        for Outgoing { frame, .. } in &self.inflight {
+            if frame.ws_message().is_none() {
+                header
+                    .format(frame.len() as u64, &mut self.headers)
+                    .map_err(map_error)?;
             }
         }
+        (self.next, self.offset, self.header_at) = (0, 0, 0);
+        Ok(())
+    }
+
+    /// One vectored write from where the last one stopped (at most [`FRAMES_PER_WRITE`]
+    /// frames); records the progress before returning. Cancel-safe.
+    async fn write_some(&mut self) -> io::Result<()> {
+        let WsWriter {
+            socket,
+            inflight,
+            headers,
+            next,
+            offset,
+            header_at,
+        } = self;
+        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(FRAMES_PER_WRITE.min(inflight.len()) * 2);
+        let mut skip = *offset;
+        let mut at = *header_at;
+        for out in inflight[*next..].iter().take(FRAMES_PER_WRITE) {
+            let parts: [&[u8]; 2] = match out.frame.ws_message() {
+                Some(message) => [message, &[]],
+                None => {
+                    let len = Self::separate_header_len(out);
+                    let part = &headers[at..at + len];
+                    at += len;
+                    [part, out.frame.frame()]
+                }
+            };
+            for part in parts {
+                if skip >= part.len() {
+                    skip -= part.len();
+                } else {
+                    slices.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                }
+            }
+        }
+        let mut written = socket.write_vectored(&slices).await?;
+        drop(slices);
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && *next < inflight.len() {
+            let frame = &inflight[*next];
+            let header_len = Self::separate_header_len(frame);
+            let total = header_len
+                + frame
+                    .frame
+                    .ws_message()
+                    .map_or(frame.frame.len(), <[u8]>::len);
+            let left = total - *offset;
+            if written >= left {
+                written -= left;
+                *next += 1;
+                *offset = 0;
+                *header_at += header_len;
+            } else {
+                *offset += written;
+                written = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every loaded frame is written.
+    fn written(&self) -> bool {
+        self.next >= self.inflight.len()
+    }
+
+    /// Forgets the written batch, keeping small buffers for the next one.
+    fn settle(&mut self) {
+        self.inflight.clear();
+        if self.inflight.capacity() > RETAINED_FRAMES {
+            self.inflight = Vec::new();
+        }
+        self.headers.clear();
+        if self.headers.capacity() > RETAINED_HEADERS {
+            self.headers = Vec::new();
+        }
+        (self.next, self.offset, self.header_at) = (0, 0, 0);
+    }
+
+    /// Writes every loaded frame. Cancel-safe.
+    async fn write_loaded(&mut self) -> Result<(), TransportError> {
+        while !self.written() {
+            self.write_some()
+                .await
+                .map_err(|e| TransportError::Io(e.to_string()))?;
+        }
+        self.settle();
         Ok(())
     }
 }
 
 impl<W: AsyncWrite + Send + Unpin> FrameWriter for WsWriter<W> {
+    /// Writes what an abandoned earlier call left, then `batch`. One ordered channel: lanes
+    /// do not matter. Events come with their header written in front (one slice each);
+    /// other frames get theirs formatted here.
     async fn send_batch(&mut self, batch: &mut Vec<Outgoing>) -> Result<(), TransportError> {
-        // One ordered channel: lanes do not matter. Events come with their header written in
-        // front (one slice each); other frames get theirs formatted here.
-        let io_error = |e: io::Error| TransportError::Io(e.to_string());
-        let header = ws_binary_header();
-        for chunk in batch.chunks(FRAMES_PER_WRITE) {
-            self.headers.clear();
-            for Outgoing { frame, .. } in chunk {
-                if frame.ws_message().is_none() {
-                    header
-                        .format(frame.len() as u64, &mut self.headers)
-                        .map_err(map_error)?;
-                }
-            }
-            let headers = std::mem::take(&mut self.headers);
-            let mut slices = Vec::with_capacity(chunk.len() * 2);
-            let mut start = 0;
-            let mut total = headers.len();
-            for Outgoing { frame, .. } in chunk {
-                if let Some(message) = frame.ws_message() {
-                    slices.push(IoSlice::new(message));
-                    total += message.len();
-                } else {
-                    let end = start + header.len(frame.len() as u64);
-                    slices.push(IoSlice::new(&headers[start..end]));
-                    slices.push(IoSlice::new(frame));
-                    total += frame.len();
-                    start = end;
-                }
-            }
-            let result = self.write_all_vectored(&mut slices, total).await;
-            drop(slices);
-            self.headers = headers;
-            result.map_err(io_error)?;
+        self.write_loaded().await?;
+        if batch.is_empty() {
+            return Ok(());
         }
-        if self.headers.capacity() > 512 {
-            // Keep idle sessions small after a burst.
-            self.headers = Vec::new();
+        self.load(batch)?;
+        self.write_loaded().await
+    }
+
+    async fn finish_frame(&mut self) -> Result<(), TransportError> {
+        if self.offset > 0 {
+            // Only the frame in flight: the client must never see half of one.
+            self.inflight.truncate(self.next + 1);
+            self.write_loaded().await?;
         }
-        batch.clear();
+        self.settle();
         Ok(())
     }
 
     async fn send_control(&mut self, raw: Bytes) -> Result<(), TransportError> {
+        // Never in the middle of a frame.
+        self.write_loaded().await?;
         self.socket
             .write_all(&raw)
             .await
@@ -408,6 +507,7 @@ impl<W: AsyncWrite + Send + Unpin> FrameWriter for WsWriter<W> {
     }
 
     async fn close(&mut self, code: Code) -> Result<(), TransportError> {
+        self.write_loaded().await?;
         let frame = Frame::close(Some(CloseFrame {
             code: CloseCode::from(code.ws_close_code()),
             reason: code.as_str().into(),

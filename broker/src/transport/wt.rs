@@ -23,7 +23,7 @@ use futures_util::{FutureExt, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use roomcast_protocol::{
     Code,
-    stream::{FrameSplitter, write_prefix},
+    stream::{FrameSplitter, read_varint, write_prefix},
 };
 use tokio::io::AsyncReadExt;
 use wtransport::{Connection, RecvStream, SendStream, VarInt};
@@ -259,6 +259,25 @@ impl Channel {
         }
     }
 
+    /// Drops the frames of the backlog that QUIC has not started on, keeping the rest of the
+    /// one it is in the middle of (the buffer holds whole length-prefixed frames from its
+    /// start): the stream never ends inside a frame. Returns the bytes dropped.
+    fn keep_frame_in_flight(&mut self) -> usize {
+        let mut end = 0;
+        while end < self.written {
+            match read_varint(&self.buf[end..]) {
+                Some((len, prefix)) => end += prefix + len as usize,
+                // Cannot happen for bytes this channel wrote; keep everything then.
+                None => return 0,
+            }
+        }
+        let end = end.min(self.buf.len());
+        let dropped = self.buf.len() - end;
+        self.buf.truncate(end);
+        self.settle();
+        dropped
+    }
+
     /// Ends the stream (FIN after what was written); QUIC delivers the rest on its own.
     fn finish(mut self) {
         let _ = self.stream.quic_stream_mut().finish();
@@ -486,6 +505,22 @@ impl FrameWriter for WtWriter {
     fn holds(&self, lane: Lane) -> bool {
         self.lane_channel(lane)
             .is_some_and(|channel| channel.backlog() > 0)
+    }
+
+    /// QUIC takes whole writes, so only the frames not yet started are dropped, on every
+    /// channel.
+    async fn finish_frame(&mut self) -> Result<(), TransportError> {
+        let mut dropped = self.control.keep_frame_in_flight();
+        for room in self.rooms.values_mut() {
+            if let RoomChannel::Stream(channel) = room {
+                dropped += channel.keep_frame_in_flight();
+            }
+        }
+        for channel in &mut self.closing {
+            dropped += channel.keep_frame_in_flight();
+        }
+        self.backlog.fetch_sub(dropped, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn send_control(&mut self, _raw: Bytes) -> Result<(), TransportError> {
