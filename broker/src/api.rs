@@ -39,9 +39,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
+/// Liveness: 200 for as long as the process serves, draining included (restarting a
+/// draining node would cut its drain short); readiness is `/readyz`.
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+        "draining\n".into_response()
     } else {
         "ok\n".into_response()
     }
@@ -131,7 +133,13 @@ async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Respo
 fn refuse_session(shared: &Shared, refusal: Refusal) -> Response {
     match refusal {
         Refusal::NotFound => StatusCode::NOT_FOUND.into_response(),
-        Refusal::Draining => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
+        // Another node can take the session now; this one is going away.
+        Refusal::Draining => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "shutting down\n",
+        )
+            .into_response(),
         Refusal::Origin => (StatusCode::FORBIDDEN, "origin not allowed\n").into_response(),
         Refusal::Unauthorized { code, message } => {
             shared.metrics.count_code(code);

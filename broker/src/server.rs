@@ -2,9 +2,10 @@
 //!
 //! [`serve`] takes an already-bound listener and a shutdown future (so tests bind port 0).
 //! Each TCP connection is served by hyper's HTTP/1 server with upgrades over the axum router.
-//! On shutdown it stops accepting, lets HTTP connections finish their request, tells every
-//! session to send `Close { shutting_down }` (reconnect: true) and waits for all of them up to
-//! the drain timeout.
+//! On shutdown admission refuses new sessions while the listeners stay open for the drain
+//! window (so probes see 503 rather than a refused connection); HTTP connections finish their
+//! request, every session is told to send `Close { shutting_down }` (reconnect: true) at its
+//! moment of the window, and the drain waits for all of them up to the drain timeout.
 
 use std::{
     collections::HashMap,
@@ -334,14 +335,25 @@ async fn serve_shared(
     Ok(())
 }
 
-/// Accepts TCP connections until shutdown and serves each with hyper's HTTP/1 server (with
-/// upgrades, so `/ws` sessions keep the plain `TcpStream`).
+/// Resolves when the listeners close: a drain window after shutdown began. Until then a
+/// draining node still answers, so that a load balancer sees `/readyz` fail (503) and new
+/// session requests are refused with a status (503 + `Retry-After` on WebSocket, 429 on
+/// WebTransport) rather than with a refused connection.
+async fn listeners_close(shared: &Shared) {
+    shared.shutdown.cancelled().await;
+    tokio::time::sleep(shared.config.drain_window).await;
+}
+
+/// Accepts TCP connections until the listeners close and serves each with hyper's HTTP/1
+/// server (with upgrades, so `/ws` sessions keep the plain `TcpStream`).
 async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
     let router = api::router(shared.clone());
+    let close = listeners_close(shared);
+    tokio::pin!(close);
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = shared.shutdown.cancelled() => return,
+            () = &mut close => return,
         };
         let (tcp, peer) = match accepted {
             Ok((tcp, peer)) => (tcp, peer),
@@ -365,13 +377,18 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // A connection accepted while draining serves one request (a readiness probe, a
+        // refused upgrade) and closes.
+        let draining = cancelled.is_cancelled();
         shared.tracker.spawn(async move {
             match tls {
-                None => serve_http(TokioIo::new(tcp), router, cancelled).await,
+                None => serve_http(TokioIo::new(tcp), router, cancelled, draining).await,
                 Some(config) => {
                     let acceptor = tokio_rustls::TlsAcceptor::from(config);
                     match tokio::time::timeout(HEADER_READ_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => serve_http(TokioIo::new(tls), router, cancelled).await,
+                        Ok(Ok(tls)) => {
+                            serve_http(TokioIo::new(tls), router, cancelled, draining).await;
+                        }
                         Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                         Err(_) => debug!("TLS handshake timed out"),
                     }
@@ -381,20 +398,27 @@ async fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-/// Serves one HTTP/1 connection (with upgrades) until it ends or shutdown finishes it.
-async fn serve_http<I>(io: TokioIo<I>, router: axum::Router, cancelled: CancellationToken)
-where
+/// Serves one HTTP/1 connection (with upgrades) until it ends or shutdown finishes it (after
+/// the request in flight). `draining`: accepted after shutdown began, so it serves one
+/// request without keep-alive.
+async fn serve_http<I>(
+    io: TokioIo<I>,
+    router: axum::Router,
+    cancelled: CancellationToken,
+    draining: bool,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(!draining)
         .serve_connection(io, TowerToHyperService::new(router))
         .with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
-        () = cancelled.cancelled() => {
+        () = cancelled.cancelled(), if !draining => {
             connection.as_mut().graceful_shutdown();
             connection.await
         }
@@ -652,12 +676,15 @@ async fn reload_certificates(
     }
 }
 
-/// Accepts WebTransport sessions on one endpoint until shutdown.
+/// Accepts WebTransport sessions on one endpoint until the listeners close (while draining,
+/// session requests are refused with 429).
 async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
+    let close = listeners_close(&shared);
+    tokio::pin!(close);
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => incoming,
-            () = shared.shutdown.cancelled() => return,
+            () = &mut close => return,
         };
         // The connection caps before the QUIC handshake: a flood costs no handshake.
         let connections = &shared.security.connections;

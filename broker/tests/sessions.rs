@@ -10,6 +10,7 @@ use common::*;
 use roomcast_client::{ConnectOptions, Error, SubscriptionError, connect};
 use roomcast_protocol::{ClientFrame, Code, Payload, ServerFrame};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct Order {
@@ -235,7 +236,9 @@ async fn never_reading_subscriber_is_closed_as_slow_while_others_keep_receiving(
     loop {
         match slow.next().await {
             Seen::Frame(ServerFrame::Event(_)) => frames += 1,
-            Seen::Frame(ServerFrame::Close { code, reconnect, .. }) => {
+            Seen::Frame(ServerFrame::Close {
+                code, reconnect, ..
+            }) => {
                 assert_eq!(code, Code::SlowConsumer);
                 assert!(reconnect);
                 break;
@@ -478,4 +481,71 @@ async fn client_close_is_answered_with_a_close_frame() {
         Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, normal_close()),
         other => panic!("expected the close reply, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_draining_node_answers_503_and_refuses_new_sessions_until_its_window_ends() {
+    let mut cfg = config();
+    cfg.drain_window = Duration::from_millis(1500);
+    let server = start(cfg).await;
+    let addr = server.local_addr();
+    let mut raw = RawConn::open(&server).await;
+    let hash = common::wt::cert_hash(&server);
+    let wt_url = common::wt::wt_url(&server);
+    // SIGTERM's effect, without waiting for the drain to finish.
+    server.shared().shutdown.cancel();
+    let stopping = tokio::spawn(server.shutdown());
+    // The listener still answers during the window: readiness fails, liveness holds.
+    assert_eq!(
+        http_get_at(addr, "/readyz").await,
+        (503, "shutting down\n".into())
+    );
+    assert_eq!(
+        http_get_at(addr, "/healthz").await,
+        (200, "draining\n".into())
+    );
+    // A new WebSocket session gets 503 with Retry-After.
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = vec![0u8; 512];
+    let n = tokio::time::timeout(WAIT, stream.read(&mut head))
+        .await
+        .unwrap()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_lowercase();
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("retry-after: 1\r\n"), "{head}");
+    // A new WebTransport session is refused (429).
+    let refused = common::wt::session_at(&wt_url, hash, None).await;
+    assert!(
+        refused.is_err(),
+        "a draining node admitted a WebTransport session"
+    );
+    // The open session is closed within the window, with a reconnect hint.
+    match raw.frame().await {
+        ServerFrame::Close {
+            code,
+            reconnect,
+            retry_after_ms,
+            ..
+        } => {
+            assert_eq!(code, Code::ShuttingDown);
+            assert!(reconnect);
+            assert!(retry_after_ms.is_some_and(|ms| ms <= 500));
+        }
+        other => panic!("expected Close shutting_down, got {other:?}"),
+    }
+    tokio::time::timeout(WAIT, stopping)
+        .await
+        .expect("drain finishes")
+        .unwrap()
+        .unwrap();
+    // After the window nothing listens.
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }

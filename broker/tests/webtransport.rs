@@ -528,6 +528,9 @@ async fn a_slow_control_stream_gets_whole_frames_then_its_close() {
             other => panic!("expected events then Close slow_consumer, got {other:?}"),
         }
     }
-    assert!(events < published, "the stuck session did not get everything");
+    assert!(
+        events < published,
+        "the stuck session did not get everything"
+    );
     expect_session_code(&stuck.connection, Code::SlowConsumer).await;
 }

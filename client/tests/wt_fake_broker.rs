@@ -611,7 +611,9 @@ async fn room_stream_frames_that_overtake_welcome_do_not_break_the_handshake() {
     });
     let client = client(&fake).await;
     assert_eq!(client.session_id(), "s-wt");
-    within("ping", client.ping()).await.expect("the session works");
+    within("ping", client.ping())
+        .await
+        .expect("the session works");
     client.close().await;
     fake.done().await;
 }

@@ -395,7 +395,8 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             offset,
             header_at,
         } = self;
-        let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(FRAMES_PER_WRITE.min(inflight.len()) * 2);
+        let mut slices: Vec<IoSlice<'_>> =
+            Vec::with_capacity(FRAMES_PER_WRITE.min(inflight.len()) * 2);
         let mut skip = *offset;
         let mut at = *header_at;
         for out in inflight[*next..].iter().take(FRAMES_PER_WRITE) {
