@@ -435,8 +435,12 @@ impl FileConfig {
             let owner = &room.as_str()[USER_NAMESPACE.len() + 1..];
             return match claims {
                 Some(claims) if claims.sub == owner => Ok(()),
-                _ => Err(forbidden(format!(
+                Some(_) => Err(forbidden(format!(
                     "{room} is the personal room of another user"
+                ))),
+                None => Err(forbidden(format!(
+                    "{room} is a personal room: the namespace user is reserved (even with \
+                     authentication off) for sessions whose token names that user"
                 ))),
             };
         }
@@ -472,7 +476,10 @@ impl FileConfig {
             return if granted {
                 Ok(())
             } else {
-                Err(forbidden(format!("publishing to {room} needs a pub grant")))
+                Err(forbidden(format!(
+                    "publishing to {room} needs a pub grant: the namespace user is reserved \
+                     for personal rooms (backends publish to them with POST /api/publish)"
+                )))
             };
         }
         let Some(policy) = self.namespace(namespace) else {

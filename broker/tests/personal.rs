@@ -294,3 +294,48 @@ async fn a_broker_without_auth_keys_ignores_tokens_and_joins_no_personal_room() 
         "no other room stream (no personal room)"
     );
 }
+
+#[tokio::test]
+async fn user_rooms_stay_reserved_with_auth_off_and_the_error_says_why() {
+    let mut config = common::config();
+    config.api_key = Some(Secret(KEY.into()));
+    let server = start(config).await;
+    let mut conn = RawConn::open(&server).await;
+    conn.send(ClientFrame::Subscribe {
+        since: None,
+        id: 1,
+        room: "user:alice".into(),
+    })
+    .await;
+    match conn.frame().await {
+        ServerFrame::Error {
+            id, code, message, ..
+        } => {
+            assert_eq!((id, code), (Some(1), Code::Forbidden));
+            assert!(message.contains("reserved"), "{message}");
+            assert!(message.contains("authentication off"), "{message}");
+        }
+        other => panic!("expected Error forbidden, got {other:?}"),
+    }
+    conn.send(ClientFrame::Publish {
+        key: None,
+        id: 2,
+        room: "user:alice".into(),
+        event: "note".into(),
+        data: Payload::encode(&1u8).unwrap().as_bytes().clone(),
+        ack: true,
+    })
+    .await;
+    match conn.frame().await {
+        ServerFrame::Error {
+            id, code, message, ..
+        } => {
+            assert_eq!((id, code), (Some(2), Code::Forbidden));
+            assert!(message.contains("/api/publish"), "{message}");
+        }
+        other => panic!("expected Error forbidden, got {other:?}"),
+    }
+    // The backend may still publish there (nobody receives it without users).
+    backend_publish(&server, "user:alice", 1).await;
+    conn.ping(3).await;
+}
