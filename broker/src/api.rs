@@ -173,7 +173,11 @@ mod publish {
         http::{HeaderMap, StatusCode, header},
         response::{IntoResponse, Response},
     };
-    use roomcast_protocol::{Code, EventName, Payload, RoomName, frame::MAX_IDEMPOTENCY_KEY_LEN};
+    use ciborium_ll::{Decoder, Header};
+    use roomcast_protocol::{
+        Code, EventName, Payload, PayloadError, PayloadLimits, RoomName,
+        frame::MAX_IDEMPOTENCY_KEY_LEN, payload,
+    };
     use sha2::{Digest, Sha256};
 
     use crate::{
@@ -194,14 +198,113 @@ mod publish {
         key: Option<String>,
     }
 
-    /// The CBOR body: a map with text keys; `data` is any CBOR item.
-    #[derive(serde::Deserialize)]
+    /// The CBOR body: a map with text keys `room`, `event`, `data` (any CBOR item, kept as
+    /// its bytes) and optionally `key`; other keys are skipped.
     struct CborBody {
         room: String,
         event: String,
-        data: ciborium::Value,
-        #[serde(default)]
+        data: Bytes,
         key: Option<String>,
+    }
+
+    /// Why a CBOR body is not the map [`CborBody`] reads.
+    #[derive(Debug, thiserror::Error)]
+    enum CborBodyError {
+        #[error("not well-formed CBOR at byte {0}")]
+        Malformed(usize),
+        #[error("the body must be a CBOR map")]
+        NotAMap,
+        #[error("map keys must be definite-length text strings of at most 64 bytes (byte {0})")]
+        BadKey(usize),
+        #[error("{0} must be a definite-length text string")]
+        NotText(&'static str),
+        #[error("key {0} appears twice")]
+        Duplicate(&'static str),
+        #[error("{0} is missing")]
+        Missing(&'static str),
+        #[error("data: {0}")]
+        Data(#[from] PayloadError),
+    }
+
+    /// Longest map key read (the keys that mean something are short).
+    const MAX_BODY_KEY: usize = 64;
+
+    impl CborBody {
+        /// Reads the map without decoding `data`: its bytes are handed on exactly as the
+        /// backend encoded them, like a client's `Publish.data`. Memory: the body's own
+        /// bytes (capped by the body limit) and the three short strings.
+        fn parse(body: &Bytes, limits: PayloadLimits) -> Result<CborBody, CborBodyError> {
+            let mut at = 0;
+            let count = match next_header(body, &mut at)? {
+                Header::Map(count) => count,
+                _ => return Err(CborBodyError::NotAMap),
+            };
+            let (mut room, mut event, mut data, mut key) = (None, None, None, None);
+            let mut entries = 0;
+            while count != Some(entries) {
+                let key_at = at;
+                let name = match next_header(body, &mut at)? {
+                    Header::Break if count.is_none() => break,
+                    Header::Text(Some(len)) if len <= MAX_BODY_KEY => {
+                        text_at(body, &mut at, len).ok_or(CborBodyError::BadKey(key_at))?
+                    }
+                    _ => return Err(CborBodyError::BadKey(key_at)),
+                };
+                entries += 1;
+                let field: (&'static str, &mut Option<_>) = match name.as_str() {
+                    "room" => ("room", &mut room),
+                    "event" => ("event", &mut event),
+                    "key" => ("key", &mut key),
+                    "data" => {
+                        let len = payload::item_len(&body[at..], limits)?;
+                        if data.replace(body.slice(at..at + len)).is_some() {
+                            return Err(CborBodyError::Duplicate("data"));
+                        }
+                        at += len;
+                        continue;
+                    }
+                    _ => {
+                        at += payload::item_len(&body[at..], limits)?;
+                        continue;
+                    }
+                };
+                let (what, slot) = field;
+                let text = match next_header(body, &mut at)? {
+                    Header::Text(Some(len)) => {
+                        text_at(body, &mut at, len).ok_or(CborBodyError::NotText(what))?
+                    }
+                    _ => return Err(CborBodyError::NotText(what)),
+                };
+                if slot.replace(text).is_some() {
+                    return Err(CborBodyError::Duplicate(what));
+                }
+            }
+            if at != body.len() {
+                return Err(CborBodyError::Malformed(at));
+            }
+            Ok(CborBody {
+                room: room.ok_or(CborBodyError::Missing("room"))?,
+                event: event.ok_or(CborBodyError::Missing("event"))?,
+                data: data.ok_or(CborBodyError::Missing("data"))?,
+                key,
+            })
+        }
+    }
+
+    /// The CBOR head at `*at`, moving `*at` past it.
+    fn next_header(body: &[u8], at: &mut usize) -> Result<Header, CborBodyError> {
+        let mut decoder = Decoder::from(&body[*at..]);
+        let header = decoder.pull().map_err(|_| CborBodyError::Malformed(*at))?;
+        *at += decoder.offset();
+        Ok(header)
+    }
+
+    /// The UTF-8 text of `len` bytes at `*at`, moving `*at` past it.
+    fn text_at(body: &[u8], at: &mut usize, len: usize) -> Option<String> {
+        let end = at.checked_add(len).filter(|end| *end <= body.len())?;
+        let text = std::str::from_utf8(&body[*at..end]).ok()?.to_owned();
+        *at = end;
+        Some(text)
     }
 
     fn answer(status: StatusCode, body: serde_json::Value) -> Response {
@@ -267,11 +370,23 @@ mod publish {
             .to_ascii_lowercase();
         let (room, event, data, key) = match content_type.as_str() {
             "application/json" => match serde_json::from_slice::<JsonBody>(&body) {
-                Ok(b) => (b.room, b.event, Payload::encode(&b.data), b.key),
+                Ok(b) => (
+                    b.room,
+                    b.event,
+                    Payload::encode(&b.data).map(|p| p.as_bytes().clone()),
+                    b.key,
+                ),
                 Err(e) => return bad_request(&format!("JSON body: {e}")),
             },
-            "application/cbor" => match ciborium::from_reader::<CborBody, _>(&body[..]) {
-                Ok(b) => (b.room, b.event, Payload::encode(&b.data), b.key),
+            "application/cbor" => match CborBody::parse(&body, shared.config.session().payload) {
+                Ok(b) => (b.room, b.event, Ok(b.data), b.key),
+                Err(CborBodyError::Data(e)) => {
+                    return refuse(
+                        StatusCode::BAD_REQUEST,
+                        Code::InvalidPayload,
+                        &e.to_string(),
+                    );
+                }
                 Err(e) => return bad_request(&format!("CBOR body: {e}")),
             },
             _ => {
@@ -309,9 +424,7 @@ mod publish {
         };
         // One encode of `data`, then the same checks as a client's payload (depth cap).
         let limits = shared.config.session().payload;
-        let data = match data
-            .and_then(|p| Payload::new(p.as_bytes().clone(), limits).map_err(|e| e.to_string()))
-        {
+        let data = match data.and_then(|p| Payload::new(p, limits).map_err(|e| e.to_string())) {
             Ok(data) => data,
             Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidPayload, &e),
         };

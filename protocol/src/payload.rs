@@ -153,6 +153,18 @@ fn skip_any_string(
 /// level deeper than its container. Works in constant memory besides a stack bounded by
 /// `max_depth`, never allocates by a length read from the input, and never recurses.
 pub fn validate(bytes: &[u8], limits: PayloadLimits) -> Result<(), PayloadError> {
+    let end = item_len(bytes, limits)?;
+    if end == bytes.len() {
+        Ok(())
+    } else {
+        Err(PayloadError::TrailingBytes(end))
+    }
+}
+
+/// The length of the one well-formed CBOR item that `bytes` start with (checked as
+/// [`validate`] checks a whole payload; what follows it is not looked at). Lets a container
+/// hand on an embedded item's bytes as they are.
+pub fn item_len(bytes: &[u8], limits: PayloadLimits) -> Result<usize, PayloadError> {
     let mut decoder = Decoder::from(bytes);
     let mut stack: Vec<Open> = Vec::new();
     // Levels added by the open containers (and the tags in front of them).
@@ -236,12 +248,7 @@ pub fn validate(bytes: &[u8], limits: PayloadLimits) -> Result<(), PayloadError>
         // One item finished: count it against its parents, closing those it fills.
         loop {
             let Some(top) = stack.last_mut() else {
-                let end = decoder.offset();
-                return if end == bytes.len() {
-                    Ok(())
-                } else {
-                    Err(PayloadError::TrailingBytes(end))
-                };
+                return Ok(decoder.offset());
             };
             match &mut top.remaining {
                 Remaining::Definite(left) => {
@@ -362,6 +369,25 @@ mod tests {
             validate(&deep, PayloadLimits::default()),
             Err(PayloadError::TooDeep(32))
         );
+    }
+
+    #[test]
+    fn item_len_finds_the_end_of_the_first_item_only() {
+        let limits = PayloadLimits::default();
+        // [1, "a"] followed by other bytes, an indefinite array, a tagged map.
+        for (hex, len) in [
+            ("820161610102", 4),
+            ("9f1a00000001ff00", 7),
+            ("c1a1616101f6", 5),
+            ("f6", 1),
+        ] {
+            let bytes = decode_hex(hex);
+            assert_eq!(item_len(&bytes, limits), Ok(len), "{hex}");
+        }
+        // Truncated or malformed items are still refused.
+        for hex in ["820161", "9f01", "ff"] {
+            assert!(item_len(&decode_hex(hex), limits).is_err(), "{hex}");
+        }
     }
 
     #[test]
