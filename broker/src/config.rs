@@ -305,6 +305,46 @@ impl Config {
         }
     }
 
+    /// Refuses timer settings that cannot work together, and lists those that work badly
+    /// (for the log and `config check`). Called before anything is bound.
+    pub fn check(&self) -> Result<Vec<ConfigWarning>, ConfigError> {
+        for (flag, value) in [
+            ("ping-interval", self.ping_interval),
+            ("idle-timeout", self.idle_timeout),
+            ("hello-timeout", self.hello_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroTimer(flag));
+            }
+        }
+        if self.ping_interval >= self.idle_timeout {
+            return Err(ConfigError::PingNotBeforeIdle {
+                ping: self.ping_interval,
+                idle: self.idle_timeout,
+            });
+        }
+        let mut warnings = Vec::new();
+        if self.ping_interval > self.idle_timeout / 2 {
+            warnings.push(ConfigWarning::LatePing {
+                ping: self.ping_interval,
+                idle: self.idle_timeout,
+            });
+        }
+        if self.outbound_queue_bytes < self.max_frame_size {
+            warnings.push(ConfigWarning::QueueBelowFrame {
+                queue: self.outbound_queue_bytes,
+                frame: self.max_frame_size,
+            });
+        }
+        if self.history_events > 0 && self.dedup_window > self.history_ttl {
+            warnings.push(ConfigWarning::DedupBeyondHistory {
+                dedup: self.dedup_window,
+                ttl: self.history_ttl,
+            });
+        }
+        Ok(warnings)
+    }
+
     /// WebSocket buffer settings.
     pub fn ws(&self) -> WsSettings {
         WsSettings {
@@ -312,6 +352,75 @@ impl Config {
             max_message: self.max_frame_size,
         }
     }
+}
+
+fn human(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
+/// Settings that cannot work together: the broker refuses to start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A timer of zero length.
+    #[error("--{0} must be longer than 0s")]
+    ZeroTimer(&'static str),
+    /// Clients would ping only after the broker closed them for silence.
+    #[error(
+        "--ping-interval ({}) must be shorter than --idle-timeout ({}): clients ping after \
+         ping-interval of silence and the broker closes sessions silent for idle-timeout, so \
+         quiet sessions would be closed; keep ping-interval at most half of idle-timeout \
+         (the defaults are 25s and 60s)",
+        human(*ping),
+        human(*idle)
+    )]
+    PingNotBeforeIdle {
+        /// `--ping-interval`.
+        ping: Duration,
+        /// `--idle-timeout`.
+        idle: Duration,
+    },
+}
+
+/// Settings that work, but badly: logged at start and printed by `config check`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigWarning {
+    /// One late or lost ping closes a quiet session.
+    #[error(
+        "--ping-interval ({}) is more than half of --idle-timeout ({}): one delayed ping \
+         closes a quiet session",
+        human(*ping),
+        human(*idle)
+    )]
+    LatePing {
+        /// `--ping-interval`.
+        ping: Duration,
+        /// `--idle-timeout`.
+        idle: Duration,
+    },
+    /// One event of the largest accepted size overflows a subscriber's queue.
+    #[error(
+        "--outbound-queue-bytes ({queue}) is below --max-frame-size ({frame}): an event of \
+         the largest accepted size closes every subscriber as a slow consumer"
+    )]
+    QueueBelowFrame {
+        /// `--outbound-queue-bytes`.
+        queue: usize,
+        /// `--max-frame-size`.
+        frame: usize,
+    },
+    /// Keys outlive the history they deduplicate against.
+    #[error(
+        "--dedup-window ({}) is longer than --history-ttl ({}): in cluster mode the stream's \
+         duplicate window is cut to the history's age",
+        human(*dedup),
+        human(*ttl)
+    )]
+    DedupBeyondHistory {
+        /// `--dedup-window`.
+        dedup: Duration,
+        /// `--history-ttl`.
+        ttl: Duration,
+    },
 }
 
 #[cfg(test)]
@@ -330,6 +439,40 @@ mod tests {
         let parsed = Cli::parse_from(["roomcast"]).config;
         let default = Config::default();
         assert_eq!(format!("{parsed:?}"), format!("{default:?}"));
+    }
+
+    #[test]
+    fn timers_that_cannot_work_together_are_refused() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["roomcast"];
+            all.extend_from_slice(args);
+            Cli::parse_from(all).config.check()
+        };
+        assert_eq!(parse(&[]), Ok(vec![]));
+        let refused = parse(&["--idle-timeout", "2s", "--ping-interval", "10s"]).unwrap_err();
+        assert!(matches!(refused, ConfigError::PingNotBeforeIdle { .. }));
+        let text = refused.to_string();
+        assert!(
+            text.contains("--ping-interval (10s)") && text.contains("(2s)"),
+            "{text}"
+        );
+        assert!(parse(&["--idle-timeout", "10s", "--ping-interval", "10s"]).is_err());
+        assert_eq!(
+            parse(&["--hello-timeout", "0s"]),
+            Err(ConfigError::ZeroTimer("hello-timeout"))
+        );
+        let warned = parse(&["--idle-timeout", "10s", "--ping-interval", "8s"]).unwrap();
+        assert!(matches!(warned[..], [ConfigWarning::LatePing { .. }]));
+        let warned = parse(&["--outbound-queue-bytes", "1000"]).unwrap();
+        assert!(matches!(
+            warned[..],
+            [ConfigWarning::QueueBelowFrame { .. }]
+        ));
+        let warned = parse(&["--dedup-window", "10m"]).unwrap();
+        assert!(matches!(
+            warned[..],
+            [ConfigWarning::DedupBeyondHistory { .. }]
+        ));
     }
 
     #[test]

@@ -33,10 +33,14 @@ enum Command {
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a configuration file (and load its key files), then print the effective
-    /// configuration with every default filled in.
+    /// configuration with every default filled in. The `serve` flags (and `ROOMCAST_*`
+    /// variables) given here are checked too: timers that cannot work together are refused.
     Check {
         /// The TOML file.
         file: std::path::PathBuf,
+        /// The settings `serve` would run with.
+        #[command(flatten)]
+        serve: Box<Config>,
     },
 }
 
@@ -85,7 +89,10 @@ fn mint_token(args: TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_config(file: &std::path::Path) -> anyhow::Result<()> {
+fn check_config(file: &std::path::Path, serve: &Config) -> anyhow::Result<()> {
+    for warning in serve.check()? {
+        eprintln!("warning: {warning}");
+    }
     let security = roomcast_broker::gate::Security::load(file)?;
     print!("{}", security.file.effective());
     eprintln!("{}: ok", file.display());
@@ -184,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
             serve(listener, *config, shutdown_signal()).await
         }
         Command::Certs(CertsCommand::Dev { out }) => write_dev_cert(&out),
-        Command::Config(ConfigCommand::Check { file }) => check_config(&file),
+        Command::Config(ConfigCommand::Check { file, serve }) => check_config(&file, &serve),
         Command::Token(args) => mint_token(args),
     }
 }

@@ -262,6 +262,9 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    for warning in config.check()? {
+        warn!("{warning}");
+    }
     let security = load_security(&config)?;
     let shared = Arc::new(Shared::with_security(config, security));
     shared.start_cluster().await?;
@@ -788,6 +791,9 @@ pub struct Server {
 impl Server {
     /// Binds `config.listen` (port 0 allowed) and the WebTransport endpoints, then serves.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
+        for warning in config.check()? {
+            warn!("{warning}");
+        }
         let listener = bind_tcp(config.listen)?;
         let local_addr = listener.local_addr()?;
         let security = load_security(&config)?;

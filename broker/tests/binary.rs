@@ -222,3 +222,58 @@ fn token_command_mints_a_token_the_example_config_accepts() {
     assert!(!ok);
     assert!(stderr.contains("PATTERN=sub"), "{stderr}");
 }
+
+#[test]
+fn config_check_refuses_timers_that_cannot_work_together() {
+    let dir = std::env::temp_dir().join(format!("roomcast-bin-timers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("open.toml");
+    std::fs::write(&file, "[default]\n").unwrap();
+    let file = file.to_str().unwrap();
+    let (ok, _, stderr) = run(&["config", "check", file]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = run(&[
+        "config",
+        "check",
+        file,
+        "--idle-timeout",
+        "2s",
+        "--ping-interval",
+        "10s",
+    ]);
+    assert!(!ok, "contradicting timers were accepted");
+    assert!(
+        stderr.contains("--ping-interval (10s) must be shorter than --idle-timeout (2s)"),
+        "{stderr}"
+    );
+    // Working but poor combinations pass with a warning.
+    let (ok, _, stderr) = run(&[
+        "config",
+        "check",
+        file,
+        "--idle-timeout",
+        "10s",
+        "--ping-interval",
+        "8s",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("warning: --ping-interval (8s) is more than half"),
+        "{stderr}"
+    );
+    // serve refuses them too, before it listens.
+    let (ok, _, stderr) = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--idle-timeout",
+        "2s",
+        "--ping-interval",
+        "10s",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("must be shorter than --idle-timeout"),
+        "{stderr}"
+    );
+}

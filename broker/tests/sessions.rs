@@ -277,6 +277,7 @@ async fn hello_timeout_and_idle_timeout_close_silent_sessions() {
     let mut cfg = config();
     cfg.hello_timeout = Duration::from_millis(200);
     cfg.idle_timeout = Duration::from_millis(300);
+    cfg.ping_interval = Duration::from_millis(100);
     let server = start(cfg).await;
     let mut silent = RawConn::connect(&server).await;
     silent.expect_close(Code::Timeout).await;
@@ -292,9 +293,26 @@ async fn hello_timeout_and_idle_timeout_close_silent_sessions() {
 }
 
 #[tokio::test]
+async fn timers_that_contradict_each_other_are_refused_at_start() {
+    let mut cfg = config();
+    cfg.idle_timeout = Duration::from_secs(2);
+    cfg.ping_interval = Duration::from_secs(10);
+    let refused = roomcast_broker::Server::start(cfg)
+        .await
+        .err()
+        .expect("refused");
+    let text = refused.to_string();
+    assert!(
+        text.contains("--ping-interval (10s) must be shorter than --idle-timeout (2s)"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn client_pings_keep_a_session_alive() {
     let mut cfg = config();
     cfg.idle_timeout = Duration::from_millis(400);
+    cfg.ping_interval = Duration::from_millis(150);
     let server = start(cfg).await;
     let mut conn = RawConn::open(&server).await;
     for i in 0..8 {
