@@ -23,6 +23,18 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// Label for sessions ended, by transport and cause.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DisconnectLabel {
+    /// `ws` or `wt`.
+    pub transport: &'static str,
+    /// `clean` (the client closed the transport properly), `reset` (the connection broke or
+    /// was dropped without a close: TCP reset, EOF without a close handshake, QUIC connection
+    /// lost), or the close code's name the broker ended it with (`timeout`, `slow_consumer`,
+    /// `protocol_error`, `shutting_down`, …): a bounded set.
+    pub cause: &'static str,
+}
+
 /// Every metric the broker exports.
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +61,8 @@ pub struct Metrics {
     pub conflated: Counter,
     /// Error frames and close codes sent, by code.
     pub errors: Family<CodeLabel, Counter>,
+    /// Sessions ended, by transport and cause.
+    pub disconnects: Family<DisconnectLabel, Counter>,
     /// WebTransport datagrams received (frames from clients).
     pub datagrams_in: Counter,
     /// WebTransport datagrams sent (events of volatile rooms).
@@ -109,6 +123,7 @@ impl Metrics {
             slow_consumers: Counter::default(),
             conflated: Counter::default(),
             errors: Family::default(),
+            disconnects: Family::default(),
             datagrams_in: Counter::default(),
             datagrams_out: Counter::default(),
             nats: NatsMetrics::default(),
@@ -163,6 +178,11 @@ impl Metrics {
             "errors",
             "Error and close codes sent, by code",
             m.errors.clone(),
+        );
+        registry.register(
+            "disconnects",
+            "Sessions ended, by transport and cause (clean, reset, or the broker's close code)",
+            m.disconnects.clone(),
         );
         registry.register(
             "datagrams_in",

@@ -23,7 +23,7 @@ use crate::{
     cluster::AckTo,
     gate::SessionGate,
     hub::SessionKey,
-    metrics::TransportLabel,
+    metrics::{DisconnectLabel, TransportLabel},
     outbox::{Outbox, Outgoing},
     server::Shared,
     transport::{FrameReader, FrameWriter, Incoming, TransportError},
@@ -47,7 +47,27 @@ enum End {
     /// Send a Close frame with this code, then close the transport.
     Close(Code, String),
     /// The peer went away; nothing more can be sent.
-    Gone,
+    Gone(Gone),
+}
+
+/// How the peer went away.
+#[derive(Clone, Copy)]
+enum Gone {
+    /// It closed the transport properly (WebSocket close, FIN, a WebTransport close).
+    Clean,
+    /// The connection broke or was dropped without a close.
+    Reset,
+}
+
+impl End {
+    /// The `cause` label of the disconnect metric.
+    fn cause(&self) -> &'static str {
+        match self {
+            End::Close(code, _) => code.as_str(),
+            End::Gone(Gone::Clean) => "clean",
+            End::Gone(Gone::Reset) => "reset",
+        }
+    }
 }
 
 /// Runs one session until it ends. `transport` names it in metrics and logs; `admitted` holds
@@ -169,6 +189,15 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
         metrics.sessions_opened.get_or_create(&label).inc();
         debug!("opened");
         let end = self.main_loop().await;
+        self.core
+            .shared
+            .metrics
+            .disconnects
+            .get_or_create(&DisconnectLabel {
+                transport: self.core.transport,
+                cause: end.cause(),
+            })
+            .inc();
         self.core.state.mark_closed();
         self.core.outbox.close();
         self.core.leave_all_rooms();
@@ -313,11 +342,11 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                             writer.send_control(raw),
                         ));
                         if !matches!(sent.await, Ok(Ok(()))) {
-                            return End::Gone;
+                            return End::Gone(Gone::Reset);
                         }
                         false
                     }
-                    Ok(Incoming::Closed) => return End::Gone,
+                    Ok(Incoming::Closed) => return End::Gone(Gone::Clean),
                     Err(TransportError::TooLarge) => {
                         return End::Close(
                             Code::FrameTooLarge,
@@ -327,7 +356,9 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                     Err(TransportError::Protocol(why)) => {
                         return End::Close(Code::ProtocolError, why);
                     }
-                    Err(TransportError::Io(_) | TransportError::Backlogged) => return End::Gone,
+                    Err(TransportError::Io(_) | TransportError::Backlogged) => {
+                        return End::Gone(Gone::Reset);
+                    }
                 },
                 () = &mut deadline => {
                     if core.token_expired() {
@@ -342,7 +373,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                 }
                 written = writer.write_backlog(), if writer.has_backlog() => {
                     if written.is_err() {
-                        return End::Gone;
+                        return End::Gone(Gone::Reset);
                     }
                     // A channel caught up: frames held in the outbox for it may go now.
                     if outbox.has_held() && !take_queued(&outbox, writer, &mut batch) {
@@ -375,7 +406,7 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                             result = &mut sent => match result {
                                 Ok(()) => break,
                                 Err(TransportError::Backlogged) => return slow_consumer(),
-                                Err(_) => return End::Gone,
+                                Err(_) => return End::Gone(Gone::Reset),
                             },
                             () = std::future::poll_fn(|cx| outbox.poll_ready(cx)) => {
                                 if outbox.is_overflowed() {
@@ -384,7 +415,9 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
                                 woken = true;
                             }
                             // With a drain window the session is served until its moment comes.
-                            () = &mut cancelled, if drain_window.is_zero() && !cancel_seen => return End::Gone,
+                            () = &mut cancelled, if drain_window.is_zero() && !cancel_seen => {
+                                return End::Close(Code::ShuttingDown, "broker shutting down".into());
+                            }
                         }
                     }
                 }

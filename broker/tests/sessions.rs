@@ -9,6 +9,7 @@ use bytes::Bytes;
 use common::*;
 use roomcast_client::{ConnectOptions, Error, SubscriptionError, connect};
 use roomcast_protocol::{ClientFrame, Code, Payload, ServerFrame};
+use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -566,4 +567,53 @@ async fn a_draining_node_answers_503_and_refuses_new_sessions_until_its_window_e
         .unwrap();
     // After the window nothing listens.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn disconnects_are_counted_by_cause_and_a_reset_is_no_protocol_error() {
+    let mut cfg = config();
+    cfg.hello_timeout = Duration::from_millis(300);
+    let server = start(cfg).await;
+    let series =
+        |cause: &str| format!("roomcast_disconnects_total{{transport=\"ws\",cause=\"{cause}\"}}");
+    // A client that vanishes: its TCP connection is reset (SO_LINGER 0), no close handshake.
+    let dropped = RawConn::open(&server).await;
+    if let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = dropped.ws.get_ref() {
+        socket2::SockRef::from(tcp)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    drop(dropped);
+    // A clean close, a silent session (timeout) and a text message (a real protocol error).
+    let mut clean = RawConn::open(&server).await;
+    clean.ws.close(None).await.unwrap();
+    let _ = clean.next().await;
+    let mut silent = RawConn::connect(&server).await;
+    silent.expect_close(Code::Timeout).await;
+    let mut wrong = RawConn::open(&server).await;
+    wrong
+        .ws
+        .send(tokio_tungstenite::tungstenite::Message::text("hi"))
+        .await
+        .unwrap();
+    wrong.expect_close(Code::ProtocolError).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while metric(&server, &series("reset")).await < 1.0
+        || metric(&server, &series("clean")).await < 1.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "disconnects not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&server, &series("reset")).await, 1.0);
+    assert_eq!(metric(&server, &series("clean")).await, 1.0);
+    assert_eq!(metric(&server, &series("timeout")).await, 1.0);
+    assert_eq!(metric(&server, &series("protocol_error")).await, 1.0);
+    // Only the text message counts as a protocol error.
+    assert_eq!(
+        metric(&server, "roomcast_errors_total{code=\"protocol_error\"}").await,
+        1.0
+    );
 }

@@ -26,7 +26,7 @@ use tokio::{
 use tokio_rustls::server::TlsStream;
 use tokio_tungstenite::tungstenite::{
     self, Message,
-    error::CapacityError,
+    error::{CapacityError, ProtocolError},
     handshake::derive_accept_key,
     protocol::{
         CloseFrame, Role, WebSocketConfig, WebSocketContext,
@@ -330,8 +330,12 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 Some(Ok(Incoming::Closed))
             }
-            Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                Some(Ok(Incoming::Closed))
+            // The TCP connection ended without a close handshake (a reset, a dropped client):
+            // a broken connection, not a protocol error of the client's.
+            Err(tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)) => {
+                Some(Err(TransportError::Io(
+                    "connection ended without a WebSocket close".into(),
+                )))
             }
             Err(e) => Some(Err(map_error(e))),
         }

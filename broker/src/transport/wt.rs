@@ -26,7 +26,7 @@ use roomcast_protocol::{
     stream::{FrameSplitter, read_varint, write_prefix},
 };
 use tokio::io::AsyncReadExt;
-use wtransport::{Connection, RecvStream, SendStream, VarInt};
+use wtransport::{Connection, RecvStream, SendStream, VarInt, error::ConnectionError};
 
 use super::{FrameReader, FrameWriter, Incoming, TransportError};
 use crate::outbox::{Lane, Outgoing};
@@ -151,7 +151,7 @@ impl FrameReader for WtReader {
                                 Ok(Incoming::Datagram(frame))
                             }
                         }
-                        Err(_) => Ok(Incoming::Closed),
+                        Err(e) => session_ended(e),
                     };
                 }
                 read = self.control.read_buf(buffer) => match read {
@@ -164,7 +164,7 @@ impl FrameReader for WtReader {
                         Ok(_) => Err(TransportError::Protocol(
                             "a session has exactly one client-opened (control) stream".into(),
                         )),
-                        Err(_) => Ok(Incoming::Closed),
+                        Err(e) => session_ended(e),
                     };
                 }
                 opened = self.connection.accept_uni() => {
@@ -172,11 +172,22 @@ impl FrameReader for WtReader {
                         Ok(_) => Err(TransportError::Protocol(
                             "clients may not open unidirectional streams".into(),
                         )),
-                        Err(_) => Ok(Incoming::Closed),
+                        Err(e) => session_ended(e),
                     };
                 }
             }
         }
+    }
+}
+
+/// How the session's connection ended: closed by the client (or by us) is a close; lost,
+/// timed out or reset is a broken connection.
+fn session_ended(error: ConnectionError) -> Result<Incoming, TransportError> {
+    match error {
+        ConnectionError::ApplicationClosed(_) | ConnectionError::LocallyClosed => {
+            Ok(Incoming::Closed)
+        }
+        other => Err(TransportError::Io(other.to_string())),
     }
 }
 
