@@ -93,6 +93,7 @@
 //! ```
 
 use crate::datagram::Datagram;
+use crate::driver::streams::connect::close_session_capsule;
 use crate::driver::utils::varint_w2q;
 use crate::driver::Driver;
 use crate::error::ConnectionError;
@@ -304,6 +305,23 @@ impl Connection {
     /// Closes the connection immediately.
     pub fn close(&self, error_code: VarInt, reason: &[u8]) {
         self.quic_connection.close(varint_w2q(error_code), reason);
+    }
+
+    /// Closes the WebTransport session with an application error code and reason.
+    ///
+    /// Unlike [`close`](Self::close), which closes the whole QUIC connection, this sends a
+    /// `CLOSE_WEBTRANSPORT_SESSION` capsule on the session's CONNECT stream, then FIN: the peer
+    /// sees `error_code` and `reason` as the session's close (a browser's
+    /// `WebTransport.closed` resolves with them). `reason` is cut to 1024 bytes, at a
+    /// character boundary.
+    ///
+    /// Returns at once: the capsule is written in the background, and only the first call
+    /// sends one. The QUIC connection stays open until the peer closes it in answer (see
+    /// [`closed`](Self::closed)), so give the peer a moment, then call
+    /// [`close`](Self::close) if it has not.
+    pub fn close_session(&self, error_code: u32, reason: &str) {
+        self.driver
+            .close_session(close_session_capsule(error_code, reason));
     }
 
     /// Waits for the connection to be closed for any reason.

@@ -42,6 +42,7 @@ pub struct Driver {
     ready_uni_wt_streams: Mutex<mpsc::Receiver<StreamUniRemoteWT>>,
     ready_bi_wt_streams: Mutex<mpsc::Receiver<StreamBiRemoteWT>>,
     ready_datagrams: Mutex<mpsc::Receiver<Datagram>>,
+    session_close: mpsc::Sender<Frame<'static>>,
     driver_result: SharedResultGet<DriverError>,
 }
 
@@ -52,6 +53,7 @@ impl Driver {
         let ready_uni_wt_streams = mpsc::channel(4);
         let ready_bi_wt_streams = mpsc::channel(1);
         let ready_datagrams = mpsc::channel(1);
+        let session_close = mpsc::channel(1);
         let driver_result = shared_result();
 
         tokio::spawn(
@@ -62,6 +64,7 @@ impl Driver {
                 ready_uni_wt_streams.0,
                 ready_bi_wt_streams.0,
                 ready_datagrams.0,
+                session_close.1,
                 driver_result.0,
             )
             .run()
@@ -75,6 +78,7 @@ impl Driver {
             ready_uni_wt_streams: Mutex::new(ready_uni_wt_streams.1),
             ready_bi_wt_streams: Mutex::new(ready_bi_wt_streams.1),
             ready_datagrams: Mutex::new(ready_datagrams.1),
+            session_close: session_close.0,
             driver_result: driver_result.1,
         }
     }
@@ -227,6 +231,12 @@ impl Driver {
         }
     }
 
+    /// Asks the worker to send CLOSE_WEBTRANSPORT_SESSION (`capsule`) and FIN on the CONNECT
+    /// stream. Only the first request counts; none is sent once the session has ended.
+    pub fn close_session(&self, capsule: Frame<'static>) {
+        let _ = self.session_close.try_send(capsule);
+    }
+
     async fn result(&self) -> DriverError {
         match self.driver_result.result().await {
             Some(error) => error,
@@ -260,6 +270,7 @@ mod worker {
         ready_uni_wt_streams: mpsc::Sender<StreamUniRemoteWT>,
         ready_bi_wt_streams: mpsc::Sender<StreamBiRemoteWT>,
         ready_datagrams: mpsc::Sender<Datagram>,
+        session_close: mpsc::Receiver<Frame<'static>>,
         driver_result: SharedResultSet<DriverError>,
         local_settings_stream: LocalSettingsStream,
         remote_settings_stream: RemoteSettingsStream,
@@ -276,6 +287,7 @@ mod worker {
             ready_uni_wt_streams: mpsc::Sender<StreamUniRemoteWT>,
             ready_bi_wt_streams: mpsc::Sender<StreamBiRemoteWT>,
             ready_datagrams: mpsc::Sender<Datagram>,
+            session_close: mpsc::Receiver<Frame<'static>>,
             driver_result: SharedResultSet<DriverError>,
         ) -> Self {
             Self {
@@ -285,6 +297,7 @@ mod worker {
                 ready_uni_wt_streams,
                 ready_bi_wt_streams,
                 ready_datagrams,
+                session_close,
                 driver_result,
                 local_settings_stream: LocalSettingsStream::empty(),
                 remote_settings_stream: RemoteSettingsStream::empty(),
@@ -374,6 +387,13 @@ mod worker {
                         };
                     }
 
+                    capsule = self.session_close.recv() => {
+                        match capsule {
+                            Some(capsule) => self.close_session(capsule).await?,
+                            None => return Err(DriverError::NotConnected),
+                        }
+                    }
+
                     error = Self::run_control_streams(&mut self.local_settings_stream,
                                                       &mut self.remote_settings_stream,
                                                       &mut self.remote_qpack_enc_stream,
@@ -387,6 +407,18 @@ mod worker {
                     }
                 }
             }
+        }
+
+        async fn close_session(&mut self, capsule: Frame<'static>) -> Result<(), DriverError> {
+            // A close can overtake the session stream still queued in `ready_sessions`.
+            if self.connect_stream.is_empty() {
+                match self.ready_sessions.recv().await {
+                    Some(stream_session) => self.connect_stream.set_stream(stream_session),
+                    None => return Err(DriverError::NotConnected),
+                }
+            }
+
+            self.connect_stream.close(capsule).await
         }
 
         async fn open_and_send_settings(&mut self) -> Result<(), DriverError> {

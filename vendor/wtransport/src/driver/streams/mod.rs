@@ -552,6 +552,11 @@ pub mod session {
             let _ = self.stream.0.finish().await;
         }
 
+        /// FIN without waiting for the peer's acknowledgement.
+        pub fn finish_now(&mut self) {
+            let _ = self.stream.0 .0.finish();
+        }
+
         pub fn reset(&mut self, error_code: VarInt) {
             let _ = self.stream.0.reset(error_code);
         }
