@@ -316,9 +316,11 @@ impl Connection {
     /// character boundary.
     ///
     /// Returns at once: the capsule is written in the background, and only the first call
-    /// sends one. The QUIC connection stays open until the peer closes it in answer (see
-    /// [`closed`](Self::closed)), so give the peer a moment, then call
-    /// [`close`](Self::close) if it has not.
+    /// sends one. The session ends when the peer answers (its FIN or capsule on the CONNECT
+    /// stream), but the QUIC connection stays open for the application to close: give the
+    /// peer a moment (it may close the connection itself, see [`closed`](Self::closed)), then
+    /// call [`close`](Self::close). Closing at once could reach a browser before it has
+    /// reported the session's close.
     pub fn close_session(&self, error_code: u32, reason: &str) {
         self.driver
             .close_session(close_session_capsule(error_code, reason));

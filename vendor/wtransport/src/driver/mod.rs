@@ -318,6 +318,10 @@ mod worker {
             debug!("Ended with error: {:?}", error);
 
             match &error {
+                // After `Connection::close_session` the application closes the connection:
+                // closing it right at the peer's answer can reach a browser before it has
+                // reported the session's close, which it then reports as a lost connection.
+                DriverError::ApplicationClosed(_) if self.connect_stream.is_closing() => {}
                 DriverError::ApplicationClosed(_) => {
                     // Termination procedure
                     // TODO Reset send sides of all streams with SessionGone error

@@ -36,6 +36,11 @@ impl ConnectStream {
         self.stream = Some(stream);
     }
 
+    /// Whether [`Self::close`] sent (or tried to send) a capsule.
+    pub fn is_closing(&self) -> bool {
+        self.closing
+    }
+
     /// Sends a CLOSE_WEBTRANSPORT_SESSION capsule (see [`close_session_capsule`]) followed by
     /// FIN, once; the peer's answer (its FIN or capsule) is then read by [`Self::run`].
     pub async fn close(&mut self, capsule: Frame<'_>) -> Result<(), DriverError> {
