@@ -758,7 +758,7 @@ async fn wt_accept_loop(endpoint: Arc<QuicEndpoint>, shared: Arc<Shared>) {
                     task_shared
                         .metrics
                         .count_code(roomcast_protocol::Code::Timeout);
-                    wt::close_connection(&connection, roomcast_protocol::Code::Timeout);
+                    wt::close_connection(&connection, roomcast_protocol::Code::Timeout).await;
                 }
             }
         });

@@ -35,6 +35,11 @@ use crate::outbox::{Lane, Outgoing};
 /// before closing it itself.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// How long the client may take to close in answer to the `CLOSE_WEBTRANSPORT_SESSION`
+/// capsule before the broker closes the QUIC connection (the sum of the close path's waits
+/// stays within the session's close budget).
+const CAPSULE_GRACE: Duration = Duration::from_millis(250);
+
 /// Bytes read from the control stream at a time when no frame length is known: clients send
 /// little, and the buffer stays allocated for the session's life (measured: 4 KiB here cost
 /// 4 KiB per idle session).
@@ -109,8 +114,14 @@ pub async fn open(
     ))
 }
 
-/// Closes a session with a code (used when no control stream exists to carry a `Close`).
-pub fn close_connection(connection: &Connection, code: Code) {
+/// Ends a session with a code: the `CLOSE_WEBTRANSPORT_SESSION` capsule (the code's value and
+/// name), a moment for the client to close in answer, then QUIC's `CONNECTION_CLOSE` with the
+/// same code for a client that did not. Alone, it closes sessions with no control stream;
+/// after a `Close` frame, it runs once the client had [`CLOSE_GRACE`] to close on its own
+/// (a capsule right behind the frame could make the client drop the frame unread).
+pub async fn close_connection(connection: &Connection, code: Code) {
+    connection.close_session(u32::from(code.value()), code.as_str());
+    let _ = tokio::time::timeout(CAPSULE_GRACE, connection.closed()).await;
     connection.close(
         VarInt::from_u32(u32::from(code.value())),
         code.as_str().as_bytes(),
@@ -553,7 +564,7 @@ impl FrameWriter for WtWriter {
             let _ = self.control.stream.quic_stream_mut().finish();
             let _ = tokio::time::timeout(CLOSE_GRACE, self.connection.closed()).await;
         }
-        close_connection(&self.connection, code);
+        close_connection(&self.connection, code).await;
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use tokio::io::AsyncReadExt;
 
 use wtransport::{
     ClientConfig, Connection, Endpoint, RecvStream, SendStream,
+    error::ConnectionError,
     tls::{
         Sha256Digest,
         client::{ServerHashVerification, build_default_tls_config},
@@ -221,9 +222,10 @@ impl RawWt {
     }
 }
 
-/// Asserts the session ends with the WebTransport session error code of `code`.
+/// Asserts the session ends with the WebTransport session error code of `code` (from the
+/// broker's `CLOSE_WEBTRANSPORT_SESSION` capsule or its QUIC `CONNECTION_CLOSE`).
 pub async fn expect_session_code(connection: &Connection, code: Code) {
-    let error = tokio::time::timeout(WAIT, connection.closed())
+    let error = tokio::time::timeout(WAIT, session_error(connection))
         .await
         .expect("session closed in time");
     let text = format!("{error} {error:?}");
@@ -231,4 +233,53 @@ pub async fn expect_session_code(connection: &Connection, code: Code) {
         text.contains(&code.value().to_string()) || text.contains(code.as_str()),
         "session closed with {text}, expected {code}"
     );
+}
+
+/// Why the session ended, as the session's calls report it. Not [`Connection::closed`]: that
+/// reports how QUIC ended, which after a `CLOSE_WEBTRANSPORT_SESSION` capsule is this client's
+/// own close in answer.
+pub async fn session_error(connection: &Connection) -> ConnectionError {
+    loop {
+        if let Err(error) = connection.receive_datagram().await {
+            return error;
+        }
+    }
+}
+
+/// How the broker ended a session, as a wtransport client sees it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// A `CLOSE_WEBTRANSPORT_SESSION` capsule, after which the client closed QUIC itself.
+    Capsule { code: u64, reason: String },
+    /// Anything else, e.g. the broker's QUIC `CONNECTION_CLOSE` (the session's error, then
+    /// how QUIC ended).
+    Other(String, String),
+}
+
+/// Waits (up to [`WAIT`]) for the session to end and tells how.
+pub async fn session_end(connection: &Connection) -> SessionEnd {
+    let ended = async {
+        let session = session_error(connection).await;
+        (session, connection.closed().await)
+    };
+    match tokio::time::timeout(WAIT, ended)
+        .await
+        .expect("session ended in time")
+    {
+        (ConnectionError::ApplicationClosed(close), ConnectionError::LocallyClosed) => {
+            SessionEnd::Capsule {
+                code: close.code().into_inner(),
+                reason: String::from_utf8_lossy(close.reason()).into_owned(),
+            }
+        }
+        (session, quic) => SessionEnd::Other(format!("{session:?}"), format!("{quic:?}")),
+    }
+}
+
+/// The [`SessionEnd`] of a capsule carrying `code`: its value and name.
+pub fn capsule_of(code: Code) -> SessionEnd {
+    SessionEnd::Capsule {
+        code: code.value().into(),
+        reason: code.as_str().into(),
+    }
 }

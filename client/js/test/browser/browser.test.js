@@ -274,6 +274,53 @@ describe('browser client', () => {
     assert.deepEqual(states.map((s) => s.state), ['connecting', 'connected', 'disconnected', 'closed']);
   });
 
+  test('WebTransport close: the broker\'s code and name resolve WebTransport.closed (CLOSE_WEBTRANSPORT_SESSION)', async (t) => {
+    const { page, problems } = await openPage(t);
+    const own = await startBroker(['--hello-timeout', '500ms']);
+    t.after(() => own.stop());
+    const result = await page.evaluate(
+      async ({ url, certHash }) => {
+        const hash = new Uint8Array(certHash.match(/../g).map((h) => parseInt(h, 16)));
+        const options = { serverCertificateHashes: [{ algorithm: 'sha-256', value: hash }] };
+        // Chromium now and then rejects `closed` with "Connection lost." right as the capsule
+        // arrives (seen in about one session in ten, whatever the broker's timing): a case
+        // counts once one of three sessions resolves. Without the capsule none ever does.
+        const attempt = async (drive) => {
+          const seen = [];
+          for (let i = 0; i < 3; i++) {
+            const session = new WebTransport(url, options);
+            await session.ready;
+            await drive(session);
+            const outcome = await session.closed.then(
+              (info) => ({ resolved: { closeCode: info.closeCode, reason: info.reason } }),
+              (e) => ({ rejected: String(e?.message ?? e) }),
+            );
+            seen.push(outcome);
+            if (outcome.resolved) break;
+          }
+          return seen;
+        };
+        // No control stream within the hello timeout.
+        const timeout = await attempt(async () => {});
+        // A garbage frame on the control stream; the page neither reads the Close frame nor
+        // closes, so the session ends only by the broker's capsule.
+        const protocolError = await attempt(async (session) => {
+          const control = await session.createBidirectionalStream();
+          control.writable.getWriter().write(new Uint8Array([2, 0xff, 0x00])).catch(() => {});
+        });
+        return { timeout, protocolError };
+      },
+      { url: own.wt, certHash: own.certHash },
+    );
+    const last = (seen) => seen.at(-1);
+    const flakes = (seen) => seen.slice(0, -1).every((o) => o.rejected === 'Connection lost.');
+    assert.deepEqual(last(result.timeout), { resolved: { closeCode: 4408, reason: 'timeout' } }, JSON.stringify(result));
+    assert.ok(flakes(result.timeout), JSON.stringify(result));
+    assert.deepEqual(last(result.protocolError), { resolved: { closeCode: 4400, reason: 'protocol_error' } }, JSON.stringify(result));
+    assert.ok(flakes(result.protocolError), JSON.stringify(result));
+    assert.deepEqual(problems, []);
+  });
+
   test('failover: broker A is killed (SIGKILL); the page reconnects to B and is told its room was reset', async (t) => {
     const { page, problems } = await openPage(t, { expectFailedConnections: true });
     const [a, b] = await Promise.all([startBroker([]), startBroker([])]);
