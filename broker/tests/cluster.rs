@@ -655,6 +655,131 @@ async fn single_node_http_publish_and_readiness() {
     assert_eq!(status, 404);
 }
 
+/// Waits (bounded) until `/readyz` answers `status` with `body`.
+async fn until_readyz_says(server: &Server, status: u16, body: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = http_get(server, "/readyz").await;
+        if (got.0, got.1.as_str()) == (status, body) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered {status} {body:?} (last: {got:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A NATS server without JetStream: the node is not ready, says why (readiness, metric, the
+/// refused publishes' message) instead of looking healthy, and is ready again once its server
+/// has JetStream.
+#[tokio::test]
+async fn a_nats_server_without_jetstream_makes_the_node_unready_until_it_has_it() {
+    let mut nats = NatsServer::start("jetstream: disabled");
+    let a = start(node(&nats, "node-a")).await;
+    until_readyz_says(&a, 503, "JetStream unavailable\n").await;
+    let (_, metrics) = http_get(&a, "/metrics").await;
+    assert!(
+        metrics.contains("roomcast_nats_jetstream_available 0"),
+        "{metrics}"
+    );
+    assert_eq!(metric(&a, "roomcast_nats_connected").await, 1.0);
+
+    // Every publish to a room with history is refused, naming the cause.
+    let room = "chat:1";
+    let mut publisher = RawConn::open(&a).await;
+    for n in 1..=3 {
+        publisher
+            .send(publish(n, room, &format!("e{n}"), number(n), true))
+            .await;
+        match publisher.frame().await {
+            ServerFrame::Error {
+                id: Some(id),
+                code: Code::Unavailable,
+                message,
+                ..
+            } if id == n => assert!(
+                message.contains("JetStream unavailable on the NATS server"),
+                "{message}"
+            ),
+            other => panic!("expected Error unavailable, got {other:?}"),
+        }
+    }
+    let body = serde_json::json!({"room": room, "event": "e", "data": 1}).to_string();
+    let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer.contains("JetStream unavailable on the NATS server"),
+        "{answer}"
+    );
+
+    // JetStream is turned on without a reconnect: the node looks again every few seconds.
+    nats.reload_with("");
+    until_readyz_says(&a, 200, "ready\n").await;
+    assert_eq!(metric(&a, "roomcast_nats_jetstream_available").await, 1.0);
+    let mut sub = RawConn::open(&a).await;
+    sub.subscribe(1, room).await;
+    publisher
+        .send(publish(9, room, "e9", number(9), true))
+        .await;
+    assert!(
+        matches!(reply(&mut publisher, 9).await, Ok(Some(_))),
+        "a stored event's Ack carries its seq"
+    );
+    match sub.frame().await {
+        ServerFrame::Event(e) => assert_eq!(e.event.as_str(), "e9"),
+        other => panic!("expected the event, got {other:?}"),
+    }
+    let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // The node reconnects to a server without JetStream, then to one with it: it checks on
+    // every connect.
+    nats.restart_with("jetstream: disabled");
+    until_readyz_says(&a, 503, "JetStream unavailable\n").await;
+    let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer.contains("JetStream unavailable on the NATS server"),
+        "{answer}"
+    );
+    nats.restart_with("");
+    until_readyz_says(&a, 200, "ready\n").await;
+    let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// The positive control of the test above: with JetStream the node is ready at once and
+/// says so in its metric.
+#[tokio::test]
+async fn a_nats_server_with_jetstream_makes_the_node_ready() {
+    let nats = NatsServer::start("");
+    let a = start(node(&nats, "node-a")).await;
+    until_readyz_says(&a, 200, "ready\n").await;
+    assert_eq!(metric(&a, "roomcast_nats_jetstream_available").await, 1.0);
+    let mut publisher = RawConn::open(&a).await;
+    publisher
+        .send(publish(1, "chat:1", "e1", number(1), true))
+        .await;
+    assert!(matches!(reply(&mut publisher, 1).await, Ok(Some(_))));
+}
+
+/// `--no-nats-history` needs no JetStream: the node is ready without it.
+#[tokio::test]
+async fn without_history_a_nats_server_without_jetstream_is_fine() {
+    let nats = NatsServer::start("jetstream: disabled");
+    let mut c = node(&nats, "node-a");
+    c.cluster.no_nats_history = true;
+    let a = start(c).await;
+    until_readyz_says(&a, 200, "ready\n").await;
+    let mut publisher = RawConn::open(&a).await;
+    publisher
+        .send(publish(1, "chat:1", "e1", number(1), true))
+        .await;
+    assert!(matches!(reply(&mut publisher, 1).await, Ok(None)));
+}
+
 #[tokio::test]
 async fn nats_outage_during_traffic() {
     let mut nats = NatsServer::start("");
