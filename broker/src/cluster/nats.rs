@@ -611,6 +611,8 @@ async fn publisher(
     // publisher never waits for one before sending the next event.
     let (acks, pending) = mpsc::channel(ACKS_IN_FLIGHT);
     tokio::spawn(acker(pending, jetstream.clone(), metrics.clone()));
+    let mut no_stream = Throttle::default();
+    let mut refused = Throttle::default();
     loop {
         let next = tokio::select! {
             biased;
@@ -662,7 +664,9 @@ async fn publisher(
                 // Said once by the check; queued before it found out.
                 ack.answer(Err(Unavailable(NO_JETSTREAM)));
             } else {
-                warn!(error = %e, room = %out.room, "no JetStream stream: publish refused");
+                if let Some(held_back) = no_stream.pass() {
+                    warn!(error = %e, room = %out.room, held_back, "no JetStream stream: publish refused");
+                }
                 ack.answer(Err(Unavailable("the room's history stream is unavailable")));
             }
             continue;
@@ -680,13 +684,42 @@ async fn publisher(
             }
             Err(e) => {
                 metrics.publish_failures.inc();
-                warn!(error = %e, room = %out.room, "JetStream publish failed");
+                if let Some(held_back) = refused.pass() {
+                    warn!(error = %e, room = %out.room, held_back, "JetStream publish failed");
+                }
                 ack.answer(Err(Unavailable("JetStream refused the publish")));
             }
         }
     }
     // Give what was handed over a moment to reach the server.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+}
+
+/// A failure that repeats once per publish (a stream electing its leader refuses every
+/// publish for seconds) is logged at most once per this interval, with a count of the rest.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// Lets one warning of a kind through per [`WARN_EVERY`] and counts the ones held back.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// `Some(held back since the last one)` when this one should be logged.
+    fn pass(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < WARN_EVERY)
+        {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
 }
 
 /// Longest wait for JetStream before a room goes live without history.
@@ -701,6 +734,7 @@ async fn acker(
     jetstream: Arc<JetStreamCheck>,
     metrics: NatsMetrics,
 ) {
+    let mut unacknowledged = Throttle::default();
     while let Some((future, ack, room)) = pending.recv().await {
         match future.await {
             Ok(stored) => ack.answer(Ok(Delivery {
@@ -712,7 +746,10 @@ async fn acker(
                 // Not acknowledged: stored or not, the publisher is told it may not have been.
                 metrics.jetstream_errors.inc();
                 jetstream.recheck.notify_one();
-                warn!(error = %e, %room, "JetStream did not acknowledge a publish");
+                // `held_back`: more since the last line (a leader election refuses them all).
+                if let Some(held_back) = unacknowledged.pass() {
+                    warn!(error = %e, %room, held_back, "JetStream did not acknowledge a publish");
+                }
                 ack.answer(Err(Unavailable(
                     "JetStream did not acknowledge the publish",
                 )));
