@@ -10,7 +10,11 @@
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -676,6 +680,9 @@ async fn until_readyz_says(server: &Server, status: u16, body: &str) {
 /// has JetStream.
 #[tokio::test]
 async fn a_nats_server_without_jetstream_makes_the_node_unready_until_it_has_it() {
+    const MISSING: &str = "ERROR roomcast_broker::cluster::nats: JetStream unavailable on the NATS server: publishes to rooms with history are refused (`unavailable`) and /readyz answers 503; enable `jetstream {}` on the NATS server, or run roomcast with --no-nats-history";
+    const BACK: &str = "JetStream available again";
+    captured_logs();
     let mut nats = NatsServer::start("jetstream: disabled");
     let a = start(node(&nats, "node-a")).await;
     until_readyz_says(&a, 503, "JetStream unavailable\n").await;
@@ -687,7 +694,7 @@ async fn a_nats_server_without_jetstream_makes_the_node_unready_until_it_has_it(
     assert_eq!(metric(&a, "roomcast_nats_connected").await, 1.0);
 
     // Every publish to a room with history is refused, naming the cause.
-    let room = "chat:1";
+    let room = "nojs:1";
     let mut publisher = RawConn::open(&a).await;
     for n in 1..=3 {
         publisher
@@ -713,6 +720,10 @@ async fn a_nats_server_without_jetstream_makes_the_node_unready_until_it_has_it(
         answer.contains("JetStream unavailable on the NATS server"),
         "{answer}"
     );
+    // Said once, not once per publish.
+    let logs = captured_logs();
+    assert_eq!(lines_with(&logs, MISSING), 1, "{logs}");
+    assert_eq!(lines_with(&logs, room), 0, "{logs}");
 
     // JetStream is turned on without a reconnect: the node looks again every few seconds.
     nats.reload_with("");
@@ -748,6 +759,43 @@ async fn a_nats_server_without_jetstream_makes_the_node_unready_until_it_has_it(
     until_readyz_says(&a, 200, "ready\n").await;
     let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
     assert_eq!(status, 200, "{answer}");
+    // One line per change.
+    let logs = captured_logs();
+    assert_eq!(
+        (lines_with(&logs, MISSING), lines_with(&logs, BACK)),
+        (2, 2),
+        "{logs}"
+    );
+}
+
+/// The broker's log lines (it runs in this process), captured from the first call on.
+fn captured_logs() -> String {
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    let logs = LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .init();
+        logs
+    });
+    String::from_utf8_lossy(&logs.lock().unwrap()).into_owned()
+}
+
+fn lines_with(logs: &str, needle: &str) -> usize {
+    logs.lines().filter(|l| l.contains(needle)).count()
 }
 
 /// The positive control of the test above: with JetStream the node is ready at once and
