@@ -1,6 +1,6 @@
 //! The HTTP surface on the TCP port: `GET /ws` (WebSocket upgrade), `GET /healthz` (the
 //! process is alive), `GET /readyz` (the node should get traffic: not draining and, in cluster
-//! mode, connected to NATS), `GET /metrics`, `GET /cert-hash` (the QUIC certificate's SHA-256,
+//! mode, connected to NATS, with JetStream when rooms keep history), `GET /metrics`, `GET /cert-hash` (the QUIC certificate's SHA-256,
 //! for pinning) and `POST /api/publish` (backend publishing with an API key). Handlers only route; sessions live in [`crate::session`].
 
 use std::sync::Arc;
@@ -52,8 +52,8 @@ async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else if !shared.is_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected to NATS\n").into_response()
+    } else if let Some(why) = shared.bridge.not_ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
     } else {
         "ready\n".into_response()
     }

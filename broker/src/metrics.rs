@@ -98,6 +98,9 @@ pub struct NatsMetrics {
     pub replayed: Counter,
     /// JetStream requests that failed (stream creation, reads, publish acks).
     pub jetstream_errors: Counter,
+    /// 1 while the NATS server offers JetStream to this node (checked on every connect and
+    /// every few seconds while not), else 0; always 0 with `--no-nats-history`.
+    pub jetstream_available: Gauge,
 }
 
 impl Default for Metrics {
@@ -246,6 +249,11 @@ impl Metrics {
             "jetstream_errors",
             "JetStream requests that failed",
             nats.jetstream_errors.clone(),
+        );
+        sub.register(
+            "jetstream_available",
+            "1 while the NATS server offers JetStream (room history), else 0",
+            nats.jetstream_available.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -221,9 +221,9 @@ impl Shared {
     }
 
     /// Whether the node should receive traffic: not shutting down, and (cluster mode)
-    /// connected to NATS.
+    /// connected to NATS, with JetStream when rooms keep history.
     pub fn is_ready(&self) -> bool {
-        !self.shutdown.is_cancelled() && self.bridge.is_ready()
+        !self.shutdown.is_cancelled() && self.bridge.not_ready().is_none()
     }
 
     /// Connects the cluster bridge (cluster mode only); its tasks end with the broker.

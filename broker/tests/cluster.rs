@@ -10,7 +10,11 @@
 
 mod common;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, OnceLock},
+    time::Duration,
+};
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -653,6 +657,175 @@ async fn single_node_http_publish_and_readiness() {
     )
     .await;
     assert_eq!(status, 404);
+}
+
+/// Waits (bounded) until `/readyz` answers `status` with `body`.
+async fn until_readyz_says(server: &Server, status: u16, body: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = http_get(server, "/readyz").await;
+        if (got.0, got.1.as_str()) == (status, body) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never answered {status} {body:?} (last: {got:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A NATS server without JetStream: the node is not ready, says why (readiness, metric, the
+/// refused publishes' message) instead of looking healthy, and is ready again once its server
+/// has JetStream.
+#[tokio::test]
+async fn a_nats_server_without_jetstream_makes_the_node_unready_until_it_has_it() {
+    const MISSING: &str = "ERROR roomcast_broker::cluster::nats: JetStream unavailable on the NATS server: publishes to rooms with history are refused (`unavailable`) and /readyz answers 503; enable `jetstream {}` on the NATS server, or run roomcast with --no-nats-history";
+    const BACK: &str = "JetStream available again";
+    captured_logs();
+    let mut nats = NatsServer::start("jetstream: disabled");
+    let a = start(node(&nats, "node-a")).await;
+    until_readyz_says(&a, 503, "JetStream unavailable\n").await;
+    let (_, metrics) = http_get(&a, "/metrics").await;
+    assert!(
+        metrics.contains("roomcast_nats_jetstream_available 0"),
+        "{metrics}"
+    );
+    assert_eq!(metric(&a, "roomcast_nats_connected").await, 1.0);
+
+    // Every publish to a room with history is refused, naming the cause.
+    let room = "nojs:1";
+    let mut publisher = RawConn::open(&a).await;
+    for n in 1..=3 {
+        publisher
+            .send(publish(n, room, &format!("e{n}"), number(n), true))
+            .await;
+        match publisher.frame().await {
+            ServerFrame::Error {
+                id: Some(id),
+                code: Code::Unavailable,
+                message,
+                ..
+            } if id == n => assert!(
+                message.contains("JetStream unavailable on the NATS server"),
+                "{message}"
+            ),
+            other => panic!("expected Error unavailable, got {other:?}"),
+        }
+    }
+    let body = serde_json::json!({"room": room, "event": "e", "data": 1}).to_string();
+    let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer.contains("JetStream unavailable on the NATS server"),
+        "{answer}"
+    );
+    // Said once, not once per publish.
+    let logs = captured_logs();
+    assert_eq!(lines_with(&logs, MISSING), 1, "{logs}");
+    assert_eq!(lines_with(&logs, room), 0, "{logs}");
+
+    // JetStream is turned on without a reconnect: the node looks again every few seconds.
+    nats.reload_with("");
+    until_readyz_says(&a, 200, "ready\n").await;
+    assert_eq!(metric(&a, "roomcast_nats_jetstream_available").await, 1.0);
+    let mut sub = RawConn::open(&a).await;
+    sub.subscribe(1, room).await;
+    publisher
+        .send(publish(9, room, "e9", number(9), true))
+        .await;
+    assert!(
+        matches!(reply(&mut publisher, 9).await, Ok(Some(_))),
+        "a stored event's Ack carries its seq"
+    );
+    match sub.frame().await {
+        ServerFrame::Event(e) => assert_eq!(e.event.as_str(), "e9"),
+        other => panic!("expected the event, got {other:?}"),
+    }
+    let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // The node reconnects to a server without JetStream, then to one with it: it checks on
+    // every connect.
+    nats.restart_with("jetstream: disabled");
+    until_readyz_says(&a, 503, "JetStream unavailable\n").await;
+    let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer.contains("JetStream unavailable on the NATS server"),
+        "{answer}"
+    );
+    nats.restart_with("");
+    until_readyz_says(&a, 200, "ready\n").await;
+    let (status, answer) = api_publish(a.local_addr(), KEY, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    // One line per change.
+    let logs = captured_logs();
+    assert_eq!(
+        (lines_with(&logs, MISSING), lines_with(&logs, BACK)),
+        (2, 2),
+        "{logs}"
+    );
+}
+
+/// The broker's log lines (it runs in this process), captured from the first call on.
+fn captured_logs() -> String {
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    let logs = LOGS.get_or_init(|| {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .init();
+        logs
+    });
+    String::from_utf8_lossy(&logs.lock().unwrap()).into_owned()
+}
+
+fn lines_with(logs: &str, needle: &str) -> usize {
+    logs.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// The positive control of the test above: with JetStream the node is ready at once and
+/// says so in its metric.
+#[tokio::test]
+async fn a_nats_server_with_jetstream_makes_the_node_ready() {
+    let nats = NatsServer::start("");
+    let a = start(node(&nats, "node-a")).await;
+    until_readyz_says(&a, 200, "ready\n").await;
+    assert_eq!(metric(&a, "roomcast_nats_jetstream_available").await, 1.0);
+    let mut publisher = RawConn::open(&a).await;
+    publisher
+        .send(publish(1, "chat:1", "e1", number(1), true))
+        .await;
+    assert!(matches!(reply(&mut publisher, 1).await, Ok(Some(_))));
+}
+
+/// `--no-nats-history` needs no JetStream: the node is ready without it.
+#[tokio::test]
+async fn without_history_a_nats_server_without_jetstream_is_fine() {
+    let nats = NatsServer::start("jetstream: disabled");
+    let mut c = node(&nats, "node-a");
+    c.cluster.no_nats_history = true;
+    let a = start(c).await;
+    until_readyz_says(&a, 200, "ready\n").await;
+    let mut publisher = RawConn::open(&a).await;
+    publisher
+        .send(publish(1, "chat:1", "e1", number(1), true))
+        .await;
+    assert!(matches!(reply(&mut publisher, 1).await, Ok(None)));
 }
 
 #[tokio::test]

@@ -51,7 +51,9 @@
 //!
 //! - **Never silent loss on publish**: when the node is not connected to NATS, or its bounded
 //!   publish queue is full, [`Bridge::publish`] fails with [`Unavailable`] and the client gets
-//!   `Error unavailable` (4503).
+//!   `Error unavailable` (4503). So does a publish to a room with history while the NATS
+//!   server offers no JetStream (checked on every connect, see [`nats`]); the node is not
+//!   ready meanwhile.
 //! - **Interest**: a node subscribes to a room only while the room has a local subscriber
 //!   (plus a short linger against churn), so it receives no traffic for rooms nobody on it
 //!   watches.
@@ -172,8 +174,9 @@ pub trait Bridge: Interest {
         ack: AckTo,
     ) -> Result<Option<Delivery>, Unavailable>;
 
-    /// Whether the bridge can publish right now (for `/readyz`).
-    fn is_ready(&self) -> bool;
+    /// Why the node should not get traffic right now (the `/readyz` body), `None` when it
+    /// can publish.
+    fn not_ready(&self) -> Option<&'static str>;
 
     /// The interest listener the hub should call, if the bridge needs one.
     fn interest(&self) -> Option<Arc<dyn Interest>>;
@@ -202,8 +205,8 @@ impl Bridge for InProcess {
         Ok(Some(hub.publish(room, event, data, key)))
     }
 
-    fn is_ready(&self) -> bool {
-        true
+    fn not_ready(&self) -> Option<&'static str> {
+        None
     }
 
     fn interest(&self) -> Option<Arc<dyn Interest>> {

@@ -30,19 +30,29 @@
 //! subscriber keeps its subscription for the linger time; if it regains one meanwhile nothing
 //! happens on the wire. A node never has two live reader tasks for one room: the old reader is
 //! cancelled (and stops delivering) before a new subscription is made.
+//!
+//! # JetStream check
+//!
+//! Rooms with history need JetStream on the node's NATS server. Unless `--no-nats-history`,
+//! the node asks for its JetStream account info on every (re)connect, after a failed
+//! JetStream request, and every few seconds while JetStream is missing. Without it the node is
+//! not ready (`/readyz`: `JetStream unavailable`), publishes to rooms with history are
+//! refused with `unavailable` at once (no log line each), `roomcast_nats_jetstream_available`
+//! is 0, and one ERROR line per change says what to do.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use async_nats::{
-    Client, ConnectOptions, Event, HeaderMap, Message, Subscriber, connection::State,
-    jetstream::context::PublishAckFuture,
+    Client, ConnectOptions, Event, HeaderMap, Message, Subscriber,
+    connection::State,
+    jetstream::{self, context::PublishAckFuture},
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -51,7 +61,7 @@ use roomcast_protocol::{
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{
     AckTo, Bridge, Interest, Unavailable,
@@ -78,6 +88,54 @@ const MAX_NODE_ID: usize = 64;
 /// Longest wait for the server to confirm new room subscriptions before their `Subscribed`
 /// replies go out anyway.
 const LIVE_CONFIRM_WAIT: Duration = Duration::from_secs(2);
+
+/// What a refused publish to a room with history says while the NATS server has no JetStream.
+const NO_JETSTREAM: &str = "JetStream unavailable on the NATS server";
+/// How often JetStream is looked for again while it is missing.
+const JETSTREAM_RECHECK: Duration = Duration::from_secs(3);
+/// Longest wait for the JetStream account info.
+const JETSTREAM_CHECK_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether the NATS server offers JetStream to this node, as last checked.
+#[derive(Default)]
+struct JetStreamCheck {
+    /// [`Self::UNKNOWN`], [`Self::AVAILABLE`] or [`Self::MISSING`].
+    state: AtomicU8,
+    /// Rung on every (re)connect and after a failed JetStream request: check again.
+    recheck: Notify,
+}
+
+impl JetStreamCheck {
+    const UNKNOWN: u8 = 0;
+    const AVAILABLE: u8 = 1;
+    const MISSING: u8 = 2;
+
+    fn state(&self) -> u8 {
+        self.state.load(Ordering::Acquire)
+    }
+
+    /// Records the outcome of a check; logs a change once.
+    fn record(&self, missing: Option<String>, metrics: &NatsMetrics) {
+        let new = if missing.is_some() {
+            Self::MISSING
+        } else {
+            Self::AVAILABLE
+        };
+        metrics
+            .jetstream_available
+            .set(i64::from(new == Self::AVAILABLE));
+        let old = self.state.swap(new, Ordering::AcqRel);
+        match missing {
+            Some(cause) if old != Self::MISSING => error!(
+                %cause,
+                "JetStream unavailable on the NATS server: publishes to rooms with history are refused (`unavailable`) and /readyz answers 503; enable `jetstream {{}}` on the NATS server, or run roomcast with --no-nats-history"
+            ),
+            None if old == Self::MISSING => info!("JetStream available again: the node is ready"),
+            None if old == Self::UNKNOWN => debug!("JetStream available"),
+            _ => {}
+        }
+    }
+}
 
 /// Why the NATS bridge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +264,8 @@ pub struct NatsBridge {
     client: OnceLock<Client>,
     /// Set by the event callback; with the client's own state it decides readiness.
     connected: Arc<AtomicBool>,
+    /// JetStream on the server (looked at only when rooms keep history).
+    jetstream: Arc<JetStreamCheck>,
     metrics: NatsMetrics,
 }
 
@@ -224,6 +284,7 @@ impl NatsBridge {
             queue_rx: Mutex::new(Some(queue_rx)),
             client: OnceLock::new(),
             connected: Arc::default(),
+            jetstream: Arc::default(),
             metrics: metrics.nats.clone(),
         }
     }
@@ -266,11 +327,21 @@ impl NatsBridge {
             self.config.nats_subject_prefix.clone(),
             self.config.nats_history_replicas,
         ));
+        if !self.config.no_nats_history {
+            tokio::spawn(watch_jetstream(
+                streams.context().clone(),
+                self.connected.clone(),
+                self.jetstream.clone(),
+                self.metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
         if let Some(queue) = queue {
             tokio::spawn(publisher(
                 client.clone(),
                 queue,
                 streams.clone(),
+                self.jetstream.clone(),
                 self.config.nats_subject_prefix.clone(),
                 self.node_id.clone(),
                 self.metrics.clone(),
@@ -322,6 +393,7 @@ impl NatsBridge {
             options = options.require_tls(true);
         }
         let connected = self.connected.clone();
+        let jetstream = self.jetstream.clone();
         let metrics = self.metrics.clone();
         Ok(options
             .name(format!("roomcast {}", self.node_id))
@@ -338,8 +410,9 @@ impl NatsBridge {
             })
             .event_callback(move |event| {
                 let connected = connected.clone();
+                let jetstream = jetstream.clone();
                 let metrics = metrics.clone();
-                async move { on_event(event, &connected, &metrics) }
+                async move { on_event(event, &connected, &jetstream, &metrics) }
             }))
     }
 
@@ -352,12 +425,19 @@ impl NatsBridge {
     }
 }
 
-fn on_event(event: Event, connected: &AtomicBool, metrics: &NatsMetrics) {
+fn on_event(
+    event: Event,
+    connected: &AtomicBool,
+    jetstream: &JetStreamCheck,
+    metrics: &NatsMetrics,
+) {
     match event {
         Event::Connected => {
             connected.store(true, Ordering::Release);
             metrics.connected.set(1);
             info!("NATS connected");
+            // Another server of a cluster may be configured differently.
+            jetstream.recheck.notify_one();
         }
         Event::Disconnected => {
             connected.store(false, Ordering::Release);
@@ -411,6 +491,9 @@ impl Bridge for NatsBridge {
         }
         let rule = hub.rule(room);
         let stored = rule.sequenced && !rule.volatile;
+        if stored && self.jetstream.state() == JetStreamCheck::MISSING {
+            return Err(Unavailable(NO_JETSTREAM));
+        }
         let outbound = Outbound {
             room: room.clone(),
             event: event.clone(),
@@ -428,8 +511,18 @@ impl Bridge for NatsBridge {
         }
     }
 
-    fn is_ready(&self) -> bool {
-        self.client_connected()
+    fn not_ready(&self) -> Option<&'static str> {
+        if !self.client_connected() {
+            return Some("not connected to NATS");
+        }
+        if self.config.no_nats_history {
+            return None;
+        }
+        match self.jetstream.state() {
+            JetStreamCheck::AVAILABLE => None,
+            JetStreamCheck::MISSING => Some("JetStream unavailable"),
+            _ => Some("checking JetStream"),
+        }
     }
 
     fn interest(&self) -> Option<Arc<dyn Interest>> {
@@ -437,11 +530,78 @@ impl Bridge for NatsBridge {
     }
 }
 
+/// Checks for JetStream on every (re)connect, when asked, and every
+/// [`JETSTREAM_RECHECK`] while it is missing (see the module documentation).
+async fn watch_jetstream(
+    js: jetstream::Context,
+    connected: Arc<AtomicBool>,
+    check: Arc<JetStreamCheck>,
+    metrics: NatsMetrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        // No answer either way (a JetStream cluster electing its leader, a timeout): the
+        // state stays, the next check comes soon.
+        let mut undecided = false;
+        if connected.load(Ordering::Acquire) {
+            let answer = tokio::select! {
+                answer = ask_jetstream(&js) => answer,
+                () = shutdown.cancelled() => break,
+            };
+            // An answer lost with the connection says nothing about JetStream: the
+            // reconnect asks again.
+            match answer {
+                Ok(missing) if connected.load(Ordering::Acquire) => {
+                    check.record(missing, &metrics);
+                }
+                Ok(_) => undecided = true,
+                Err(e) => {
+                    debug!(error = %e, "JetStream check: no answer");
+                    undecided = true;
+                }
+            }
+        }
+        let again = undecided || check.state() != JetStreamCheck::AVAILABLE;
+        tokio::select! {
+            () = check.recheck.notified() => {}
+            () = tokio::time::sleep(JETSTREAM_RECHECK), if again => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+}
+
+/// Asks for the account's JetStream info: `Ok(None)` JetStream is there, `Ok(Some(why))` the
+/// server (or the account) has none, `Err` no answer either way.
+async fn ask_jetstream(js: &jetstream::Context) -> Result<Option<String>, String> {
+    use jetstream::{ErrorCode, context::RequestErrorKind, response::Response};
+    // Not parsed further: async-nats' `Account` wants fields older servers do not send.
+    let request = js.request::<_, _, Response<serde::de::IgnoredAny>>("INFO", b"");
+    match tokio::time::timeout(JETSTREAM_CHECK_WAIT, request).await {
+        Ok(Ok(Response::Ok(_))) => Ok(None),
+        Ok(Ok(Response::Err { error }))
+            if matches!(
+                error.error_code(),
+                ErrorCode::JETSTREAM_NOT_ENABLED | ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT
+            ) =>
+        {
+            Ok(Some(error.to_string()))
+        }
+        Ok(Ok(Response::Err { error })) => Err(error.to_string()),
+        Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
+            Ok(Some("nothing answers the JetStream API".to_owned()))
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".to_owned()),
+    }
+}
+
 /// Hands queued events to NATS in queue order (one task: per-publisher order is kept).
+#[allow(clippy::too_many_arguments)] // the task's whole state, moved in
 async fn publisher(
     client: Client,
     mut queue: mpsc::Receiver<Outbound>,
     streams: Arc<Streams>,
+    jetstream: Arc<JetStreamCheck>,
     prefix: subject::SubjectPrefix,
     node_id: String,
     metrics: NatsMetrics,
@@ -450,7 +610,9 @@ async fn publisher(
     // JetStream acknowledgements are awaited by a second task, in publish order, so the
     // publisher never waits for one before sending the next event.
     let (acks, pending) = mpsc::channel(ACKS_IN_FLIGHT);
-    tokio::spawn(acker(pending, metrics.clone()));
+    tokio::spawn(acker(pending, jetstream.clone(), metrics.clone()));
+    let mut no_stream = Throttle::default();
+    let mut refused = Throttle::default();
     loop {
         let next = tokio::select! {
             biased;
@@ -497,8 +659,16 @@ async fn publisher(
         };
         if let Err(e) = stream {
             metrics.jetstream_errors.inc();
-            warn!(error = %e, room = %out.room, "no JetStream stream: publish refused (is JetStream enabled on the NATS server?)");
-            ack.answer(Err(Unavailable("the room's history stream is unavailable")));
+            jetstream.recheck.notify_one();
+            if jetstream.state() == JetStreamCheck::MISSING {
+                // Said once by the check; queued before it found out.
+                ack.answer(Err(Unavailable(NO_JETSTREAM)));
+            } else {
+                if let Some(held_back) = no_stream.pass() {
+                    warn!(error = %e, room = %out.room, held_back, "no JetStream stream: publish refused");
+                }
+                ack.answer(Err(Unavailable("the room's history stream is unavailable")));
+            }
             continue;
         }
         let sent = tokio::select! {
@@ -514,13 +684,42 @@ async fn publisher(
             }
             Err(e) => {
                 metrics.publish_failures.inc();
-                warn!(error = %e, room = %out.room, "JetStream publish failed");
+                if let Some(held_back) = refused.pass() {
+                    warn!(error = %e, room = %out.room, held_back, "JetStream publish failed");
+                }
                 ack.answer(Err(Unavailable("JetStream refused the publish")));
             }
         }
     }
     // Give what was handed over a moment to reach the server.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+}
+
+/// A failure that repeats once per publish (a stream electing its leader refuses every
+/// publish for seconds) is logged at most once per this interval, with a count of the rest.
+const WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// Lets one warning of a kind through per [`WARN_EVERY`] and counts the ones held back.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    held: u64,
+}
+
+impl Throttle {
+    /// `Some(held back since the last one)` when this one should be logged.
+    fn pass(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < WARN_EVERY)
+        {
+            self.held += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held))
+    }
 }
 
 /// Longest wait for JetStream before a room goes live without history.
@@ -532,8 +731,10 @@ const ACKS_IN_FLIGHT: usize = 4096;
 /// Answers stored publishes as their JetStream acknowledgements come back (in publish order).
 async fn acker(
     mut pending: mpsc::Receiver<(PublishAckFuture, AckTo, RoomName)>,
+    jetstream: Arc<JetStreamCheck>,
     metrics: NatsMetrics,
 ) {
+    let mut unacknowledged = Throttle::default();
     while let Some((future, ack, room)) = pending.recv().await {
         match future.await {
             Ok(stored) => ack.answer(Ok(Delivery {
@@ -544,7 +745,11 @@ async fn acker(
             Err(e) => {
                 // Not acknowledged: stored or not, the publisher is told it may not have been.
                 metrics.jetstream_errors.inc();
-                warn!(error = %e, %room, "JetStream did not acknowledge a publish");
+                jetstream.recheck.notify_one();
+                // `held_back`: more since the last line (a leader election refuses them all).
+                if let Some(held_back) = unacknowledged.pass() {
+                    warn!(error = %e, %room, held_back, "JetStream did not acknowledge a publish");
+                }
                 ack.answer(Err(Unavailable(
                     "JetStream did not acknowledge the publish",
                 )));

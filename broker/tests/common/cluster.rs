@@ -31,6 +31,8 @@ pub struct NatsServer {
     pub monitor_port: u16,
     /// Gateway port, when the config has a gateway block.
     pub gateway_port: Option<u16>,
+    /// The listen ports the config names (`-1`: the server picked), kept for reloads.
+    listen: (String, String),
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -57,17 +59,14 @@ impl NatsServer {
             port: 0,
             monitor_port: 0,
             gateway_port: None,
+            listen: Default::default(),
         };
         server.spawn(None);
         server
     }
 
-    /// Writes the config and starts the process; `ports` fixes the client and monitoring
-    /// ports (a restart), else the server picks them.
-    fn spawn(&mut self, ports: Option<(u16, u16)>) {
-        let (client, monitor) = ports.map_or(("-1".to_owned(), "-1".to_owned()), |(c, m)| {
-            (c.to_string(), m.to_string())
-        });
+    /// Writes the config file for these client and monitoring ports (`-1`: the server picks).
+    fn write_config(&self, client: &str, monitor: &str) -> PathBuf {
         let body = match self.gateway_port {
             // A restarted server keeps its gateway port, so its peers find it again.
             Some(port) => self
@@ -89,6 +88,17 @@ impl NatsServer {
             format!("listen: 127.0.0.1:{client}\nhttp: 127.0.0.1:{monitor}\n{jetstream}{body}\n");
         let conf = self.dir.join("nats.conf");
         std::fs::write(&conf, config).unwrap();
+        conf
+    }
+
+    /// Writes the config and starts the process; `ports` fixes the client and monitoring
+    /// ports (a restart), else the server picks them.
+    fn spawn(&mut self, ports: Option<(u16, u16)>) {
+        let (client, monitor) = ports.map_or(("-1".to_owned(), "-1".to_owned()), |(c, m)| {
+            (c.to_string(), m.to_string())
+        });
+        let conf = self.write_config(&client, &monitor);
+        self.listen = (client, monitor);
         let log = self.dir.join("nats.log");
         let _ = std::fs::remove_file(&log);
         for entry in std::fs::read_dir(&self.dir).unwrap().flatten() {
@@ -168,6 +178,27 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn(Some((self.port, self.monitor_port)));
+    }
+
+    /// Starts the server again on the same ports with the config `body` (as in [`Self::start`]).
+    pub fn restart_with(&mut self, body: &str) {
+        body.clone_into(&mut self.body);
+        self.restart();
+    }
+
+    /// Rewrites the config with `body` (as in [`Self::start`]) and has the running server
+    /// reload it (SIGHUP).
+    pub fn reload_with(&mut self, body: &str) {
+        body.clone_into(&mut self.body);
+        // The same listen lines: a server refuses to reload a changed listen address.
+        self.write_config(&self.listen.0, &self.listen.1);
+        let pid = self.child.as_ref().expect("a running server").id();
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .expect("kill -HUP");
+        assert!(status.success(), "kill -HUP {pid}");
     }
 
     /// GET on the monitoring port, parsed as JSON.
