@@ -224,6 +224,9 @@ fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
         // Defaults the file leaves out are printed too.
         "publish_bytes_per_second",
         "per_ip_sessions",
+        // The per-user budget: four sessions at the largest per-session rates (gps: 200, 400).
+        "user_publish_per_second = 800\n",
+        "user_publish_burst = 1600\n",
     ] {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
     }
