@@ -2,9 +2,9 @@
 //! verifier, the namespace policy, the limits and the per-user publish budgets.
 //!
 //! A gate holds its session's claims (from the session request or `Hello`), its rate buckets,
-//! whose per-user budget it spends and its session slot. It judges each validated request the protocol state machine shows it
-//! and names the session's personal room ([`SessionGate::personal_room`]); it owns nothing
-//! else: no I/O, no hub, no queue.
+//! whose per-user budget it spends and its session slot. It judges each validated request the
+//! protocol state machine shows it and names the session's personal room
+//! ([`SessionGate::personal_room`]); it owns nothing else: no I/O, no hub, no queue.
 
 use std::{
     path::Path,
