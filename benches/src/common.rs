@@ -240,6 +240,15 @@ pub(crate) async fn open_session(
     url: &str,
     source: Option<Ipv4Addr>,
 ) -> anyhow::Result<(Socket, Welcome)> {
+    open_session_with(url, source, hello_frame()).await
+}
+
+/// [`open_session`] sending `hello` (another token than the run's, say).
+pub(crate) async fn open_session_with(
+    url: &str,
+    source: Option<Ipv4Addr>,
+    hello: ClientFrame,
+) -> anyhow::Result<(Socket, Welcome)> {
     let request = url.into_client_request()?;
     let uri = request.uri();
     if uri.scheme_str() != Some("ws") {
@@ -276,7 +285,7 @@ pub(crate) async fn open_session(
     let (mut ws, _) = client_async_with_config(request, MaybeTlsStream::Plain(tcp), Some(config))
         .await
         .context("WebSocket handshake")?;
-    ws.send(Message::Binary(hello_frame().encode())).await?;
+    ws.send(Message::Binary(hello.encode())).await?;
     match next_frame(&mut ws).await? {
         ServerFrame::Welcome(welcome) => Ok((ws, welcome)),
         other => bail!("expected Welcome, got {other:?}"),

@@ -4,7 +4,10 @@
 //! budget is spent, then reconnects at once and starts over — for as long as the run lasts.
 //! What the broker's limits let through reaches the room's subscribers; what they refuse
 //! costs the broker a check each. Connection refusals (per-address caps) are counted and
-//! retried after a millisecond.
+//! retried after a millisecond. With a token (`--flood-token`) every session of the flooder is
+//! the same user, so the broker's per-user publish budget follows it across reconnects;
+//! without, its client address's budget does (when the broker applies per-address caps to
+//! loopback).
 
 use std::{
     net::Ipv4Addr,
@@ -24,7 +27,9 @@ use tokio::{
 };
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
-use crate::common::{MaskKeys, PublishTemplate, into_tcp, next_ws_frame, open_session, payload};
+use crate::common::{
+    MaskKeys, PublishTemplate, hello_frame, into_tcp, next_ws_frame, open_session_with, payload,
+};
 
 /// The flood's event name: as long as the measured one, so the subscribers' event layout
 /// tells the two apart by name.
@@ -97,10 +102,12 @@ impl FloodStats {
     }
 }
 
-/// Floods `room` through sessions at `url` (from `source` when given) until `stop` is set.
+/// Floods `room` through sessions at `url` (from `source` when given; each sending `token` in
+/// `Hello` when given, else the run's) until `stop` is set.
 pub(crate) async fn flooder(
     url: String,
     source: Option<Ipv4Addr>,
+    token: Option<String>,
     room: &'static str,
     stats: Arc<FloodStats>,
     stop: Arc<AtomicBool>,
@@ -119,7 +126,14 @@ pub(crate) async fn flooder(
     }
     let batch: Arc<[u8]> = batch.into();
     while !stop.load(Ordering::Relaxed) {
-        let opened = open_session(&url, source).await;
+        let hello = match &token {
+            Some(token) => roomcast_protocol::ClientFrame::Hello {
+                version: roomcast_protocol::PROTOCOL_VERSION,
+                token: Some(token.clone()),
+            },
+            None => hello_frame(),
+        };
+        let opened = open_session_with(&url, source, hello).await;
         let tcp = match opened.and_then(|(ws, _)| into_tcp(ws)) {
             Ok(tcp) => tcp,
             Err(_) => {

@@ -77,6 +77,10 @@ pub(crate) struct LatencyArgs {
     /// per-address caps tell them from the measured sessions on 127.0.0.1).
     #[arg(long, value_name = "IP")]
     flood_source: Option<std::net::Ipv4Addr>,
+    /// Token the flooders send in `Hello` (instead of `--token`): every flooding session is
+    /// then the same user, whose per-user publish budget the broker keeps across reconnects.
+    #[arg(long, env = "ROOMCAST_BENCH_FLOOD_TOKEN", hide_env_values = true)]
+    flood_token: Option<String>,
 }
 
 const ROOM: &str = "bench:latency";
@@ -198,6 +202,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         tokio::spawn(flooder(
             nodes.publisher().to_owned(),
             args.flood_source,
+            args.flood_token.clone(),
             ROOM,
             flood.clone(),
             flood_stop.clone(),
@@ -313,6 +318,7 @@ pub(crate) async fn run(args: LatencyArgs) -> anyhow::Result<()> {
         "broker_rss_max": args.common.broker_pid.map(|_| rss_max),
         "loadgen_cpu_pct": own_cpu.map(round1), "series": series,
         "flooders": args.flooders,
+        "flood_user": args.flood_token.is_some(),
         "flood": (args.flooders > 0).then(|| FloodStats::json(flood_0, flood_1, elapsed)),
         "flood_delivered_per_s_per_sub": (foreign as f64 / elapsed / n as f64).round(),
     });

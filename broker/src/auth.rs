@@ -1,21 +1,24 @@
 //! Token verification: JSON Web Tokens checked against the configured keys, yielding the
 //! session's [`Claims`] (user id, expiry, room grants).
 //!
-//! This module owns the `[auth]` section of the configuration file, loading key files, the
-//! algorithm allow-list, the claim checks and minting test tokens. It decides nothing about
+//! This module owns the `[auth]` section of the configuration file, loading key files (and
+//! generating HMAC secrets for them: `roomcast keygen`), the algorithm allow-list, the claim
+//! checks and minting test tokens. It decides nothing about
 //! rooms (that is [`crate::policy`]) and never sees sockets: [`crate::admission`] hands it the
 //! token of a session request, the session's gate the token of a `Hello`.
 //!
-//! Only HS256, RS256, ES256 and EdDSA are accepted, each key bound to one algorithm, so a token
-//! is only ever checked with a key of the algorithm its header names (no RSA public key used
-//! as an HMAC secret, no `none`).
+//! Only HS256, HS384, HS512, RS256, ES256 and EdDSA are accepted, each key bound to one
+//! algorithm, so a token is only ever checked with a key of the algorithm its header names (no
+//! RSA public key used as an HMAC secret, no `none`). HMAC secrets shorter than their hash's
+//! output are refused when the file is loaded (RFC 7518 §3.2).
 //!
 //! A broker without keys has auth off: [`Verifier::check`] ignores every token (logged at
 //! debug), so clients that always send one work against a development broker too.
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
+    io::Write,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -35,8 +38,12 @@ pub const MAX_GRANTS: usize = 256;
 /// A signature algorithm of the allow-list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Algorithm {
-    /// HMAC with SHA-256; the key file holds the shared secret (raw bytes).
+    /// HMAC with SHA-256; the key file holds the shared secret (raw bytes, at least 32).
     HS256,
+    /// HMAC with SHA-384; the key file holds the shared secret (raw bytes, at least 48).
+    HS384,
+    /// HMAC with SHA-512; the key file holds the shared secret (raw bytes, at least 64).
+    HS512,
     /// RSASSA-PKCS1-v1_5 with SHA-256; the key file holds the PEM public key.
     RS256,
     /// ECDSA P-256 with SHA-256; the key file holds the PEM public key.
@@ -49,11 +56,200 @@ impl Algorithm {
     fn jwt(self) -> JwtAlgorithm {
         match self {
             Algorithm::HS256 => JwtAlgorithm::HS256,
+            Algorithm::HS384 => JwtAlgorithm::HS384,
+            Algorithm::HS512 => JwtAlgorithm::HS512,
             Algorithm::RS256 => JwtAlgorithm::RS256,
             Algorithm::ES256 => JwtAlgorithm::ES256,
             Algorithm::EdDSA => JwtAlgorithm::EdDSA,
         }
     }
+
+    /// The shortest secret an HMAC algorithm accepts, in bytes: the size of its hash's output
+    /// (RFC 7518 §3.2); `None` for the public-key algorithms.
+    pub fn min_secret_len(self) -> Option<usize> {
+        match self {
+            Algorithm::HS256 => Some(32),
+            Algorithm::HS384 => Some(48),
+            Algorithm::HS512 => Some(64),
+            Algorithm::RS256 | Algorithm::ES256 | Algorithm::EdDSA => None,
+        }
+    }
+}
+
+/// Why a key file was refused at load.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file could not be read; for an HMAC secret that does not exist, `hint` says how to
+    /// create it.
+    #[error("auth key {}: {source}{hint}", path.display())]
+    Read {
+        /// The key file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+        /// Empty, or how to create the file.
+        hint: String,
+    },
+    /// An HMAC secret shorter than its algorithm's minimum.
+    #[error(
+        "auth key {}: {len} bytes, but an {algorithm:?} secret needs at least {min} (RFC 7518 \
+         §3.2); replace it with `{}`",
+        path.display(),
+        keygen_command(*algorithm, path, true)
+    )]
+    TooShort {
+        /// The key file.
+        path: PathBuf,
+        /// Its algorithm.
+        algorithm: Algorithm,
+        /// Its length in bytes.
+        len: usize,
+        /// The minimum.
+        min: usize,
+    },
+    /// A PEM public key the algorithm cannot use.
+    #[error("auth key {}: {source}", path.display())]
+    Pem {
+        /// The key file.
+        path: PathBuf,
+        /// What the parser said.
+        source: jsonwebtoken::errors::Error,
+    },
+}
+
+/// The command that creates (`replace`: replaces) the HMAC secret `path` for `algorithm`.
+fn keygen_command(algorithm: Algorithm, path: &Path, replace: bool) -> String {
+    let algorithm = match algorithm {
+        Algorithm::HS256 => String::new(),
+        other => format!(" --algorithm {other:?}"),
+    };
+    let force = if replace { " --force" } else { "" };
+    format!("roomcast keygen{algorithm}{force} --out {}", path.display())
+}
+
+/// Reads the key file `path` of `algorithm`: an HMAC secret at least as long as its hash's
+/// output, or a PEM public key.
+fn load_key(path: &Path, algorithm: Algorithm) -> Result<DecodingKey, KeyFileError> {
+    let bytes = std::fs::read(path).map_err(|source| {
+        let hint = match algorithm.min_secret_len() {
+            Some(_) if source.kind() == std::io::ErrorKind::NotFound => {
+                format!(
+                    "; create it with `{}`",
+                    keygen_command(algorithm, path, false)
+                )
+            }
+            _ => String::new(),
+        };
+        KeyFileError::Read {
+            path: path.to_owned(),
+            source,
+            hint,
+        }
+    })?;
+    let pem = |source| KeyFileError::Pem {
+        path: path.to_owned(),
+        source,
+    };
+    match algorithm {
+        Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => {
+            let min = algorithm.min_secret_len().unwrap_or(32);
+            if bytes.len() < min {
+                return Err(KeyFileError::TooShort {
+                    path: path.to_owned(),
+                    algorithm,
+                    len: bytes.len(),
+                    min,
+                });
+            }
+            Ok(DecodingKey::from_secret(&bytes))
+        }
+        Algorithm::RS256 => DecodingKey::from_rsa_pem(&bytes).map_err(pem),
+        Algorithm::ES256 => DecodingKey::from_ec_pem(&bytes).map_err(pem),
+        Algorithm::EdDSA => DecodingKey::from_ed_pem(&bytes).map_err(pem),
+    }
+}
+
+/// Why `roomcast keygen` wrote no secret.
+#[derive(Debug, thiserror::Error)]
+pub enum KeygenError {
+    /// Only HMAC algorithms have secrets to generate.
+    #[error("{0:?} keys are PEM public keys of your token issuer; keygen makes HMAC secrets")]
+    NotHmac(Algorithm),
+    /// The file exists and `force` was not given.
+    #[error("{}: exists; pass --force to replace it", .0.display())]
+    Exists(PathBuf),
+    /// The operating system's random source failed.
+    #[error("no random bytes from the operating system: {0}")]
+    Random(getrandom::Error),
+    /// Writing the file failed.
+    #[error("{}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Writes a fresh secret for `algorithm` (as many random bytes from the operating system's
+/// CSPRNG as the hash's output) to `path`, readable by its owner only (mode 0600). An existing
+/// file is refused unless `force`, which replaces it atomically. Returns the secret's length.
+pub fn generate_secret_file(
+    path: &Path,
+    algorithm: Algorithm,
+    force: bool,
+) -> Result<usize, KeygenError> {
+    let len = algorithm
+        .min_secret_len()
+        .ok_or(KeygenError::NotHmac(algorithm))?;
+    let mut secret = vec![0u8; len];
+    getrandom::fill(&mut secret).map_err(KeygenError::Random)?;
+    let write_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| KeygenError::Write { path, source }
+    };
+    if !force {
+        // `create_new`: an existing file is never touched, whatever happens between a check
+        // and the write.
+        let mut file = new_private_file(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => KeygenError::Exists(path.to_owned()),
+            _ => write_err(path)(e),
+        })?;
+        if let Err(e) = file.write_all(&secret).and_then(|()| file.sync_all()) {
+            let _ = std::fs::remove_file(path);
+            return Err(write_err(path)(e));
+        }
+        return Ok(len);
+    }
+    // Replacing: a new file beside it, renamed over it, so readers see the old or the new
+    // secret and the new one gets mode 0600 whatever the old one had.
+    let name = path
+        .file_name()
+        .ok_or_else(|| write_err(path)(std::io::ErrorKind::InvalidInput.into()))?;
+    let mut temporary = name.to_os_string();
+    temporary.push(format!(".keygen-{}", std::process::id()));
+    let temporary = path.with_file_name(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let written = new_private_file(&temporary)
+        .and_then(|mut file| file.write_all(&secret).and_then(|()| file.sync_all()))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(write_err(path)(e));
+    }
+    Ok(len)
+}
+
+/// Creates `path`, which must not exist, readable and writable by its owner only.
+fn new_private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options.open(path)
 }
 
 /// One verification key.
@@ -66,8 +262,9 @@ pub struct KeyConfig {
     pub kid: Option<String>,
     /// The algorithm this key verifies (the token's header must name it).
     pub algorithm: Algorithm,
-    /// The key file, relative to the configuration file's folder: the secret for HS256 (its
-    /// bytes as they are, at least 32), a PEM public key otherwise.
+    /// The key file, relative to the configuration file's folder: the secret for HS256, HS384
+    /// and HS512 (its bytes as they are, at least 32, 48 and 64: `roomcast keygen` makes one),
+    /// a PEM public key otherwise.
     pub file: PathBuf,
 }
 
@@ -308,22 +505,7 @@ impl Verifier {
         install_crypto();
         let mut keys = Vec::new();
         for key in &config.keys {
-            let path = base_dir.join(&key.file);
-            let bytes = std::fs::read(&path)
-                .map_err(|e| anyhow::anyhow!("auth key {}: {e}", path.display()))?;
-            let decoding = match key.algorithm {
-                Algorithm::HS256 => {
-                    anyhow::ensure!(
-                        bytes.len() >= 32,
-                        "auth key {}: an HS256 secret needs at least 32 bytes",
-                        path.display()
-                    );
-                    DecodingKey::from_secret(&bytes)
-                }
-                Algorithm::RS256 => DecodingKey::from_rsa_pem(&bytes)?,
-                Algorithm::ES256 => DecodingKey::from_ec_pem(&bytes)?,
-                Algorithm::EdDSA => DecodingKey::from_ed_pem(&bytes)?,
-            };
+            let decoding = load_key(&base_dir.join(&key.file), key.algorithm)?;
             keys.push(Key {
                 kid: key.kid.clone(),
                 algorithm: key.algorithm,
@@ -647,6 +829,124 @@ mod tests {
         assert!(v.verify(&mint_hs256(old, &s).unwrap()).is_ok());
     }
 
+    /// A fresh folder for key files.
+    fn key_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("roomcast-keys-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn load_one(dir: &Path, algorithm: Algorithm, file: &str) -> anyhow::Result<Verifier> {
+        let config = AuthConfig {
+            keys: vec![KeyConfig {
+                kid: Some("k".into()),
+                algorithm,
+                file: PathBuf::from(file),
+            }],
+            ..AuthConfig::default()
+        };
+        Verifier::new(&config, dir)
+    }
+
+    #[test]
+    fn hmac_secrets_shorter_than_the_hash_are_refused_at_load() {
+        let dir = key_dir("short");
+        for (algorithm, min) in [
+            (Algorithm::HS256, 32),
+            (Algorithm::HS384, 48),
+            (Algorithm::HS512, 64),
+        ] {
+            assert_eq!(algorithm.min_secret_len(), Some(min));
+            let file = format!("{algorithm:?}.key");
+            std::fs::write(dir.join(&file), vec![7u8; min - 1]).unwrap();
+            let message = load_one(&dir, algorithm, &file).unwrap_err().to_string();
+            let path = dir.join(&file);
+            for needle in [
+                path.display().to_string(),
+                format!("{} bytes", min - 1),
+                format!("an {algorithm:?} secret needs at least {min}"),
+                "roomcast keygen".to_owned(),
+            ] {
+                assert!(
+                    message.contains(&needle),
+                    "{needle} missing from: {message}"
+                );
+            }
+            std::fs::write(dir.join(&file), vec![7u8; min]).unwrap();
+            let v = load_one(&dir, algorithm, &file).unwrap();
+            // And a token of that algorithm verifies with it.
+            let key = EncodingKey::from_secret(&vec![7u8; min]);
+            assert!(v.verify(&sign(algorithm.jwt(), "k", &key)).is_ok());
+        }
+        assert_eq!(Algorithm::ES256.min_secret_len(), None);
+    }
+
+    #[test]
+    fn a_missing_secret_names_the_keygen_command_that_creates_it() {
+        let dir = key_dir("missing");
+        let message = load_one(&dir, Algorithm::HS256, "dev.key")
+            .unwrap_err()
+            .to_string();
+        let expected = format!(
+            "create it with `roomcast keygen --out {}`",
+            dir.join("dev.key").display()
+        );
+        assert!(message.contains(&expected), "{message}");
+        let message = load_one(&dir, Algorithm::HS512, "dev.key")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("roomcast keygen --algorithm HS512 --out"),
+            "{message}"
+        );
+        // A public key is not something keygen makes.
+        let message = load_one(&dir, Algorithm::ES256, "ec.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("ec.pem") && !message.contains("keygen"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn generated_secrets_have_the_hash_length_owner_only_mode_and_are_not_overwritten() {
+        let dir = key_dir("keygen");
+        let path = dir.join("secret.key");
+        assert_eq!(
+            generate_secret_file(&path, Algorithm::HS256, false).unwrap(),
+            32
+        );
+        let first = std::fs::read(&path).unwrap();
+        assert_eq!(first.len(), 32);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(matches!(
+            generate_secret_file(&path, Algorithm::HS256, false),
+            Err(KeygenError::Exists(_))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), first, "left untouched");
+        assert_eq!(
+            generate_secret_file(&path, Algorithm::HS512, true).unwrap(),
+            64
+        );
+        let second = std::fs::read(&path).unwrap();
+        assert_eq!(second.len(), 64);
+        assert_ne!(&second[..32], &first[..], "fresh random bytes");
+        assert!(load_one(&dir, Algorithm::HS512, "secret.key").is_ok());
+        assert!(matches!(
+            generate_secret_file(&dir.join("x.pem"), Algorithm::ES256, false),
+            Err(KeygenError::NotHmac(Algorithm::ES256))
+        ));
+        // Only the secret is left in the folder (no temporary file).
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
     #[test]
     fn grant_flags_parse() {
         assert_eq!(
@@ -713,7 +1013,7 @@ mod tests {
             v.verify(&sign(JwtAlgorithm::HS256, "hs", &confused))
                 .is_err()
         );
-        // A key id of another algorithm, and an algorithm outside the allow-list.
+        // A key id of another algorithm, and another HMAC than the key's.
         assert!(v.verify(&sign(JwtAlgorithm::ES256, "ed", &ec_key)).is_err());
         let hs512 = EncodingKey::from_secret(SECRET);
         assert!(v.verify(&sign(JwtAlgorithm::HS512, "hs", &hs512)).is_err());

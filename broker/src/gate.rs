@@ -1,10 +1,10 @@
 //! The broker's [`Gate`] for one session, and [`Security`], what every gate shares: the token
-//! verifier, the namespace policy and the limits.
+//! verifier, the namespace policy, the limits and the per-user publish budgets.
 //!
-//! A gate holds its session's claims (from the session request or `Hello`), its rate buckets
-//! and its session slot. It judges each validated request the protocol state machine shows it
-//! and names the session's personal room ([`SessionGate::personal_room`]); it owns nothing
-//! else: no I/O, no hub, no queue.
+//! A gate holds its session's claims (from the session request or `Hello`), its rate buckets,
+//! whose per-user budget it spends and its session slot. It judges each validated request the
+//! protocol state machine shows it and names the session's personal room
+//! ([`SessionGate::personal_room`]); it owns nothing else: no I/O, no hub, no queue.
 
 use std::{
     path::Path,
@@ -20,7 +20,10 @@ use tracing::info;
 
 use crate::{
     auth::{Claims, Verifier},
-    limits::{ConnectionLimits, LimitsConfig, SessionLimits, SessionPermit, Spend},
+    limits::{
+        ConnectionLimits, LimitsConfig, PublishBudgets, Publisher, SessionLimits, SessionPermit,
+        Spend,
+    },
     policy::{FileConfig, personal_room},
 };
 
@@ -35,6 +38,8 @@ pub struct Security {
     pub limits: Arc<LimitsConfig>,
     /// Connection caps.
     pub connections: Arc<ConnectionLimits>,
+    /// Per-user publish budgets (this node's).
+    pub budgets: PublishBudgets,
 }
 
 impl Security {
@@ -45,6 +50,7 @@ impl Security {
         Ok(Security {
             verifier,
             connections: Arc::new(ConnectionLimits::new(limits.clone())),
+            budgets: PublishBudgets::new(&limits, file.user_publish_quota()),
             limits,
             file,
         })
@@ -62,6 +68,7 @@ impl Security {
         Security {
             verifier: Verifier::none(),
             connections: Arc::new(ConnectionLimits::new(limits.clone())),
+            budgets: PublishBudgets::new(&limits, file.user_publish_quota()),
             limits,
             file,
         }
@@ -74,6 +81,10 @@ pub struct SessionGate {
     security: Arc<Security>,
     claims: Option<Arc<Claims>>,
     limits: SessionLimits,
+    /// The client's address, when known.
+    peer: Option<std::net::IpAddr>,
+    /// Whose per-user budget the session's publishes spend (its user's, else its address's).
+    publisher: Option<Publisher>,
     /// The frame being judged arrived as a datagram.
     datagram: bool,
     /// The claims (and with them the expiry) changed since the session last asked.
@@ -89,10 +100,16 @@ impl SessionGate {
         claims: Option<Arc<Claims>>,
         permit: Option<SessionPermit>,
     ) -> Self {
+        let peer = permit.as_ref().and_then(SessionPermit::peer);
+        let publisher = security
+            .budgets
+            .publisher(claims.as_ref().map(|c| c.sub.as_str()), peer);
         SessionGate {
             limits: SessionLimits::new(security.limits.clone()),
             security,
             claims,
+            peer,
+            publisher,
             datagram: false,
             expiry_changed: false,
             _permit: permit,
@@ -168,6 +185,12 @@ impl SessionGate {
                 ));
             }
         }
+        if self.claims.is_none() {
+            self.publisher = self
+                .security
+                .budgets
+                .publisher(Some(&claims.sub), self.peer);
+        }
         self.claims = Some(claims);
         self.expiry_changed = true;
         Ok(())
@@ -227,6 +250,12 @@ impl Gate for SessionGate {
                 // session cannot spin on refusals.
                 self.limits
                     .spend_publish(file.publish_scope(room), data.len())?;
+                // Then the user's budget, which survives reconnects (what the session's
+                // buckets refused is not charged to it).
+                if let Some(publisher) = &self.publisher {
+                    self.limits
+                        .spend_budget(&self.security.budgets, publisher)?;
+                }
                 file.may_publish(room, claims, subscribed, data.len())?;
                 file.check_schema(room, event.as_str(), data.as_bytes())
             }

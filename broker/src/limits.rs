@@ -1,16 +1,17 @@
 //! Rate limits and caps: per-session token buckets (publishes, publish bytes, subscribe
 //! operations, datagrams, and the error budget that turns repeated violations into a close),
 //! per-namespace publish buckets for namespaces whose policy sets its own publish rates
-//! ([`PublishRates`], [`PublishScope`]), per-IP connection rate and concurrency, and the
-//! global session cap.
+//! ([`PublishRates`], [`PublishScope`]), the per-user publish budgets that outlive sessions
+//! ([`PublishBudgets`]: by the token's `sub`, by client address for sessions without a user),
+//! per-IP connection rate and concurrency, and the global session cap.
 //!
 //! Buckets are governor's GCRA limiters; nothing here hand-rolls one. This module owns the
 //! `[limits]` section of the configuration file and the counters; it decides nothing about
 //! rooms or tokens (which namespace's rates apply is [`crate::policy`]'s answer) and never
 //! touches sockets. Memory: a session's limiters are created on first use (a few dozen bytes
 //! each; at most one pair per configured namespace); the per-IP maps hold an entry only per
-//! address with a live session or a recent connection attempt, are pruned as they grow, and
-//! are capped.
+//! address with a live session or a recent connection attempt, and the per-user budgets one
+//! per user or address that published recently; both are pruned as they grow, and capped.
 
 use std::{
     collections::HashMap,
@@ -18,9 +19,9 @@ use std::{
     num::NonZeroU32,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use governor::{
@@ -70,9 +71,23 @@ pub struct LimitsConfig {
     /// New session requests one IP address may make at once. Default 400.
     pub per_ip_connect_burst: u32,
     /// Loopback clients (127.0.0.0/8, ::1: local tools, tests, load generators) are not
-    /// subject to the per-address caps. Default true.
+    /// subject to the per-address caps (nor, without a user, to a per-address publish
+    /// budget). Default true.
     pub per_ip_exempt_loopback: bool,
+    /// Publishes per second one user (the token's `sub`; a client address for sessions
+    /// without a user) may send over all its sessions on this node, reconnects included.
+    /// Default: [`USER_BUDGET_SESSIONS`] times the largest per-session publish rate (of
+    /// `[limits]` and of any namespace with its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_publish_per_second: Option<u32>,
+    /// Publishes one user may send at once over all its sessions on this node. Default:
+    /// [`USER_BUDGET_SESSIONS`] times the largest per-session publish burst.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_publish_burst: Option<u32>,
 }
+
+/// How many sessions at full publish rate the default per-user budget covers.
+pub const USER_BUDGET_SESSIONS: u32 = 4;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -92,6 +107,8 @@ impl Default for LimitsConfig {
             per_ip_connects_per_second: 200,
             per_ip_connect_burst: 400,
             per_ip_exempt_loopback: true,
+            user_publish_per_second: None,
+            user_publish_burst: None,
         }
     }
 }
@@ -123,7 +140,27 @@ impl LimitsConfig {
         ] {
             nonzero(name, value)?;
         }
+        for (name, value) in [
+            ("user_publish_per_second", self.user_publish_per_second),
+            ("user_publish_burst", self.user_publish_burst),
+        ] {
+            if let Some(value) = value {
+                nonzero(name, value)?;
+            }
+        }
         Ok(())
+    }
+
+    /// The per-user publish budget, `(per second, burst)`: as configured, else
+    /// [`USER_BUDGET_SESSIONS`] times `largest`, the largest per-session publish rates of any
+    /// scope (see [`crate::policy::FileConfig::user_publish_quota`]).
+    pub fn user_publish_quota(&self, largest: PublishRates) -> (u32, u32) {
+        (
+            self.user_publish_per_second
+                .unwrap_or(largest.per_second.saturating_mul(USER_BUDGET_SESSIONS)),
+            self.user_publish_burst
+                .unwrap_or(largest.burst.saturating_mul(USER_BUDGET_SESSIONS)),
+        )
     }
 
     /// The session-wide publish rates.
@@ -331,6 +368,20 @@ impl SessionLimits {
         Err(refusal)
     }
 
+    /// Takes one publish from `publisher`'s budget in `budgets` (after the session's own
+    /// buckets), or refuses like [`Self::spend`].
+    pub fn spend_budget(
+        &mut self,
+        budgets: &PublishBudgets,
+        publisher: &Publisher,
+    ) -> Result<(), Refusal> {
+        let Err(refusal) = budgets.spend(publisher) else {
+            return Ok(());
+        };
+        self.charge_error()?;
+        Err(refusal)
+    }
+
     /// Charges one request error (any `Error` the session is about to get) to the error
     /// budget; refuses with `policy_violation` once the budget of the window is spent.
     pub fn charge_error(&mut self) -> Result<(), Refusal> {
@@ -388,6 +439,150 @@ fn too_large(bytes: usize, burst: u32) -> Refusal {
         Code::PayloadTooLarge,
         format!("data of {bytes} bytes exceeds the publish_bytes_burst of {burst}"),
     )
+}
+
+/// Whose publish budget a session spends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Publisher {
+    /// The user its token names (`sub`).
+    User(Box<str>),
+    /// The client address of a session without a user.
+    Address(IpAddr),
+}
+
+impl Publisher {
+    fn budget(&self) -> &'static str {
+        match self {
+            Publisher::User(_) => "per-user budget",
+            Publisher::Address(_) => "per-address budget",
+        }
+    }
+}
+
+/// Fewest publishers the budget table holds before it counts as full (at least twice
+/// `max_sessions`).
+const MIN_TRACKED_PUBLISHERS: usize = 65_536;
+
+/// Budget checks between looks at the table (its size; a prune when due).
+const BUDGET_CHECKS_PER_LOOK: u64 = 1024;
+
+/// Publish budgets that outlive sessions: one bucket per [`Publisher`], shared by all its
+/// sessions on this node and kept across reconnects, drawn from on every publish after the
+/// session's own buckets. Buckets that refilled are pruned (at most once a second, every 100 ms
+/// while the table is full); a full table (twice `max_sessions` publishers, at least
+/// [`MIN_TRACKED_PUBLISHERS`], that published within their bucket's refill time) stops
+/// checking budgets until pruning frees room: the per-session buckets still apply, and no
+/// publisher is refused for another's sake.
+pub struct PublishBudgets {
+    limiter: RateLimiter<Publisher, DashMapStateStore<Publisher>, MonotonicClock, NoOp>,
+    quota: (u32, u32),
+    exempt_loopback: bool,
+    max_tracked: usize,
+    checks: AtomicU64,
+    full: AtomicBool,
+    pruned: Mutex<Instant>,
+}
+
+impl std::fmt::Debug for PublishBudgets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishBudgets")
+            .field("quota", &self.quota)
+            .field("tracked", &self.limiter.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PublishBudgets {
+    /// Budgets of `quota` (`(per second, burst)`, see [`LimitsConfig::user_publish_quota`])
+    /// under `config`'s loopback exemption and session cap.
+    pub fn new(config: &LimitsConfig, quota: (u32, u32)) -> Self {
+        PublishBudgets {
+            limiter: RateLimiter::dashmap_with_clock(
+                LimitsConfig::quota(quota.0, quota.1),
+                MonotonicClock,
+            ),
+            quota,
+            exempt_loopback: config.per_ip_exempt_loopback,
+            max_tracked: (config.max_sessions as usize)
+                .saturating_mul(2)
+                .max(MIN_TRACKED_PUBLISHERS),
+            checks: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            pruned: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// `(per second, burst)` of each budget.
+    pub fn quota(&self) -> (u32, u32) {
+        self.quota
+    }
+
+    /// Whose budget a session of user `sub` (if any) from `peer` (if known) spends: the
+    /// user's, else its address's (none for an exempt loopback address or an in-process
+    /// session).
+    pub fn publisher(&self, sub: Option<&str>, peer: Option<IpAddr>) -> Option<Publisher> {
+        if let Some(sub) = sub {
+            return Some(Publisher::User(sub.into()));
+        }
+        let ip = peer?.to_canonical();
+        (!(self.exempt_loopback && ip.is_loopback())).then_some(Publisher::Address(ip))
+    }
+
+    /// Publishers in the table (for tests: it stays bounded).
+    pub fn tracked(&self) -> usize {
+        self.limiter.len()
+    }
+
+    /// Takes one publish from `publisher`'s budget, or refuses with `rate_limited` and the
+    /// time to wait.
+    pub fn spend(&self, publisher: &Publisher) -> Result<(), Refusal> {
+        let checks = self.checks.fetch_add(1, Ordering::Relaxed);
+        if checks % BUDGET_CHECKS_PER_LOOK == BUDGET_CHECKS_PER_LOOK - 1 {
+            self.look();
+        }
+        if self.full.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.limiter.check_key(publisher).map_err(|not_until| {
+            let refusal = retry_after(not_until.wait_time_from(MonotonicClock.now()));
+            Refusal {
+                message: format!("{}: {}", publisher.budget(), refusal.message),
+                ..refusal
+            }
+        })
+    }
+
+    /// Prunes refilled buckets when due and notes whether the table is full.
+    fn look(&self) {
+        // One thread looks at a time; the others go on spending.
+        let mut pruned = match self.pruned.try_lock() {
+            Ok(pruned) => pruned,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        let full = self.limiter.len() >= self.max_tracked;
+        let due = if full {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(1)
+        };
+        if pruned.elapsed() >= due {
+            self.limiter.retain_recent();
+            self.limiter.shrink_to_fit();
+            *pruned = Instant::now();
+        }
+        let full = self.limiter.len() >= self.max_tracked;
+        if full != self.full.swap(full, Ordering::Relaxed) {
+            if full {
+                tracing::warn!(
+                    publishers = self.max_tracked,
+                    "per-user publish budgets: table full, budgets not checked until it drains"
+                );
+            } else {
+                tracing::info!("per-user publish budgets: checked again");
+            }
+        }
+    }
 }
 
 /// Most addresses the per-IP connection-rate table holds; beyond (after pruning), new
@@ -514,6 +709,7 @@ impl ConnectionLimits {
         let mut permit = SessionPermit {
             limits: self.clone(),
             ip: None,
+            peer: ip,
         };
         if let Some(ip) = self.counted(ip) {
             let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
@@ -532,7 +728,16 @@ impl ConnectionLimits {
 #[derive(Debug)]
 pub struct SessionPermit {
     limits: Arc<ConnectionLimits>,
+    /// The address counted against the per-IP caps.
     ip: Option<IpAddr>,
+    peer: Option<IpAddr>,
+}
+
+impl SessionPermit {
+    /// The client's address, when known (whether or not the per-IP caps count it).
+    pub fn peer(&self) -> Option<IpAddr> {
+        self.peer
+    }
 }
 
 impl Drop for SessionPermit {
@@ -670,6 +875,113 @@ mod tests {
             Code::PayloadTooLarge
         );
         assert_eq!(limits.namespaces.len(), 4);
+    }
+
+    #[test]
+    fn the_per_user_budget_outlives_sessions_and_is_not_shared() {
+        let strict = config(|c| c.per_ip_exempt_loopback = false);
+        let config = config(|c| {
+            c.publish_per_second = 1;
+            c.publish_burst = 5;
+            c.user_publish_per_second = Some(1);
+            c.user_publish_burst = Some(8);
+            c.per_ip_exempt_loopback = true;
+        });
+        let budgets =
+            PublishBudgets::new(&config, config.user_publish_quota(config.publish_rates()));
+        let alice = budgets.publisher(Some("alice"), None).unwrap();
+        let bob = budgets.publisher(Some("bob"), None).unwrap();
+        let publish = |limits: &mut SessionLimits, who: &Publisher| {
+            limits
+                .spend(Spend::Publish(1))
+                .and_then(|()| limits.spend_budget(&budgets, who))
+        };
+        // Alice's first session: its own burst of 5, all charged to her budget of 8.
+        let mut first = SessionLimits::new(config.clone());
+        for _ in 0..5 {
+            assert_eq!(publish(&mut first, &alice), Ok(()));
+        }
+        assert!(publish(&mut first, &alice).is_err());
+        // Her next session has full buckets, but only 3 left in her budget.
+        let mut second = SessionLimits::new(config.clone());
+        let passed = (0..5)
+            .filter(|_| publish(&mut second, &alice).is_ok())
+            .count();
+        assert!(passed < 5, "{passed}");
+        let refusal = budgets.spend(&alice).unwrap_err();
+        assert_eq!(refusal.code, Code::RateLimited);
+        assert!(
+            refusal
+                .message
+                .starts_with("per-user budget: rate limited; retry after"),
+            "{}",
+            refusal.message
+        );
+        assert!(refusal.retry_after.is_some_and(|d| d > Duration::ZERO));
+        // Bob's budget is his own.
+        for _ in 0..8 {
+            assert_eq!(budgets.spend(&bob), Ok(()));
+        }
+        // Without a user: the address's budget, none for an exempt loopback address.
+        let remote: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            budgets.publisher(None, Some(remote)),
+            Some(Publisher::Address(remote))
+        );
+        // An IPv4-mapped IPv6 address is the same client.
+        assert_eq!(
+            budgets.publisher(None, Some("::ffff:10.0.0.1".parse().unwrap())),
+            Some(Publisher::Address(remote))
+        );
+        assert_eq!(
+            budgets.publisher(None, Some("127.0.0.1".parse().unwrap())),
+            None
+        );
+        assert_eq!(budgets.publisher(None, None), None);
+        let local: IpAddr = "::1".parse().unwrap();
+        assert_eq!(
+            PublishBudgets::new(&strict, (1, 1)).publisher(None, Some(local)),
+            Some(Publisher::Address(local))
+        );
+    }
+
+    #[test]
+    fn the_default_budget_covers_several_sessions_of_the_largest_rates() {
+        let c = config(|c| {
+            c.publish_per_second = 50;
+            c.publish_burst = 100;
+        });
+        let largest = PublishRates {
+            per_second: 200,
+            burst: 400,
+            ..c.publish_rates()
+        };
+        assert_eq!(
+            c.user_publish_quota(largest),
+            (200 * USER_BUDGET_SESSIONS, 400 * USER_BUDGET_SESSIONS)
+        );
+        let set = config(|c| c.user_publish_burst = Some(7));
+        assert_eq!(set.user_publish_quota(set.publish_rates()).1, 7);
+        assert!(
+            config(|c| c.user_publish_per_second = Some(0))
+                .check()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_budget_table_stays_bounded_under_many_users() {
+        // One publish per second per user: buckets stay in the table for a second, so (unless
+        // this loop takes longer) it fills up, and budgets go unchecked rather than refusing.
+        let c = config(|c| c.max_sessions = 10);
+        let budgets = PublishBudgets::new(&c, (1, 1));
+        let over = MIN_TRACKED_PUBLISHERS + 5000;
+        for n in 0..over {
+            let who = Publisher::User(format!("user-{n}").into());
+            assert_eq!(budgets.spend(&who), Ok(()));
+            assert!(budgets.tracked() <= MIN_TRACKED_PUBLISHERS + BUDGET_CHECKS_PER_LOOK as usize);
+        }
+        assert!(budgets.full.load(Ordering::Relaxed));
     }
 
     #[test]

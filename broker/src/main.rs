@@ -28,6 +28,49 @@ enum Command {
     Config(ConfigCommand),
     /// Mint an HS256 test token (development; production tokens come from your auth server).
     Token(TokenArgs),
+    /// Write a fresh HMAC secret (random bytes from the operating system) for an `[auth]` key,
+    /// readable by its owner only.
+    Keygen(KeygenArgs),
+}
+
+#[derive(clap::Args)]
+struct KeygenArgs {
+    /// The key file to write (the `file` of a key in the configuration's `[auth]` keys).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// The key's algorithm: the secret gets as many bytes as its hash's output (32, 48, 64).
+    #[arg(long, value_enum, default_value = "HS256")]
+    algorithm: HmacAlgorithm,
+    /// Replace the file if it exists (tokens signed with the old secret stop verifying).
+    #[arg(long)]
+    force: bool,
+}
+
+/// The algorithms `keygen` makes secrets for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+#[allow(clippy::upper_case_acronyms)]
+enum HmacAlgorithm {
+    #[value(name = "HS256")]
+    HS256,
+    #[value(name = "HS384")]
+    HS384,
+    #[value(name = "HS512")]
+    HS512,
+}
+
+fn keygen(args: KeygenArgs) -> anyhow::Result<()> {
+    use roomcast_broker::auth::Algorithm;
+    let algorithm = match args.algorithm {
+        HmacAlgorithm::HS256 => Algorithm::HS256,
+        HmacAlgorithm::HS384 => Algorithm::HS384,
+        HmacAlgorithm::HS512 => Algorithm::HS512,
+    };
+    let len = roomcast_broker::auth::generate_secret_file(&args.out, algorithm, args.force)?;
+    eprintln!(
+        "wrote a {len}-byte {algorithm:?} secret to {} (mode 0600)",
+        args.out.display()
+    );
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -193,5 +236,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Certs(CertsCommand::Dev { out }) => write_dev_cert(&out),
         Command::Config(ConfigCommand::Check { file, serve }) => check_config(&file, &serve),
         Command::Token(args) => mint_token(args),
+        Command::Keygen(args) => keygen(args),
     }
 }

@@ -507,11 +507,31 @@ impl FileConfig {
         }
     }
 
+    /// The per-user publish budget `(per second, burst)` ([`LimitsConfig::user_publish_quota`]):
+    /// by default a multiple of the largest per-session publish rates of `[limits]` and of
+    /// every policy with its own.
+    pub fn user_publish_quota(&self) -> (u32, u32) {
+        let largest = self
+            .namespaces
+            .values()
+            .chain(self.default.as_ref())
+            .filter_map(|policy| policy.publish_rates(&self.limits))
+            .fold(self.limits.publish_rates(), |a, b| PublishRates {
+                per_second: a.per_second.max(b.per_second),
+                burst: a.burst.max(b.burst),
+                ..a
+            });
+        self.limits.user_publish_quota(largest)
+    }
+
     /// The effective configuration as TOML, with every default filled in (what
     /// `roomcast config check` prints).
     pub fn effective(&self) -> String {
         // A namespace with its own publish rates shows all four, the inherited ones filled in.
         let mut filled = self.clone();
+        let (per_second, burst) = self.user_publish_quota();
+        filled.limits.user_publish_per_second = Some(per_second);
+        filled.limits.user_publish_burst = Some(burst);
         let policies = filled
             .namespaces
             .values_mut()

@@ -589,6 +589,158 @@ async fn ws_publish_flood_is_rate_limited_then_closed() {
     bystander.still_works(&server).await;
 }
 
+/// Publishes `count` times into `room`, one at a time; returns the acks and the messages of
+/// the `rate_limited` refusals (every other reply fails the test).
+async fn publish_one_by_one(conn: &mut RawConn, room: &str, count: u64) -> (u64, Vec<String>) {
+    let (mut acks, mut refusals) = (0, Vec::new());
+    for id in 1..=count {
+        conn.send(publish(id, room, small())).await;
+        match conn.frame().await {
+            ServerFrame::Ack { id: got, .. } if got == id => acks += 1,
+            ServerFrame::Error {
+                id: Some(got),
+                code: Code::RateLimited,
+                message,
+                retry_after_ms: Some(ms),
+            } if got == id && ms > 0 => refusals.push(message),
+            other => panic!("expected Ack or rate_limited for {id}, got {other:?}"),
+        }
+    }
+    (acks, refusals)
+}
+
+#[tokio::test]
+async fn a_reconnecting_flooder_keeps_its_spent_per_user_budget() {
+    // Per session: burst 5 (refill 1/s). Per user: burst 5 too, refill 1/s, over all sessions.
+    let server = broker_with(
+        "user_publish_per_second = 1\nuser_publish_burst = 5",
+        |_| {},
+    )
+    .await;
+    let mut bystander = Bystander::new(&server).await;
+    let flooder = token(&spec("flood", &[("watch:*", "pub")]));
+    let mut attacker = ws_open(&server, &flooder).await;
+    for id in 1..=40u64 {
+        attacker.send(publish(id, ROOM, small())).await;
+    }
+    let (acks, limited) = replies_until_policy_close(
+        &mut attacker,
+        |f| matches!(f, ServerFrame::Ack { .. }),
+        |_, _| {},
+    )
+    .await;
+    // The session's burst passed (spending the user's budget), then the close.
+    assert_eq!((acks, limited), (5, 20));
+    // Reconnecting gives fresh session buckets, which alone would let 5 through again; the
+    // user's budget (refilling at 1/s) refuses well before, and says so.
+    for _ in 0..2 {
+        let mut again = ws_open(&server, &flooder).await;
+        for id in 1..=40u64 {
+            again.send(publish(id, ROOM, small())).await;
+        }
+        let by_budget = std::cell::Cell::new(0);
+        let (acks, limited) = replies_until_policy_close(
+            &mut again,
+            |f| matches!(f, ServerFrame::Ack { .. }),
+            |message, retry_after_ms| {
+                assert!(retry_after_ms.is_some_and(|ms| ms > 0));
+                if message.starts_with("per-user budget: rate limited; retry after") {
+                    by_budget.set(by_budget.get() + 1);
+                }
+            },
+        )
+        .await;
+        assert!(acks < 5, "a reconnect got {acks} publishes through");
+        assert_eq!(limited, 20);
+        // The publishes the session's buckets let through met the spent budget.
+        assert!(acks + by_budget.get() >= 5, "{acks} + {}", by_budget.get());
+    }
+    // The budget is the user's on every transport: over WebTransport it is spent too.
+    let mut wt = wt_open(&server, flooder.clone()).await;
+    let mut refused = false;
+    for id in 1..=5 {
+        wt.send(publish(id, ROOM, small())).await;
+        match wt.control.frame().await {
+            ServerFrame::Ack { .. } => {}
+            ServerFrame::Error {
+                code: Code::RateLimited,
+                message,
+                ..
+            } => {
+                assert!(message.starts_with("per-user budget"), "{message}");
+                refused = true;
+            }
+            other => panic!("expected Ack or rate_limited, got {other:?}"),
+        }
+    }
+    assert!(refused, "the WebTransport session got its full burst");
+    // Another user from the same address has a budget of its own: the full burst passes.
+    let mut other = ws_open(&server, &token(&spec("other", &[("watch:*", "pub")]))).await;
+    assert_eq!(
+        publish_one_by_one(&mut other, ROOM, 5).await,
+        (5, Vec::new())
+    );
+    bystander.still_works(&server).await;
+}
+
+/// A broker without auth whose sessions may publish anywhere: per session burst 5 (refill
+/// 100/s), per user or address burst 5 (refill 1/s).
+async fn anonymous_broker(exempt_loopback: bool) -> Server {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "roomcast-attacks-anon-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("roomcast.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[limits]\npublish_per_second = 100\npublish_burst = 5\nuser_publish_per_second = 1\n\
+             user_publish_burst = 5\nper_ip_exempt_loopback = {exempt_loopback}\n\n\
+             [default]\nsubscribe = \"anyone\"\npublish = \"anyone\"\n"
+        ),
+    )
+    .unwrap();
+    let mut config = common::config();
+    config.config = Some(file);
+    start(config).await
+}
+
+#[tokio::test]
+async fn sessions_without_a_user_share_the_budget_of_their_address() {
+    let server = anonymous_broker(false).await;
+    let mut first = RawConn::open(&server).await;
+    assert_eq!(
+        publish_one_by_one(&mut first, "open:1", 5).await,
+        (5, Vec::new())
+    );
+    // A second session from the same address, the first still open: fresh session buckets,
+    // the address's budget spent.
+    let mut second = RawConn::open(&server).await;
+    let (acks, refusals) = publish_one_by_one(&mut second, "open:2", 5).await;
+    assert!(acks < 5, "{acks}");
+    assert!(
+        refusals
+            .iter()
+            .all(|m| m.starts_with("per-address budget: rate limited")),
+        "{refusals:?}"
+    );
+    first.ping(1).await;
+    // Loopback addresses exempt from the per-address caps (the default) have no per-address
+    // budget either: each session has its own buckets only.
+    let server = anonymous_broker(true).await;
+    for _ in 0..2 {
+        let mut conn = RawConn::open(&server).await;
+        assert_eq!(
+            publish_one_by_one(&mut conn, "open:1", 5).await,
+            (5, Vec::new())
+        );
+    }
+}
+
 #[tokio::test]
 async fn ws_subscribe_flood_is_rate_limited_then_closed() {
     let server = broker().await;

@@ -117,13 +117,104 @@ fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
-#[test]
-fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
+/// A fresh folder holding a copy of `examples/security/roomcast.toml` (without its key file,
+/// which is not in the repository).
+fn example_copy(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("roomcast-bin-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../examples/security/roomcast.toml"
     );
-    let (ok, stdout, stderr) = run(&["config", "check", example]);
+    std::fs::copy(example, dir.join("roomcast.toml")).unwrap();
+    dir
+}
+
+/// `roomcast keygen --out DIR/dev-secret.key`: the example's key file.
+fn keygen_example(dir: &std::path::Path) -> std::path::PathBuf {
+    let key = dir.join("dev-secret.key");
+    let (ok, _, stderr) = run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    key
+}
+
+#[test]
+fn the_example_needs_a_generated_secret_and_keygen_makes_one() {
+    let dir = example_copy("keygen");
+    let config = dir.join("roomcast.toml");
+    let key = dir.join("dev-secret.key");
+    // Without its key file the example is refused, with the command that creates it.
+    let (ok, _, stderr) = run(&["config", "check", config.to_str().unwrap()]);
+    assert!(!ok);
+    let create = format!("roomcast keygen --out {}", key.display());
+    assert!(stderr.contains(&create), "{create} missing from: {stderr}");
+    // `serve` refuses to start the same way.
+    let serve = Command::new(env!("CARGO_BIN_EXE_roomcast"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("roomcast starts");
+    let mut serve = Broker(serve);
+    let status = wait_exit(&mut serve);
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.0.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains(&create), "{create} missing from: {stderr}");
+    // keygen writes 32 random bytes, readable by the owner only.
+    keygen_example(&dir);
+    let secret = std::fs::read(&key).unwrap();
+    assert_eq!(secret.len(), 32);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    // It never overwrites a secret unless told to.
+    let (ok, _, stderr) = run(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains("pass --force"), "{stderr}");
+    assert_eq!(std::fs::read(&key).unwrap(), secret);
+    let (ok, _, stderr) = run(&["keygen", "--force", "--out", key.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let replaced = std::fs::read(&key).unwrap();
+    assert_eq!(replaced.len(), 32);
+    assert_ne!(replaced, secret);
+    let (ok, _, stderr) = run(&["config", "check", config.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    // HS512 gets 64 bytes; a secret shorter than its hash is refused, naming file and sizes.
+    let long = dir.join("hs512.key");
+    let (ok, _, stderr) = run(&[
+        "keygen",
+        "--algorithm",
+        "HS512",
+        "--out",
+        long.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(std::fs::read(&long).unwrap().len(), 64);
+    std::fs::write(&key, &secret[..31]).unwrap();
+    let (ok, _, stderr) = run(&["config", "check", config.to_str().unwrap()]);
+    assert!(!ok);
+    let expected = format!(
+        "auth key {}: 31 bytes, but an HS256 secret needs at least 32",
+        key.display()
+    );
+    assert!(
+        stderr.contains(&expected),
+        "{expected} missing from: {stderr}"
+    );
+}
+
+#[test]
+fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
+    let dir = example_copy("check");
+    keygen_example(&dir);
+    let example = dir.join("roomcast.toml");
+    let (ok, stdout, stderr) = run(&["config", "check", example.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     for needle in [
         "required = true",
@@ -133,6 +224,9 @@ fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
         // Defaults the file leaves out are printed too.
         "publish_bytes_per_second",
         "per_ip_sessions",
+        // The per-user budget: four sessions at the largest per-session rates (gps: 200, 400).
+        "user_publish_per_second = 800\n",
+        "user_publish_burst = 1600\n",
     ] {
         assert!(stdout.contains(needle), "{needle} missing from:\n{stdout}");
     }
@@ -149,8 +243,6 @@ fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
     ] {
         assert!(chat.contains(needle), "{needle} missing from:\n{chat}");
     }
-    let dir = std::env::temp_dir().join(format!("roomcast-bin-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "[namespaces.orders]\nsubscribe = \"everyone\"\n").unwrap();
     let (ok, _, stderr) = run(&["config", "check", bad.to_str().unwrap()]);
@@ -176,12 +268,13 @@ fn config_check_prints_the_effective_policy_and_refuses_bad_files() {
 
 #[test]
 fn token_command_mints_a_token_the_example_config_accepts() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/security");
-    let secret = format!("{dir}/dev-secret.key");
+    let dir = example_copy("token");
+    let secret = keygen_example(&dir);
+    let secret = secret.to_str().unwrap();
     let (ok, stdout, stderr) = run(&[
         "token",
         "--secret-file",
-        &secret,
+        secret,
         "--sub",
         "alice",
         "--grant",
@@ -196,10 +289,7 @@ fn token_command_mints_a_token_the_example_config_accepts() {
         "1h",
     ]);
     assert!(ok, "{stderr}");
-    let security = roomcast_broker::gate::Security::load(std::path::Path::new(&format!(
-        "{dir}/roomcast.toml"
-    )))
-    .unwrap();
+    let security = roomcast_broker::gate::Security::load(&dir.join("roomcast.toml")).unwrap();
     let claims = security
         .verifier
         .verify(stdout.trim())
@@ -213,7 +303,7 @@ fn token_command_mints_a_token_the_example_config_accepts() {
     let (ok, _, stderr) = run(&[
         "token",
         "--secret-file",
-        &secret,
+        secret,
         "--sub",
         "a",
         "--grant",
