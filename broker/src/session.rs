@@ -36,6 +36,9 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// input while waiting for it to close its side.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
+/// After the Close frame, most bytes of the client's input read and dropped.
+const CLOSE_LINGER_BYTES: usize = 256 * 1024;
+
 fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -248,18 +251,11 @@ impl<R: FrameReader, W: FrameWriter> Session<R, W> {
             }
         };
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, flush).await;
-        // Read and drop what the client still sends until it closes too, for a bounded time:
-        // a TCP socket closed with unread input is reset, and the reset can destroy the Close
-        // frame before the client reads it (a flooding client would never learn why).
-        let reader = &mut self.reader;
-        let linger = async {
-            loop {
-                match reader.recv().await {
-                    Ok(Incoming::Closed) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        };
+        // Read and drop what the client still sends until it closes too, bounded in time and
+        // bytes: a TCP socket closed with unread input is reset, and the reset can destroy
+        // the Close frame before the client reads it (a flooding client would never learn
+        // why). Raw bytes, not frames: a flooder's input costs a copy, not a decode.
+        let linger = self.reader.discard_input(CLOSE_LINGER_BYTES);
         let _ = tokio::time::timeout(CLOSE_LINGER, linger).await;
     }
 

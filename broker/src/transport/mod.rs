@@ -48,6 +48,14 @@ pub trait FrameReader: Send {
     /// The next frame, control reply or end. Must be cancel-safe: dropping the future loses
     /// nothing.
     fn recv(&mut self) -> impl Future<Output = Result<Incoming, TransportError>> + Send;
+
+    /// After the session's `Close`: reads and drops what the peer still sends, without
+    /// decoding it, until the peer closes its side or `limit` bytes were dropped. A TCP
+    /// socket closed with unread input is reset, and the reset can destroy the `Close` frame
+    /// before the client reads it; transports without that problem return at once.
+    fn discard_input(&mut self, _limit: usize) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Sending half of a session transport.

@@ -20,7 +20,7 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
 use tokio_rustls::server::TlsStream;
@@ -277,6 +277,19 @@ fn would_block<T>(read: &tungstenite::Result<T>) -> bool {
 impl<R: AsyncRead + Send + Unpin> FrameReader for WsReader<R> {
     async fn recv(&mut self) -> Result<Incoming, TransportError> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Raw reads into a small scratch buffer: a client still flooding after its `Close`
+    /// costs a copy per read, not a WebSocket decode per frame.
+    async fn discard_input(&mut self, limit: usize) {
+        let mut scratch = [0u8; 4096];
+        let mut dropped = 0;
+        while dropped < limit {
+            match self.socket.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => dropped += n,
+            }
+        }
     }
 }
 
