@@ -108,6 +108,20 @@ async fn unknown_frame_type_is_an_error_and_the_session_goes_on() {
 }
 
 #[tokio::test]
+async fn a_broker_frame_type_sent_by_a_client_is_an_unknown_frame() {
+    let server = start(config()).await;
+    let mut bad = RawConn::open(&server).await;
+    // {0: 19, 1: 7}: an Event's type (broker frames are 16-31), from the client.
+    bad.send_bytes(Bytes::from_static(&[0xa2, 0x00, 0x13, 0x01, 0x07]))
+        .await;
+    bad.expect_error(Some(7), Code::UnknownFrame).await;
+    // {0: 16}: a Welcome's type, without an id: the Error carries none.
+    bad.send_bytes(Bytes::from_static(&[0xa1, 0x00, 0x10])).await;
+    bad.expect_error(None, Code::UnknownFrame).await;
+    bad.ping(1).await;
+}
+
+#[tokio::test]
 async fn frame_over_max_size_closes_with_frame_too_large() {
     let mut cfg = config();
     cfg.max_frame_size = 1024;
