@@ -358,6 +358,27 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 /// Most frames per `writev` (two slices each, under the usual IOV_MAX of 1024).
 const FRAMES_PER_WRITE: usize = 256;
 
+/// Adds `part` to a write, less the first `*skip` bytes (already written), counting the bytes
+/// added in `total`.
+#[inline]
+fn push_part<'a>(
+    slices: &mut Vec<IoSlice<'a>>,
+    part: &'a [u8],
+    skip: &mut usize,
+    total: &mut usize,
+) {
+    if *skip == 0 {
+        *total += part.len();
+        slices.push(IoSlice::new(part));
+    } else if *skip >= part.len() {
+        *skip -= part.len();
+    } else {
+        *total += part.len() - *skip;
+        slices.push(IoSlice::new(&part[*skip..]));
+        *skip = 0;
+    }
+}
+
 /// Above this capacity, a written batch's buffers are released rather than kept for reuse
 /// (idle sessions stay small after a burst).
 const RETAINED_HEADERS: usize = 512;
@@ -413,42 +434,47 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             header_at,
         } = self;
         let mut slices: Vec<IoSlice<'_>> =
-            Vec::with_capacity(FRAMES_PER_WRITE.min(inflight.len()) * 2);
+            Vec::with_capacity(FRAMES_PER_WRITE.min(inflight.len() - *next) * 2);
+        // Bytes of the frame in flight already written: skipped from the first slices.
         let mut skip = *offset;
+        let mut total = 0;
         let mut at = *header_at;
+        let mut count = 0;
         for out in inflight[*next..].iter().take(FRAMES_PER_WRITE) {
-            let parts: [&[u8]; 2] = match out.frame.ws_message() {
-                Some(message) => [message, &[]],
+            count += 1;
+            match out.frame.ws_message() {
+                Some(message) => push_part(&mut slices, message, &mut skip, &mut total),
                 None => {
-                    let len = Self::separate_header_len(out);
-                    let part = &headers[at..at + len];
+                    let len = ws_binary_header().len(out.frame.len() as u64);
+                    push_part(&mut slices, &headers[at..at + len], &mut skip, &mut total);
                     at += len;
-                    [part, out.frame.frame()]
-                }
-            };
-            for part in parts {
-                if skip >= part.len() {
-                    skip -= part.len();
-                } else {
-                    slices.push(IoSlice::new(&part[skip..]));
-                    skip = 0;
+                    push_part(&mut slices, out.frame.frame(), &mut skip, &mut total);
                 }
             }
         }
-        let mut written = socket.write_vectored(&slices).await?;
+        let written = socket.write_vectored(&slices).await?;
         drop(slices);
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while written > 0 && *next < inflight.len() {
+        if written == total {
+            // The usual case: everything handed over went out.
+            *next += count;
+            *offset = 0;
+            *header_at = at;
+            return Ok(());
+        }
+        // A partial write: find where it stopped.
+        let mut written = written;
+        while written > 0 {
             let frame = &inflight[*next];
             let header_len = Self::separate_header_len(frame);
-            let total = header_len
+            let whole = header_len
                 + frame
                     .frame
                     .ws_message()
                     .map_or(frame.frame.len(), <[u8]>::len);
-            let left = total - *offset;
+            let left = whole - *offset;
             if written >= left {
                 written -= left;
                 *next += 1;
@@ -535,5 +561,110 @@ impl<W: AsyncWrite + Send + Unpin> FrameWriter for WsWriter<W> {
         let io_error = |e: io::Error| TransportError::Io(e.to_string());
         self.socket.write_all(&raw).await.map_err(io_error)?;
         self.socket.shutdown().await.map_err(io_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    /// Splits `wire` into WebSocket frames (unmasked server frames): (opcode, payload).
+    fn frames(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while !wire.is_empty() {
+            assert!(wire.len() >= 2, "a cut header: {wire:?}");
+            let (opcode, short) = (wire[0] & 0x0f, usize::from(wire[1] & 0x7f));
+            let (len, head) = match short {
+                126 => (usize::from(u16::from_be_bytes([wire[2], wire[3]])), 4),
+                127 => unreachable!("no test frame is that long"),
+                n => (n, 2),
+            };
+            assert!(
+                wire.len() >= head + len,
+                "a cut frame: {} of {} bytes",
+                wire.len(),
+                head + len
+            );
+            out.push((opcode, wire[head..head + len].to_vec()));
+            wire = &wire[head + len..];
+        }
+        out
+    }
+
+    fn batch(sizes: &[usize]) -> Vec<Outgoing> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Outgoing::control(Bytes::from(vec![i as u8; n])))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_write_goes_on_where_it_stopped() {
+        let (mut client, server) = tokio::io::duplex(100);
+        let mut writer = WsWriter::new(server);
+        let mut first = batch(&[300, 40, 500]);
+        // Nobody reads: the write stops inside the first frame and is abandoned.
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(50), writer.send_batch(&mut first)).await;
+        assert!(abandoned.is_err());
+        assert!(writer.offset > 0, "stopped inside a frame");
+        let reader = tokio::spawn(async move {
+            let mut wire = Vec::new();
+            client.read_to_end(&mut wire).await.unwrap();
+            wire
+        });
+        // The next batch first finishes the abandoned one.
+        writer.send_batch(&mut batch(&[7])).await.unwrap();
+        writer.close(Code::Normal).await.unwrap();
+        drop(writer);
+        let got = frames(&reader.await.unwrap());
+        let sizes: Vec<(u8, usize)> = got.iter().map(|(op, p)| (*op, p.len())).collect();
+        assert_eq!(sizes[..4], [(2, 300), (2, 40), (2, 500), (2, 7)]);
+        assert_eq!(got[4].0, 8, "then the close frame");
+    }
+
+    #[tokio::test]
+    async fn finish_frame_completes_the_frame_in_flight_and_drops_the_rest() {
+        let (mut client, server) = tokio::io::duplex(100);
+        let mut writer = WsWriter::new(server);
+        let mut queued = batch(&[300, 40, 500]);
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(50), writer.send_batch(&mut queued)).await;
+        assert!(abandoned.is_err());
+        let reader = tokio::spawn(async move {
+            let mut wire = Vec::new();
+            client.read_to_end(&mut wire).await.unwrap();
+            wire
+        });
+        writer.finish_frame().await.unwrap();
+        writer.close(Code::SlowConsumer).await.unwrap();
+        drop(writer);
+        let got = frames(&reader.await.unwrap());
+        assert_eq!(
+            got.len(),
+            2,
+            "the frame in flight, whole, then the close frame"
+        );
+        assert_eq!((got[0].0, got[0].1.len()), (2, 300));
+        assert_eq!(got[1].0, 8);
+        assert_eq!(got[1].1[..2], 4429u16.to_be_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_write_that_was_not_started_leaves_nothing_behind() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut writer = WsWriter::new(server);
+        writer.send_batch(&mut batch(&[10, 20])).await.unwrap();
+        writer.finish_frame().await.unwrap();
+        writer.close(Code::SlowConsumer).await.unwrap();
+        drop(writer);
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).await.unwrap();
+        let got = frames(&wire);
+        let ops: Vec<u8> = got.iter().map(|(op, _)| *op).collect();
+        assert_eq!(ops, [2, 2, 8]);
     }
 }
