@@ -197,8 +197,11 @@ impl Shared {
         };
         Shared {
             hub: Arc::new(
-                Hub::with_rules(room_rules(&config, &security), bridge.interest())
-                    .count_conflated_in(metrics.conflated.clone()),
+                Hub::with_rules(
+                    room_rules(&config, &security),
+                    nats.as_ref().map(|nats| nats.interest()),
+                )
+                .count_conflated_in(metrics.conflated.clone()),
             ),
             security: Arc::new(security),
             bridge,

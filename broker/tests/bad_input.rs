@@ -116,7 +116,8 @@ async fn a_broker_frame_type_sent_by_a_client_is_an_unknown_frame() {
         .await;
     bad.expect_error(Some(7), Code::UnknownFrame).await;
     // {0: 16}: a Welcome's type, without an id: the Error carries none.
-    bad.send_bytes(Bytes::from_static(&[0xa1, 0x00, 0x10])).await;
+    bad.send_bytes(Bytes::from_static(&[0xa1, 0x00, 0x10]))
+        .await;
     bad.expect_error(None, Code::UnknownFrame).await;
     bad.ping(1).await;
 }

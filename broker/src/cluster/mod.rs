@@ -58,7 +58,7 @@
 //!   (plus a short linger against churn), so it receives no traffic for rooms nobody on it
 //!   watches.
 //! - **Subscribed means routed**: the `Subscribed` that creates a node's subscription to a room
-//!   is held back ([`Interest::confirms_live`], [`Hub::mark_live`]) until the subscription is
+//!   is held back ([`crate::hub::Interest::confirms_live`], [`Hub::mark_live`]) until the subscription is
 //!   in force on the node's NATS server (bounded to 2 s while NATS is unreachable); interest
 //!   propagation to other servers of a cluster or gateway stays asynchronous (with JetStream
 //!   the position in `Subscribed` is read from the stream after that, so nothing stored after
@@ -132,29 +132,9 @@ impl AckTo {
 #[error("the cluster is unavailable: {0}")]
 pub struct Unavailable(pub &'static str);
 
-/// Told when a room gains its first and loses its last local subscriber.
-///
-/// The hub calls these under the room's shard write lock, so for one room the calls alternate
-/// `on`, `off`, `on`, … in the order the room was created and dropped. Implementations must not
-/// block, must not call back into the hub, and must not allocate unboundedly.
-pub trait Interest: Send + Sync {
-    /// `room` got its first local subscriber.
-    fn interest_on(&self, room: &RoomName);
-    /// `room` lost its last local subscriber.
-    fn interest_off(&self, room: &RoomName);
-    /// Whether a new room waits for [`Hub::mark_live`] before its `Subscribed` replies go
-    /// out (the listener confirms once events of the room can reach this node).
-    fn confirms_live(&self) -> bool {
-        false
-    }
-    /// A subscriber of a sequenced room waits to recover ([`Hub::take_recoveries`]): the
-    /// room's reader should answer it.
-    fn recovery_requested(&self, _room: &RoomName) {}
-}
-
 /// Carries events between this node's hub and every node that has subscribers of the room.
 /// The guarantees an implementation gives are written in the module documentation.
-pub trait Bridge: Interest {
+pub trait Bridge: Send + Sync {
     /// Publishes a validated event to the room on every node, this one included. Never blocks.
     /// `key` is the publish's idempotency key: a repeat within the room's dedup window is not
     /// delivered again.
@@ -177,20 +157,12 @@ pub trait Bridge: Interest {
     /// Why the node should not get traffic right now (the `/readyz` body), `None` when it
     /// can publish.
     fn not_ready(&self) -> Option<&'static str>;
-
-    /// The interest listener the hub should call, if the bridge needs one.
-    fn interest(&self) -> Option<Arc<dyn Interest>>;
 }
 
 /// The embedded single-node bridge: a publish is the local fan-out, nothing leaves the process.
 /// Guarantees: those of the hub (docs/ARCHITECTURE.md, "Delivery guarantees (single node)").
 #[derive(Debug, Default)]
 pub struct InProcess;
-
-impl Interest for InProcess {
-    fn interest_on(&self, _room: &RoomName) {}
-    fn interest_off(&self, _room: &RoomName) {}
-}
 
 impl Bridge for InProcess {
     fn publish(
@@ -206,10 +178,6 @@ impl Bridge for InProcess {
     }
 
     fn not_ready(&self) -> Option<&'static str> {
-        None
-    }
-
-    fn interest(&self) -> Option<Arc<dyn Interest>> {
         None
     }
 }

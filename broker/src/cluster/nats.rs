@@ -64,13 +64,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AckTo, Bridge, Interest, Unavailable,
+    AckTo, Bridge, Unavailable,
     stream::{self as history, Streams},
     subject,
 };
 use crate::{
     config::ClusterConfig,
-    hub::{Delivery, Hub, RoomRule},
+    hub::{Delivery, Hub, Interest, RoomRule},
     metrics::{Metrics, NatsMetrics},
 };
 
@@ -289,6 +289,11 @@ impl NatsBridge {
         }
     }
 
+    /// The interest listener the hub calls: the table of rooms this node wants.
+    pub fn interest(&self) -> Arc<dyn Interest> {
+        self.table.clone()
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
@@ -464,18 +469,6 @@ fn on_event(
     }
 }
 
-impl Interest for NatsBridge {
-    fn interest_on(&self, room: &RoomName) {
-        self.table.interest_on(room);
-    }
-    fn interest_off(&self, room: &RoomName) {
-        self.table.interest_off(room);
-    }
-    fn confirms_live(&self) -> bool {
-        self.table.confirms_live()
-    }
-}
-
 impl Bridge for NatsBridge {
     fn publish(
         &self,
@@ -523,10 +516,6 @@ impl Bridge for NatsBridge {
             JetStreamCheck::MISSING => Some("JetStream unavailable"),
             _ => Some("checking JetStream"),
         }
-    }
-
-    fn interest(&self) -> Option<Arc<dyn Interest>> {
-        Some(self.table.clone())
     }
 }
 

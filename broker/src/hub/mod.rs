@@ -43,7 +43,6 @@ use roomcast_protocol::{EventName, Payload, Position, RoomName, ServerFrame};
 pub use self::history::HistoryLimits;
 use self::history::{DEDUP_KEYS_PER_ROOM, Dedup, History, Replay};
 use crate::{
-    cluster::Interest,
     conflation::KeyPath,
     outbox::{ConflationFrames, Lane, Outbox, Outgoing, PushError},
     wire::{Framing, Wire},
@@ -134,6 +133,27 @@ impl RoomRules {
     fn any_conflation(&self) -> bool {
         self.default.conflate.is_some() || self.namespaces.values().any(|r| r.conflate.is_some())
     }
+}
+
+/// Told when a room gains its first and loses its last local subscriber: the hub's one call
+/// out, implemented by whatever carries rooms beyond this node (the cluster bridge).
+///
+/// The hub calls these under the room's shard write lock, so for one room the calls alternate
+/// `on`, `off`, `on`, … in the order the room was created and dropped. Implementations must not
+/// block, must not call back into the hub, and must not allocate unboundedly.
+pub trait Interest: Send + Sync {
+    /// `room` got its first local subscriber.
+    fn interest_on(&self, room: &RoomName);
+    /// `room` lost its last local subscriber.
+    fn interest_off(&self, room: &RoomName);
+    /// Whether a new room waits for [`Hub::mark_live`] before its `Subscribed` replies go
+    /// out (the listener confirms once events of the room can reach this node).
+    fn confirms_live(&self) -> bool {
+        false
+    }
+    /// A subscriber of a sequenced room waits to recover ([`Hub::take_recoveries`]): the
+    /// room's reader should answer it.
+    fn recovery_requested(&self, _room: &RoomName) {}
 }
 
 /// What a subscription started from.
