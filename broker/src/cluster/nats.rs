@@ -64,13 +64,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    AckTo, Bridge, Unavailable,
+    Bridge, ReplyTo, Unavailable,
     stream::{self as history, Streams},
     subject,
 };
 use crate::{
     config::ClusterConfig,
-    hub::{Delivery, Hub, Interest, RoomRule},
+    hub::{Delivery, Hub, Interest, RoomRule, RoomRules},
     metrics::{Metrics, NatsMetrics},
 };
 
@@ -158,7 +158,7 @@ struct Outbound {
     data: Bytes,
     key: Option<Box<str>>,
     /// Sequenced rooms: published through JetStream, answered once stored.
-    stored: Option<(RoomRule, AckTo)>,
+    stored: Option<ReplyTo>,
 }
 
 /// A room reader's doorbell (sequenced rooms): rung when the room's subscription is confirmed,
@@ -243,6 +243,8 @@ impl Interest for Table {
 /// What incoming messages need to be checked and delivered.
 struct Inbound {
     hub: Arc<Hub>,
+    /// How each namespace's rooms behave (as the hub's).
+    rules: Arc<RoomRules>,
     streams: Arc<Streams>,
     prefix: subject::SubjectPrefix,
     /// Bytes of payload one recovery may replay (the session's outbound queue cap).
@@ -257,6 +259,8 @@ struct Inbound {
 /// interest listener), then [`NatsBridge::start`] once the hub exists.
 pub struct NatsBridge {
     config: ClusterConfig,
+    /// How each namespace's rooms behave (the hub is built with the same).
+    rules: Arc<RoomRules>,
     node_id: String,
     table: Arc<Table>,
     queue: mpsc::Sender<Outbound>,
@@ -270,8 +274,9 @@ pub struct NatsBridge {
 }
 
 impl NatsBridge {
-    /// A bridge for `config` (cluster mode must be on); nothing connects yet.
-    pub fn new(config: &ClusterConfig, metrics: &Metrics, boot_id: u64) -> Self {
+    /// A bridge for `config` (cluster mode must be on) whose rooms follow `rules` (the
+    /// hub's); nothing connects yet.
+    pub fn new(config: &ClusterConfig, rules: RoomRules, metrics: &Metrics, boot_id: u64) -> Self {
         let (queue, queue_rx) = mpsc::channel(config.nats_publish_queue.max(1));
         NatsBridge {
             node_id: config
@@ -279,6 +284,7 @@ impl NatsBridge {
                 .clone()
                 .unwrap_or_else(|| format!("node-{boot_id:x}")),
             config: config.clone(),
+            rules: Arc::new(rules),
             table: Arc::default(),
             queue,
             queue_rx: Mutex::new(Some(queue_rx)),
@@ -345,6 +351,7 @@ impl NatsBridge {
             tokio::spawn(publisher(
                 client.clone(),
                 queue,
+                self.rules.clone(),
                 streams.clone(),
                 self.jetstream.clone(),
                 self.config.nats_subject_prefix.clone(),
@@ -355,6 +362,7 @@ impl NatsBridge {
         }
         let inbound = Arc::new(Inbound {
             hub,
+            rules: self.rules.clone(),
             streams,
             prefix: self.config.nats_subject_prefix.clone(),
             max_replay,
@@ -472,17 +480,16 @@ fn on_event(
 impl Bridge for NatsBridge {
     fn publish(
         &self,
-        hub: &Hub,
         room: &RoomName,
         event: &EventName,
         data: &Payload,
         key: Option<&str>,
-        ack: AckTo,
+        reply: ReplyTo,
     ) -> Result<Option<Delivery>, Unavailable> {
         if !self.client_connected() {
             return Err(Unavailable("not connected to NATS"));
         }
-        let rule = hub.rule(room);
+        let rule = self.rules.rule(room);
         let stored = rule.sequenced && !rule.volatile;
         if stored && self.jetstream.state() == JetStreamCheck::MISSING {
             return Err(Unavailable(NO_JETSTREAM));
@@ -492,7 +499,7 @@ impl Bridge for NatsBridge {
             event: event.clone(),
             data: data.as_bytes().clone(),
             key: key.map(Box::from),
-            stored: stored.then(|| (rule.clone(), ack)),
+            stored: stored.then_some(reply),
         };
         match self.queue.try_send(outbound) {
             Ok(()) if stored => Ok(None),
@@ -589,6 +596,7 @@ async fn ask_jetstream(js: &jetstream::Context) -> Result<Option<String>, String
 async fn publisher(
     client: Client,
     mut queue: mpsc::Receiver<Outbound>,
+    rules: Arc<RoomRules>,
     streams: Arc<Streams>,
     jetstream: Arc<JetStreamCheck>,
     prefix: subject::SubjectPrefix,
@@ -617,7 +625,7 @@ async fn publisher(
             headers.insert(HEADER_KEY, &**key);
         }
         let subject = subject::subject_for(&prefix, &out.room);
-        let Some((rule, ack)) = out.stored else {
+        let Some(ack) = out.stored else {
             let sent = tokio::select! {
                 sent = client.publish_with_headers(subject, headers, out.data) => sent,
                 () = shutdown.cancelled() => break,
@@ -634,6 +642,7 @@ async fn publisher(
             continue;
         };
         // A room with history: stored in its namespace's stream, acknowledged once stored.
+        let rule = rules.rule(&out.room);
         if let Some(key) = &out.key {
             if !rule.dedup_window.is_zero() {
                 headers.insert(async_nats::header::NATS_MESSAGE_ID, &**key);
@@ -641,7 +650,7 @@ async fn publisher(
         }
         // Looked up once per namespace (then cached); bounded, as it holds up the queue.
         let stream = tokio::select! {
-            stream = tokio::time::timeout(STREAM_WAIT, streams.get(&out.room, &rule)) => {
+            stream = tokio::time::timeout(STREAM_WAIT, streams.get(&out.room, rule)) => {
                 stream.unwrap_or_else(|_| Err("JetStream did not answer in time".to_owned()))
             }
             () = shutdown.cancelled() => break,
@@ -719,7 +728,7 @@ const ACKS_IN_FLIGHT: usize = 4096;
 
 /// Answers stored publishes as their JetStream acknowledgements come back (in publish order).
 async fn acker(
-    mut pending: mpsc::Receiver<(PublishAckFuture, AckTo, RoomName)>,
+    mut pending: mpsc::Receiver<(PublishAckFuture, ReplyTo, RoomName)>,
     jetstream: Arc<JetStreamCheck>,
     metrics: NatsMetrics,
 ) {
@@ -821,7 +830,7 @@ async fn reconcile(
             mark_live(&table, &inbound, room);
         }
         for room in subscribe.iter().cloned() {
-            let rule = inbound.hub.rule(&room).clone();
+            let rule = inbound.rules.rule(&room).clone();
             let sequenced = rule.sequenced && !rule.volatile;
             let subject = if sequenced {
                 history::sequenced_subject(&prefix, &room)

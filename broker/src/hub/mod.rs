@@ -909,11 +909,6 @@ impl Hub {
         shard.get(room).cloned()
     }
 
-    /// The rule of `room`'s namespace.
-    pub fn rule(&self, room: &RoomName) -> &RoomRule {
-        self.rules.rule(room)
-    }
-
     /// Rooms in the registry: rooms with a local subscriber, plus rooms whose last subscriber
     /// was dropped as slow until its session has cleaned up.
     pub fn room_count(&self) -> usize {
