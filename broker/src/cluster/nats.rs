@@ -1070,14 +1070,14 @@ async fn read_sequenced_room(
                         at
                     }
                 };
-                inbound.hub.mark_live_at(&room, at);
-                let waiting = inbound.hub.take_recoveries(&room);
+                inbound.hub.sequenced().mark_live_at(&room, at);
+                let waiting = inbound.hub.sequenced().take_recoveries(&room);
                 if waiting.is_empty() {
                     continue;
                 }
                 let Some(s) = &stream else {
                     for (session, _) in waiting {
-                        inbound.hub.answer_recovery(&room, session, None);
+                        inbound.hub.sequenced().answer_recovery(&room, session, None);
                     }
                     continue;
                 };
@@ -1089,7 +1089,7 @@ async fn read_sequenced_room(
                 let Some(at) = position else { continue };
                 for (session, since) in waiting {
                     let replay = recover(&subject, s, since, at, &inbound).await;
-                    inbound.hub.answer_recovery(&room, session, replay);
+                    inbound.hub.sequenced().answer_recovery(&room, session, replay);
                 }
             }
             message = subscriber.next() => {
@@ -1121,7 +1121,7 @@ async fn read_sequenced_room(
                 let headers = message.headers.unwrap_or_default();
                 match check_parts(&room, &headers, message.payload, inbound.limits, inbound.max_payload) {
                     Ok((event, data, _)) => {
-                        let delivery = inbound.hub.publish_sequenced(
+                        let delivery = inbound.hub.sequenced().publish(
                             &room,
                             &event,
                             &data,
@@ -1161,7 +1161,7 @@ async fn fill(
                     inbound.limits,
                     inbound.max_payload,
                 ) {
-                    let delivery = inbound.hub.publish_sequenced(
+                    let delivery = inbound.hub.sequenced().publish(
                         room,
                         &name,
                         &data,
