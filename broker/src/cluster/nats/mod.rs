@@ -8,7 +8,7 @@
 //!
 //! # Message format (docs/PROTOCOL.md §11)
 //!
-//! Subject: [`subject::subject_for`]. Payload: the event's `data`, exactly one CBOR data item
+//! Subject: [`super::subject::subject_for`]. Payload: the event's `data`, exactly one CBOR data item
 //! (the bytes a client sends as `Publish.data`), never re-encoded. Headers:
 //!
 //! | header | required | value |
