@@ -2,11 +2,15 @@
 //! and on every other node.
 //!
 //! Owns the [`Bridge`] trait and its two implementations: [`InProcess`] (the embedded
-//! single-node default: a publish goes straight into the local [`Hub`]) and
-//! [`nats::NatsBridge`] (cluster mode: rooms are NATS subjects, see [`subject`]). It does not
-//! touch sessions, transports or the hub's internals: it is told when a room gains its first and
-//! loses its last local subscriber, it is handed validated events to publish, and (NATS) it
-//! hands validated events from NATS to [`Hub::publish`].
+//! single-node default, built with its hub: a publish goes straight into the local [`Hub`])
+//! and [`nats::NatsBridge`] (cluster mode, built with the room rules: rooms are NATS subjects,
+//! see [`subject`]), and the [`PublishReply`] trait through which publishers hear the outcome.
+//!
+//! It sits above the hub and below the session and the HTTP API: it does not touch sessions,
+//! outboxes, transports or the hub's internals. It is told when a room gains its first and
+//! loses its last local subscriber (it implements the hub's [`crate::hub::Interest`]), it is
+//! handed validated events to publish, and (NATS) it hands validated events from NATS to
+//! [`Hub::publish`] and, for rooms numbered by their stream, to [`Hub::sequenced`].
 //!
 //! # Guarantees (cluster mode, what [`nats::NatsBridge`] promises)
 //!
