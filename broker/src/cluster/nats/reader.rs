@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use async_nats::Subscriber;
+use async_nats::{Message, Subscriber};
 use futures_util::StreamExt;
 use roomcast_protocol::{EventName, Payload, PayloadLimits, Position, RoomName};
 use tokio_util::sync::CancellationToken;
@@ -83,114 +83,159 @@ pub(super) async fn read_sequenced_room(
     handle: Arc<RoomHandle>,
     stop: CancellationToken,
 ) {
-    let subject = subject::subject_for(&inbound.prefix, &room);
-    // Where the room stands: known once the subscription is confirmed. Messages before that
-    // are covered by the position read then.
-    let mut position: Option<Position> = None;
-    let mut stream = None;
+    let mut reader = SequencedReader {
+        subject: subject::subject_for(&inbound.prefix, &room),
+        room,
+        rule,
+        inbound,
+        position: None,
+        stream: None,
+    };
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
             () = handle.poke.notified() => {
-                if !handle.confirmed.load(Ordering::Acquire) {
-                    continue;
-                }
-                if stream.is_none() {
-                    // Bounded: while NATS is unreachable the waiting `Subscribed` replies go
-                    // out without history (epoch 0) rather than hang.
-                    match tokio::time::timeout(STREAM_WAIT, inbound.streams.get(&room, &rule)).await {
-                        Ok(Ok(s)) => stream = Some(s),
-                        Ok(Err(e)) => {
-                            inbound.metrics.jetstream_errors.inc();
-                            warn!(%room, error = %e, "no history stream: the room cannot be recovered");
-                        }
-                        Err(_) => {
-                            inbound.metrics.jetstream_errors.inc();
-                            warn!(%room, "no answer from JetStream: the room cannot be recovered for now");
-                        }
-                    }
-                }
-                let at = match position {
-                    Some(at) => at,
-                    None => {
-                        let read = match &stream {
-                            Some(s) => tokio::time::timeout(STREAM_WAIT, s.position(&subject))
-                                .await
-                                .map_err(|_| "timed out".to_owned())
-                                .and_then(|r| r)
-                                .map(|seq| Position { epoch: s.epoch, seq }),
-                            None => Err("no stream".to_owned()),
-                        };
-                        let at = read.unwrap_or_else(|e| {
-                            inbound.metrics.jetstream_errors.inc();
-                            warn!(%room, error = %e, "reading the room's position");
-                            Position { epoch: 0, seq: 0 }
-                        });
-                        position = Some(at);
-                        at
-                    }
-                };
-                inbound.hub.sequenced().mark_live_at(&room, at);
-                let waiting = inbound.hub.sequenced().take_recoveries(&room);
-                if waiting.is_empty() {
-                    continue;
-                }
-                let Some(s) = &stream else {
-                    for (session, _) in waiting {
-                        inbound.hub.sequenced().answer_recovery(&room, session, None);
-                    }
-                    continue;
-                };
-                // First catch up with what the stream holds beyond the feed, so a client that
-                // saw a later event on another node finds this node at least as far.
-                if let Some(at) = &mut position {
-                    fill(&room, &subject, s, at, u64::MAX, &inbound).await;
-                }
-                let Some(at) = position else { continue };
-                for (session, since) in waiting {
-                    let replay = recover(&subject, s, since, at, &inbound).await;
-                    inbound.hub.sequenced().answer_recovery(&room, session, replay);
+                if handle.confirmed.load(Ordering::Acquire) {
+                    reader.go_live_and_recover().await;
                 }
             }
             message = subscriber.next() => {
                 let Some(message) = message else { break };
-                inbound.metrics.received.inc();
-                let Some(at) = &mut position else { continue };
-                let numbers = message.headers.as_ref().and_then(stream_numbers);
-                let Some((seq, previous)) = numbers else {
-                    inbound.metrics.invalid.inc();
-                    debug!(%room, "dropped a republished message without its sequence");
-                    continue;
-                };
-                if seq <= at.seq {
-                    continue; // delivered already (read from the stream by a fill)
-                }
-                if previous > at.seq {
-                    // Events this node missed: read them from the stream first, in order.
-                    if let Some(s) = &stream {
-                        fill(&room, &subject, s, at, previous, &inbound).await;
-                    }
-                }
-                let headers = message.headers.unwrap_or_default();
-                match check_parts(&room, &headers, message.payload, inbound.limits, inbound.max_payload) {
-                    Ok((event, data, _)) => {
-                        let delivery = inbound.hub.sequenced().publish(
-                            &room,
-                            &event,
-                            &data,
-                            Position { epoch: at.epoch, seq },
-                        );
-                        inbound.events_out.inc_by(delivery.delivered as u64);
-                    }
-                    Err(why) => {
-                        inbound.metrics.invalid.inc();
-                        debug!(%room, why, "dropped an invalid NATS message");
-                    }
-                }
-                at.seq = seq;
+                reader.deliver(message).await;
             }
         }
+    }
+}
+
+/// A sequenced room's reader between two wake-ups (see [`read_sequenced_room`]).
+struct SequencedReader {
+    room: RoomName,
+    rule: RoomRule,
+    /// The room's subject (in its stream).
+    subject: String,
+    inbound: Arc<Inbound>,
+    /// Where the room stands: known once the subscription is confirmed. Messages before that
+    /// are covered by the position read then.
+    position: Option<Position>,
+    /// The namespace's stream, once found.
+    stream: Option<Arc<history::NamespaceStream>>,
+}
+
+impl SequencedReader {
+    /// The subscription is confirmed, or a subscriber waits to recover: makes the room live at
+    /// its stream position (read once), then answers the waiting recoveries.
+    async fn go_live_and_recover(&mut self) {
+        let (room, inbound) = (&self.room, &self.inbound);
+        if self.stream.is_none() {
+            // Bounded: while NATS is unreachable the waiting `Subscribed` replies go out
+            // without history (epoch 0) rather than hang.
+            match tokio::time::timeout(STREAM_WAIT, inbound.streams.get(room, &self.rule)).await {
+                Ok(Ok(s)) => self.stream = Some(s),
+                Ok(Err(e)) => {
+                    inbound.metrics.jetstream_errors.inc();
+                    warn!(%room, error = %e, "no history stream: the room cannot be recovered");
+                }
+                Err(_) => {
+                    inbound.metrics.jetstream_errors.inc();
+                    warn!(%room, "no answer from JetStream: the room cannot be recovered for now");
+                }
+            }
+        }
+        let at = match self.position {
+            Some(at) => at,
+            None => {
+                let read = match &self.stream {
+                    Some(s) => tokio::time::timeout(STREAM_WAIT, s.position(&self.subject))
+                        .await
+                        .map_err(|_| "timed out".to_owned())
+                        .and_then(|r| r)
+                        .map(|seq| Position {
+                            epoch: s.epoch,
+                            seq,
+                        }),
+                    None => Err("no stream".to_owned()),
+                };
+                let at = read.unwrap_or_else(|e| {
+                    inbound.metrics.jetstream_errors.inc();
+                    warn!(%room, error = %e, "reading the room's position");
+                    Position { epoch: 0, seq: 0 }
+                });
+                self.position = Some(at);
+                at
+            }
+        };
+        let hub = inbound.hub.sequenced();
+        hub.mark_live_at(room, at);
+        let waiting = hub.take_recoveries(room);
+        if waiting.is_empty() {
+            return;
+        }
+        let Some(s) = &self.stream else {
+            for (session, _) in waiting {
+                hub.answer_recovery(room, session, None);
+            }
+            return;
+        };
+        // First catch up with what the stream holds beyond the feed, so a client that saw a
+        // later event on another node finds this node at least as far.
+        if let Some(at) = &mut self.position {
+            fill(room, &self.subject, s, at, u64::MAX, inbound).await;
+        }
+        let Some(at) = self.position else { return };
+        for (session, since) in waiting {
+            let replay = recover(&self.subject, s, since, at, inbound).await;
+            hub.answer_recovery(room, session, replay);
+        }
+    }
+
+    /// Delivers one republished message in stream order: drops what was delivered already,
+    /// fills a gap before it from the stream.
+    async fn deliver(&mut self, message: Message) {
+        let (room, inbound) = (&self.room, &self.inbound);
+        inbound.metrics.received.inc();
+        let Some(at) = &mut self.position else { return };
+        let numbers = message.headers.as_ref().and_then(stream_numbers);
+        let Some((seq, previous)) = numbers else {
+            inbound.metrics.invalid.inc();
+            debug!(%room, "dropped a republished message without its sequence");
+            return;
+        };
+        if seq <= at.seq {
+            return; // delivered already (read from the stream by a fill)
+        }
+        if previous > at.seq {
+            // Events this node missed: read them from the stream first, in order.
+            if let Some(s) = &self.stream {
+                fill(room, &self.subject, s, at, previous, inbound).await;
+            }
+        }
+        let headers = message.headers.unwrap_or_default();
+        match check_parts(
+            room,
+            &headers,
+            message.payload,
+            inbound.limits,
+            inbound.max_payload,
+        ) {
+            Ok((event, data, _)) => {
+                let delivery = inbound.hub.sequenced().publish(
+                    room,
+                    &event,
+                    &data,
+                    Position {
+                        epoch: at.epoch,
+                        seq,
+                    },
+                );
+                inbound.events_out.inc_by(delivery.delivered as u64);
+            }
+            Err(why) => {
+                inbound.metrics.invalid.inc();
+                debug!(%room, why, "dropped an invalid NATS message");
+            }
+        }
+        at.seq = seq;
     }
 }
 
