@@ -181,9 +181,22 @@ mod publish {
     use sha2::{Digest, Sha256};
 
     use crate::{
-        cluster::{AckTo, Unavailable},
+        cluster::{PublishReply, ReplyTo, Request, Unavailable, Unheard},
+        hub::Delivery,
         server::Shared,
     };
+
+    /// The HTTP request waiting for the outcome of its publish (stored in a history stream).
+    struct Waiting(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Published>>>);
+
+    type Published = Result<Delivery, Unavailable>;
+
+    impl PublishReply for Waiting {
+        fn answer(&self, _request: Request, outcome: Published) -> Result<(), Unheard> {
+            let waiting = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+            waiting.ok_or(Unheard)?.send(outcome).map_err(|_| Unheard)
+        }
+    }
 
     /// Longest wait for a history stream to acknowledge a publish.
     const STORE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -429,14 +442,14 @@ mod publish {
             Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidPayload, &e),
         };
         let (reply, outcome) = tokio::sync::oneshot::channel();
-        let published = match shared.bridge.publish(
-            &shared.hub,
-            &room,
-            &event,
-            &data,
-            key.as_deref(),
-            AckTo::Reply(reply),
-        ) {
+        let reply = ReplyTo::new(
+            Arc::new(Waiting(std::sync::Mutex::new(Some(reply)))),
+            Request { id: 0, ack: true },
+        );
+        let published = match shared
+            .bridge
+            .publish(&room, &event, &data, key.as_deref(), reply)
+        {
             Ok(Some(delivery)) => Ok(delivery),
             // Stored in the room's history stream first: answer once it is.
             Ok(None) => match tokio::time::timeout(STORE_WAIT, outcome).await {

@@ -189,17 +189,26 @@ impl Shared {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let metrics = Metrics::new();
-        let nats = (!config.cluster.nats.is_empty())
-            .then(|| Arc::new(NatsBridge::new(&config.cluster, &metrics, boot_id)));
+        let rules = room_rules(&config, &security);
+        // The NATS bridge first: the hub tells it of interest.
+        let nats = (!config.cluster.nats.is_empty()).then(|| {
+            Arc::new(NatsBridge::new(
+                &config.cluster,
+                rules.clone(),
+                &metrics,
+                boot_id,
+            ))
+        });
+        let hub = Arc::new(
+            Hub::with_rules(rules, nats.as_ref().map(|nats| nats.interest()))
+                .count_conflated_in(metrics.conflated.clone()),
+        );
         let bridge: Arc<dyn Bridge> = match &nats {
             Some(nats) => nats.clone(),
-            None => Arc::new(InProcess),
+            None => Arc::new(InProcess::new(hub.clone())),
         };
         Shared {
-            hub: Arc::new(
-                Hub::with_rules(room_rules(&config, &security), bridge.interest())
-                    .count_conflated_in(metrics.conflated.clone()),
-            ),
+            hub,
             security: Arc::new(security),
             bridge,
             nats,

@@ -15,14 +15,16 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use roomcast_protocol::{Action, Code, ServerFrame, ServerSession, session::close_frame};
+use roomcast_protocol::{
+    Action, Code, EventName, Payload, RoomName, ServerFrame, ServerSession, session::close_frame,
+};
 use tracing::{Instrument, debug, debug_span};
 
 use crate::{
     admission::Admitted,
-    cluster::AckTo,
+    cluster::{PublishReply, ReplyTo, Request, Unavailable, Unheard},
     gate::SessionGate,
-    hub::SessionKey,
+    hub::{Delivery, SessionKey},
     metrics::{DisconnectLabel, TransportLabel},
     outbox::{Outbox, Outgoing},
     server::Shared,
@@ -464,62 +466,51 @@ impl Core {
                 data,
                 ack,
                 key,
-            } => match self.shared.bridge.publish(
-                &self.shared.hub,
-                &room,
-                &event,
-                &data,
-                key.as_deref(),
-                AckTo::Session {
-                    outbox: self.outbox.clone(),
-                    id,
-                    want_ack: ack,
-                },
-            ) {
-                // Stored first (a history stream): the bridge answers once it is.
-                Ok(None) => {
-                    metrics.events_in.inc();
-                    Ok(())
-                }
-                Ok(Some(delivery)) => {
-                    if delivery.duplicate {
-                        metrics.duplicates.inc();
-                    }
-                    metrics.events_in.inc();
-                    metrics.events_out.inc_by(delivery.delivered as u64);
-                    if ack {
-                        self.outbox.push(
-                            ServerFrame::Ack {
-                                id,
-                                seq: delivery.seq,
-                            }
-                            .encode(),
-                        )
-                    } else {
-                        Ok(())
-                    }
-                }
-                // Never silent loss: the publisher hears that the event went nowhere, whether
-                // or not it asked for an Ack.
-                Err(unavailable) => {
-                    metrics.count_code(Code::Unavailable);
-                    self.outbox.push(
-                        ServerFrame::Error {
-                            id: Some(id),
-                            code: Code::Unavailable,
-                            message: unavailable.to_string(),
-                            retry_after_ms: None,
-                        }
-                        .encode(),
-                    )
-                }
-            },
+            } => return self.publish(Request { id, ack }, &room, &event, &data, key.as_deref()),
             Action::Close { code, reason } => return Some(End::Close(code, reason)),
         };
         match pushed {
             Ok(()) => None,
             // The outbox refused our own reply: this session is not reading.
             Err(_) => Some(slow_consumer()),
+        }
+    }
+
+    /// Hands a validated publish to the bridge; the outcome known now is answered here, a
+    /// later one by the bridge (both through the outbox's [`PublishReply`]).
+    fn publish(
+        &self,
+        request: Request,
+        room: &RoomName,
+        event: &EventName,
+        data: &Payload,
+        key: Option<&str>,
+    ) -> Option<End> {
+        let metrics = &self.shared.metrics;
+        let reply = ReplyTo::new(self.outbox.clone(), request);
+        let outcome = match self.shared.bridge.publish(room, event, data, key, reply) {
+            // Stored first (a history stream): the bridge answers once it is.
+            Ok(None) => {
+                metrics.events_in.inc();
+                return None;
+            }
+            Ok(Some(delivery)) => {
+                if delivery.duplicate {
+                    metrics.duplicates.inc();
+                }
+                metrics.events_in.inc();
+                metrics.events_out.inc_by(delivery.delivered as u64);
+                Ok(delivery)
+            }
+            Err(unavailable) => {
+                metrics.count_code(Code::Unavailable);
+                Err(unavailable)
+            }
+        };
+        match self.outbox.answer(request, outcome) {
+            Ok(()) => None,
+            // The outbox refused our own reply: this session is not reading.
+            Err(Unheard) => Some(slow_consumer()),
         }
     }
 
@@ -530,6 +521,31 @@ impl Core {
                 .hub
                 .unsubscribe(room, self.key, &self.outbox, None);
         }
+    }
+}
+
+/// A session's publishes are answered into its outbox: `Ack { id, seq }` when it asked for
+/// one, and `Error unavailable` whether it asked or not (never silent loss).
+impl PublishReply for Outbox {
+    fn answer(
+        &self,
+        request: Request,
+        outcome: Result<Delivery, Unavailable>,
+    ) -> Result<(), Unheard> {
+        let frame = match outcome {
+            Ok(_) if !request.ack => return Ok(()),
+            Ok(delivery) => ServerFrame::Ack {
+                id: request.id,
+                seq: delivery.seq,
+            },
+            Err(unavailable) => ServerFrame::Error {
+                id: Some(request.id),
+                code: Code::Unavailable,
+                message: unavailable.to_string(),
+                retry_after_ms: None,
+            },
+        };
+        self.push(frame.encode()).map_err(|_| Unheard)
     }
 }
 

@@ -2,11 +2,15 @@
 //! and on every other node.
 //!
 //! Owns the [`Bridge`] trait and its two implementations: [`InProcess`] (the embedded
-//! single-node default: a publish goes straight into the local [`Hub`]) and
-//! [`nats::NatsBridge`] (cluster mode: rooms are NATS subjects, see [`subject`]). It does not
-//! touch sessions, transports or the hub's internals: it is told when a room gains its first and
-//! loses its last local subscriber, it is handed validated events to publish, and (NATS) it
-//! hands validated events from NATS to [`Hub::publish`].
+//! single-node default, built with its hub: a publish goes straight into the local [`Hub`])
+//! and [`nats::NatsBridge`] (cluster mode, built with the room rules: rooms are NATS subjects,
+//! see [`subject`]), and the [`PublishReply`] trait through which publishers hear the outcome.
+//!
+//! It sits above the hub and below the session and the HTTP API: it does not touch sessions,
+//! outboxes, transports or the hub's internals. It is told when a room gains its first and
+//! loses its last local subscriber (it implements the hub's [`crate::hub::Interest`]), it is
+//! handed validated events to publish, and (NATS) it hands validated events from NATS to
+//! [`Hub::publish`] and, for rooms numbered by their stream, to [`Hub::sequenced`].
 //!
 //! # Guarantees (cluster mode, what [`nats::NatsBridge`] promises)
 //!
@@ -58,7 +62,7 @@
 //!   (plus a short linger against churn), so it receives no traffic for rooms nobody on it
 //!   watches.
 //! - **Subscribed means routed**: the `Subscribed` that creates a node's subscription to a room
-//!   is held back ([`Interest::confirms_live`], [`Hub::mark_live`]) until the subscription is
+//!   is held back ([`crate::hub::Interest::confirms_live`], [`Hub::mark_live`]) until the subscription is
 //!   in force on the node's NATS server (bounded to 2 s while NATS is unreachable); interest
 //!   propagation to other servers of a cluster or gateway stays asynchronous (with JetStream
 //!   the position in `Subscribed` is read from the stream after that, so nothing stored after
@@ -70,59 +74,55 @@ pub mod subject;
 
 use std::sync::Arc;
 
-use roomcast_protocol::{Code, EventName, Payload, RoomName, ServerFrame};
-use tokio::sync::oneshot;
+use roomcast_protocol::{EventName, Payload, RoomName};
 
-use crate::{
-    hub::{Delivery, Hub},
-    outbox::Outbox,
-};
+use crate::hub::{Delivery, Hub};
 
-/// Who hears the outcome of a publish the bridge finishes later (a JetStream acknowledgement).
-pub enum AckTo {
-    /// A session's `Publish`: `Ack { id, seq }` into its outbox when it asked for one, and
-    /// `Error unavailable` whether it asked or not (never silent loss).
-    Session {
-        /// The publishing session's queue.
-        outbox: Arc<Outbox>,
-        /// The `Publish`'s id.
-        id: u64,
-        /// The `Publish` asked for an `Ack`.
-        want_ack: bool,
-    },
-    /// Someone waiting for the outcome (the HTTP API).
-    Reply(oneshot::Sender<Result<Delivery, Unavailable>>),
+/// What a publisher asked for with its publish: its request id, and whether it wants to hear
+/// of success (a failure is always answered: never silent loss).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// The publish's id (the `Publish` frame's; 0 for the HTTP API).
+    pub id: u64,
+    /// The publisher wants to hear of success (`Publish.ack`).
+    pub ack: bool,
 }
 
-impl AckTo {
-    /// Tells the publisher how it went.
+/// The publisher did not take its answer: its queue is full or it has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the publisher did not take the answer")]
+pub struct Unheard;
+
+/// Turns the outcome of a publish into the publisher's answer; implemented by each kind of
+/// publisher (a session, into its outbox; the HTTP API, for the request waiting on it). The
+/// caller uses it for an outcome [`Bridge::publish`] returns, the bridge for one it learns
+/// later.
+pub trait PublishReply: Send + Sync {
+    /// Tells the publisher of `request` how it went. Never blocks.
+    fn answer(
+        &self,
+        request: Request,
+        outcome: Result<Delivery, Unavailable>,
+    ) -> Result<(), Unheard>;
+}
+
+/// Where the outcome of one publish goes when the bridge learns it later (a JetStream
+/// acknowledgement).
+pub struct ReplyTo {
+    to: Arc<dyn PublishReply>,
+    request: Request,
+}
+
+impl ReplyTo {
+    /// The answer to `request` goes to `to`.
+    pub fn new(to: Arc<dyn PublishReply>, request: Request) -> Self {
+        ReplyTo { to, request }
+    }
+
+    /// Tells the publisher how it went. A publisher that cannot take its answer is ending
+    /// anyway.
     pub fn answer(self, outcome: Result<Delivery, Unavailable>) {
-        match self {
-            AckTo::Session {
-                outbox,
-                id,
-                want_ack,
-            } => {
-                let frame = match outcome {
-                    Ok(_) if !want_ack => return,
-                    Ok(delivery) => ServerFrame::Ack {
-                        id,
-                        seq: delivery.seq,
-                    },
-                    Err(e) => ServerFrame::Error {
-                        id: Some(id),
-                        code: Code::Unavailable,
-                        message: e.to_string(),
-                        retry_after_ms: None,
-                    },
-                };
-                // A session whose queue refuses its own answer is ending anyway.
-                let _ = outbox.push(frame.encode());
-            }
-            AckTo::Reply(reply) => {
-                let _ = reply.send(outcome);
-            }
-        }
+        let _ = self.to.answer(self.request, outcome);
     }
 }
 
@@ -132,84 +132,59 @@ impl AckTo {
 #[error("the cluster is unavailable: {0}")]
 pub struct Unavailable(pub &'static str);
 
-/// Told when a room gains its first and loses its last local subscriber.
-///
-/// The hub calls these under the room's shard write lock, so for one room the calls alternate
-/// `on`, `off`, `on`, … in the order the room was created and dropped. Implementations must not
-/// block, must not call back into the hub, and must not allocate unboundedly.
-pub trait Interest: Send + Sync {
-    /// `room` got its first local subscriber.
-    fn interest_on(&self, room: &RoomName);
-    /// `room` lost its last local subscriber.
-    fn interest_off(&self, room: &RoomName);
-    /// Whether a new room waits for [`Hub::mark_live`] before its `Subscribed` replies go
-    /// out (the listener confirms once events of the room can reach this node).
-    fn confirms_live(&self) -> bool {
-        false
-    }
-    /// A subscriber of a sequenced room waits to recover ([`Hub::take_recoveries`]): the
-    /// room's reader should answer it.
-    fn recovery_requested(&self, _room: &RoomName) {}
-}
-
 /// Carries events between this node's hub and every node that has subscribers of the room.
 /// The guarantees an implementation gives are written in the module documentation.
-pub trait Bridge: Interest {
+pub trait Bridge: Send + Sync {
     /// Publishes a validated event to the room on every node, this one included. Never blocks.
     /// `key` is the publish's idempotency key: a repeat within the room's dedup window is not
     /// delivered again.
     ///
     /// `Ok(Some(_))` is the outcome, known at once: the local [`Delivery`] when the event was
     /// fanned out here immediately (in-process), or an empty one when the fan-out happens when
-    /// the event comes back from the cluster; the caller answers the publisher. `Ok(None)`: the
-    /// outcome comes later (a room with history in JetStream is acknowledged once stored) and
-    /// the bridge answers through `ack`. `Err` means the event went nowhere.
+    /// the event comes back from the cluster; the caller answers the publisher (with its
+    /// [`PublishReply`]). `Ok(None)`: the outcome comes later (a room with history in
+    /// JetStream is acknowledged once stored) and the bridge answers through `reply`. `Err`
+    /// means the event went nowhere (the caller answers).
     fn publish(
         &self,
-        hub: &Hub,
         room: &RoomName,
         event: &EventName,
         data: &Payload,
         key: Option<&str>,
-        ack: AckTo,
+        reply: ReplyTo,
     ) -> Result<Option<Delivery>, Unavailable>;
 
     /// Why the node should not get traffic right now (the `/readyz` body), `None` when it
     /// can publish.
     fn not_ready(&self) -> Option<&'static str>;
-
-    /// The interest listener the hub should call, if the bridge needs one.
-    fn interest(&self) -> Option<Arc<dyn Interest>>;
 }
 
 /// The embedded single-node bridge: a publish is the local fan-out, nothing leaves the process.
 /// Guarantees: those of the hub (docs/ARCHITECTURE.md, "Delivery guarantees (single node)").
-#[derive(Debug, Default)]
-pub struct InProcess;
+pub struct InProcess {
+    hub: Arc<Hub>,
+}
 
-impl Interest for InProcess {
-    fn interest_on(&self, _room: &RoomName) {}
-    fn interest_off(&self, _room: &RoomName) {}
+impl InProcess {
+    /// The bridge that publishes into `hub`.
+    pub fn new(hub: Arc<Hub>) -> Self {
+        InProcess { hub }
+    }
 }
 
 impl Bridge for InProcess {
     fn publish(
         &self,
-        hub: &Hub,
         room: &RoomName,
         event: &EventName,
         data: &Payload,
         key: Option<&str>,
-        _ack: AckTo,
+        _reply: ReplyTo,
     ) -> Result<Option<Delivery>, Unavailable> {
-        Ok(Some(hub.publish(room, event, data, key)))
+        Ok(Some(self.hub.publish(room, event, data, key)))
     }
 
     fn not_ready(&self) -> Option<&'static str> {
-        None
-    }
-
-    fn interest(&self) -> Option<Arc<dyn Interest>> {
         None
     }
 }
