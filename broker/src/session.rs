@@ -24,9 +24,10 @@ use crate::{
     gate::SessionGate,
     hub::SessionKey,
     metrics::{DisconnectLabel, TransportLabel},
-    outbox::{Outbox, Outgoing},
-    server::Shared,
+    node::Shared,
+    outbox::Outbox,
     transport::{FrameReader, FrameWriter, Incoming, TransportError},
+    wire::Outgoing,
 };
 
 /// Time allowed to flush the final frames and the Close frame of an ending session.

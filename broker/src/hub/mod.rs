@@ -45,8 +45,8 @@ use self::history::{DEDUP_KEYS_PER_ROOM, Dedup, History, Replay};
 use crate::{
     cluster::Interest,
     conflation::KeyPath,
-    outbox::{ConflationFrames, Lane, Outbox, Outgoing, PushError},
-    wire::{Framing, Wire},
+    outbox::{ConflationFrames, Outbox, PushError},
+    wire::{Framing, Lane, Outgoing, Wire},
 };
 
 /// How the rooms of one namespace behave.
