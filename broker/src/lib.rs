@@ -34,7 +34,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod policy;
-pub mod schema;
+pub(crate) mod schema;
 pub mod server;
 pub(crate) mod session;
 pub(crate) mod transport;

@@ -113,12 +113,17 @@ impl Default for LimitsConfig {
     }
 }
 
-fn nonzero(name: &str, value: u32) -> Result<NonZeroU32, String> {
-    NonZeroU32::new(value).ok_or_else(|| format!("limits.{name} must be at least 1"))
+/// A `[limits]` rate, burst or cap of 0 (its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("limits.{0} must be at least 1")]
+pub struct ZeroLimit(pub &'static str);
+
+fn nonzero(name: &'static str, value: u32) -> Result<NonZeroU32, ZeroLimit> {
+    NonZeroU32::new(value).ok_or(ZeroLimit(name))
 }
 
 impl LimitsConfig {
-    pub(crate) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), ZeroLimit> {
         for (name, value) in [
             ("publish_per_second", self.publish_per_second),
             ("publish_burst", self.publish_burst),

@@ -270,6 +270,12 @@ pub enum ConfigError {
     /// The values do not fit together.
     #[error("{0}")]
     Invalid(String),
+    /// A `[limits]` value is 0.
+    #[error(transparent)]
+    Limits(#[from] crate::limits::ZeroLimit),
+    /// The `[auth]` settings do not fit together.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
 }
 
 impl FileConfig {
@@ -340,8 +346,8 @@ impl FileConfig {
                 )));
             }
         }
-        self.limits.check().map_err(ConfigError::Invalid)?;
-        self.auth.check().map_err(ConfigError::Invalid)?;
+        self.limits.check()?;
+        self.auth.check()?;
         Ok(())
     }
 
