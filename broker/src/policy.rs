@@ -52,11 +52,11 @@ use crate::{
 /// The namespace of personal rooms: every session whose token's `sub` is `<sub>` is in
 /// `user:<sub>` from its `Welcome` on ([`personal_room`]); nobody else may subscribe to it;
 /// publishing there needs a grant with `pub` (backends use the HTTP API).
-pub const USER_NAMESPACE: &str = "user";
+pub(crate) const USER_NAMESPACE: &str = "user";
 
 /// The personal room of user `sub`: `user:<sub>`, or why `sub` cannot name a room (a space,
 /// a character outside visible ASCII; a `sub` is at most 120 bytes, so never too long).
-pub fn personal_room(sub: &str) -> Result<RoomName, NameError> {
+pub(crate) fn personal_room(sub: &str) -> Result<RoomName, NameError> {
     RoomName::new(&format!("{USER_NAMESPACE}:{sub}"))
 }
 
