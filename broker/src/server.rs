@@ -65,7 +65,7 @@ async fn start_certificates(shared: &Arc<Shared>, tcp: SocketAddr) -> anyhow::Re
     let shutdown = shared.shutdown.clone();
     match files {
         Some((cert, key)) => {
-            tokio::spawn(certs::reload_files(
+            tokio::spawn(certs::renew::reload_files(
                 cert,
                 key,
                 shutdown,
@@ -79,7 +79,7 @@ async fn start_certificates(shared: &Arc<Shared>, tcp: SocketAddr) -> anyhow::Re
             ));
         }
         None if quic.source() == Some("dev") => {
-            tokio::spawn(certs::renew_dev(shutdown, move |identity, info| {
+            tokio::spawn(certs::renew::renew_dev(shutdown, move |identity, info| {
                 task_quic.install(&task_shared, identity, info)
             }));
         }

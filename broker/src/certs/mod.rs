@@ -16,8 +16,7 @@ use wtransport::{
     tls::{Certificate, CertificateChain, PrivateKey},
 };
 
-mod renew;
-pub(crate) use renew::{reload_files, renew_dev};
+pub(crate) mod renew;
 
 /// Validity of the development certificate.
 pub const DEV_CERT_DAYS: u32 = 13;

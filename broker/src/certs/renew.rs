@@ -2,6 +2,8 @@
 //! before it expires; certificate files are re-read when they change or on SIGHUP. Each task
 //! hands the new certificate to an `install` callback (the listeners put it in service; open
 //! sessions keep theirs) and ends with the broker.
+//!
+//! Owns when and how certificates are renewed or re-read; must not touch sockets or the node.
 
 use std::{
     path::{Path, PathBuf},
