@@ -12,7 +12,8 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use roomcast_broker::{
     conflation::KeyPath,
     hub::{Hub, RoomRule, RoomRules},
-    outbox::{ConflationFrames, Lane, Outbox, Outgoing},
+    outbox::{ConflationFrames, Outbox},
+    wire::{Lane, Outgoing},
 };
 use roomcast_protocol::{EventName, Payload, RoomName};
 

@@ -10,11 +10,11 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use roomcast_protocol::Code;
 
-use crate::{auth::Claims, limits::SessionPermit, server::Shared};
+use crate::{auth::Claims, limits::SessionPermit, node::Shared};
 
 /// What is known about a session request before it is accepted.
 #[derive(Debug, Clone, Copy)]
-pub struct SessionRequest<'a> {
+pub(crate) struct SessionRequest<'a> {
     /// `ws` or `wt`.
     pub transport: &'static str,
     /// Request path without the query.
@@ -33,7 +33,11 @@ pub struct SessionRequest<'a> {
 
 impl<'a> SessionRequest<'a> {
     /// Splits `path_and_query` into path and query.
-    pub fn new(transport: &'static str, path_and_query: &'a str, origin: Option<&'a str>) -> Self {
+    pub(crate) fn new(
+        transport: &'static str,
+        path_and_query: &'a str,
+        origin: Option<&'a str>,
+    ) -> Self {
         let (path, query) = match path_and_query.split_once('?') {
             Some((path, query)) => (path, Some(query)),
             None => (path_and_query, None),
@@ -50,25 +54,25 @@ impl<'a> SessionRequest<'a> {
     }
 
     /// With the `Authorization` header.
-    pub fn authorization(mut self, authorization: Option<&'a str>) -> Self {
+    pub(crate) fn authorization(mut self, authorization: Option<&'a str>) -> Self {
         self.authorization = authorization;
         self
     }
 
     /// With the client's address.
-    pub fn peer(mut self, peer: IpAddr) -> Self {
+    pub(crate) fn peer(mut self, peer: IpAddr) -> Self {
         self.peer = Some(peer);
         self
     }
 
     /// Marks the per-IP rate as checked already.
-    pub fn rate_checked(mut self) -> Self {
+    pub(crate) fn rate_checked(mut self) -> Self {
         self.rate_checked = true;
         self
     }
 
     /// The token of the request: query parameter `token` first, then `Authorization: Bearer`.
-    pub fn token(&self) -> Option<&'a str> {
+    pub(crate) fn token(&self) -> Option<&'a str> {
         let from_query = self.query.and_then(|query| {
             query
                 .split('&')
@@ -88,7 +92,7 @@ impl<'a> SessionRequest<'a> {
 
 /// Why a session request is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum AdmissionRefusal {
     /// No session endpoint at this path (HTTP 404).
     NotFound,
     /// The broker is draining; try another node (HTTP 503 / 429 on WebTransport).
@@ -112,7 +116,7 @@ pub enum Refusal {
 
 /// A session request that may become a session.
 #[derive(Debug)]
-pub struct Admitted {
+pub(crate) struct Admitted {
     /// The claims of the request's token, if it had one.
     pub claims: Option<Arc<Claims>>,
     /// The session slot, held for the session's life.
@@ -120,7 +124,7 @@ pub struct Admitted {
 }
 
 /// The path each transport's sessions live at.
-pub fn endpoint_path(transport: &str) -> &'static str {
+pub(crate) fn endpoint_path(transport: &str) -> &'static str {
     match transport {
         "wt" => "/wt",
         _ => "/ws",
@@ -128,16 +132,19 @@ pub fn endpoint_path(transport: &str) -> &'static str {
 }
 
 /// Admits or refuses a session request.
-pub fn admit(shared: &Shared, request: &SessionRequest<'_>) -> Result<Admitted, Refusal> {
+pub(crate) fn admit(
+    shared: &Shared,
+    request: &SessionRequest<'_>,
+) -> Result<Admitted, AdmissionRefusal> {
     if request.path != endpoint_path(request.transport) {
-        return Err(Refusal::NotFound);
+        return Err(AdmissionRefusal::NotFound);
     }
     if shared.shutdown.is_cancelled() {
-        return Err(Refusal::Draining);
+        return Err(AdmissionRefusal::Draining);
     }
     let security = &shared.security;
     if !security.verifier.origin_allowed(request.origin) {
-        return Err(Refusal::Origin);
+        return Err(AdmissionRefusal::Origin);
     }
     // The cheap caps before the signature check: a flood of bad tokens is rate-limited too.
     let connections = &security.connections;
@@ -146,20 +153,17 @@ pub fn admit(shared: &Shared, request: &SessionRequest<'_>) -> Result<Admitted, 
     } else {
         connections.admit(request.peer)
     }
-    .map_err(|busy| Refusal::Busy {
+    .map_err(|busy| AdmissionRefusal::Busy {
         retry_after: busy.retry_after(),
     })?;
     // Without keys (auth off) a token is ignored rather than refused.
     let claims = match request.token() {
-        Some(token) => {
-            security
-                .verifier
-                .check(token, "request")
-                .map_err(|e| Refusal::Unauthorized {
-                    code: e.code,
-                    message: e.message,
-                })?
-        }
+        Some(token) => security.verifier.check(token, "request").map_err(|e| {
+            AdmissionRefusal::Unauthorized {
+                code: e.code,
+                message: e.message,
+            }
+        })?,
         None => None,
     };
     Ok(Admitted {
@@ -183,13 +187,13 @@ mod tests {
         assert!(admit(&shared, &wt).is_ok_and(|a| a.claims.is_none()));
         assert_eq!(
             admit(&shared, &SessionRequest::new("wt", "/ws", None)).unwrap_err(),
-            Refusal::NotFound
+            AdmissionRefusal::NotFound
         );
         assert!(admit(&shared, &SessionRequest::new("ws", "/ws", None)).is_ok());
         shared.shutdown.cancel();
         assert_eq!(
             admit(&shared, &SessionRequest::new("ws", "/ws", None)).unwrap_err(),
-            Refusal::Draining
+            AdmissionRefusal::Draining
         );
     }
 

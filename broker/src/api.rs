@@ -1,165 +1,38 @@
 //! The HTTP surface on the TCP port: `GET /ws` (WebSocket upgrade), `GET /healthz` (the
 //! process is alive), `GET /readyz` (the node should get traffic: not draining and, in cluster
 //! mode, connected to NATS, with JetStream when rooms keep history), `GET /metrics`, `GET /cert-hash` (the QUIC certificate's SHA-256,
-//! for pinning) and `POST /api/publish` (backend publishing with an API key). Handlers only route; sessions live in [`crate::session`].
+//! for pinning) and `POST /api/publish` (backend publishing with an API key).
+//!
+//! Only routes: the session upgrade is [`crate::accept`], the health answers are in `health`,
+//! the publish handler in `publish`.
 
 use std::sync::Arc;
 
 use axum::{
     Router,
-    extract::{Request, State},
-    http::{StatusCode, header},
-    response::{IntoResponse, Response},
     routing::{get, post},
 };
-use tracing::debug;
 
-use crate::{
-    admission::{self, Refusal, SessionRequest},
-    server::{Peer, Shared},
-    session,
-    transport::ws,
-};
+use crate::{accept, node::Shared};
+
+mod health;
 
 /// Builds the router over the broker's shared state.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/ws", get(websocket))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/ws", get(accept::websocket))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .route(
             "/api/publish",
             post(publish::publish).layer(axum::extract::DefaultBodyLimit::max(
                 shared.config.max_frame_size,
             )),
         )
-        .route("/metrics", get(metrics))
-        .route("/cert-hash", get(cert_hash))
+        .route("/metrics", get(health::metrics))
+        .route("/cert-hash", get(health::cert_hash))
         .merge(crate::dev_ui::router(&shared))
         .with_state(shared)
-}
-
-/// Liveness: 200 for as long as the process serves, draining included (restarting a
-/// draining node would cut its drain short); readiness is `/readyz`.
-async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.shutdown.is_cancelled() {
-        "draining\n".into_response()
-    } else {
-        "ok\n".into_response()
-    }
-}
-
-async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
-    if shared.shutdown.is_cancelled() {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else if let Some(why) = shared.bridge.not_ready() {
-        (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")).into_response()
-    } else {
-        "ready\n".into_response()
-    }
-}
-
-async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        shared.render_metrics(),
-    )
-        .into_response()
-}
-
-async fn cert_hash(State(shared): State<Arc<Shared>>) -> Response {
-    let cert = shared
-        .cert
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
-    match cert {
-        Some(info) => axum::Json(info.to_json()).into_response(),
-        None => (StatusCode::NOT_FOUND, "WebTransport is off\n").into_response(),
-    }
-}
-
-async fn websocket(State(shared): State<Arc<Shared>>, request: Request) -> Response {
-    let path_and_query = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let header = |name| {
-        request
-            .headers()
-            .get(name)
-            .and_then(|v: &axum::http::HeaderValue| v.to_str().ok())
-    };
-    let mut session_request = SessionRequest::new("ws", path_and_query, header(header::ORIGIN))
-        .authorization(header(header::AUTHORIZATION));
-    if let Some(Peer(peer)) = request.extensions().get::<Peer>() {
-        session_request = session_request.peer(peer.ip());
-    }
-    let admitted = match admission::admit(&shared, &session_request) {
-        Ok(admitted) => admitted,
-        Err(refusal) => return refuse_session(&shared, refusal),
-    };
-    let (response, on_upgrade) = match ws::accept(request) {
-        Ok(accepted) => accepted,
-        Err(refusal) => return refusal.into_response(),
-    };
-    let key = shared.next_session_key();
-    let settings = shared.config.ws();
-    let task_shared = shared.clone();
-    // The session gets a task of its own once the upgrade is done: a task awaiting the
-    // upgrade and then the session kept both states' captures for the session's life
-    // (480 bytes per idle session).
-    shared.tracker.spawn(async move {
-        match ws::open(on_upgrade, settings).await {
-            Ok((reader, writer)) => {
-                let tracker = task_shared.tracker.clone();
-                tracker.spawn(session::run(
-                    task_shared,
-                    key,
-                    "ws",
-                    reader,
-                    writer,
-                    admitted,
-                ));
-            }
-            Err(e) => debug!(error = %e, "WebSocket upgrade failed"),
-        }
-    });
-    response
-}
-
-/// The HTTP answer to a refused session request: the status, a `Retry-After` where waiting
-/// helps, and the code's name in the body.
-fn refuse_session(shared: &Shared, refusal: Refusal) -> Response {
-    match refusal {
-        Refusal::NotFound => StatusCode::NOT_FOUND.into_response(),
-        // Another node can take the session now; this one is going away.
-        Refusal::Draining => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, "1")],
-            "shutting down\n",
-        )
-            .into_response(),
-        Refusal::Origin => (StatusCode::FORBIDDEN, "origin not allowed\n").into_response(),
-        Refusal::Unauthorized { code, message } => {
-            shared.metrics.count_code(code);
-            (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                format!("{}: {message}\n", code.as_str()),
-            )
-                .into_response()
-        }
-        Refusal::Busy { retry_after } => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(
-                header::RETRY_AFTER,
-                retry_after.as_secs().max(1).to_string(),
-            )],
-            "too many sessions; retry later\n",
-        )
-            .into_response(),
-    }
 }
 
 /// `POST /api/publish`: an application backend publishes an event to a room, through the same
@@ -183,7 +56,7 @@ mod publish {
     use crate::{
         cluster::{PublishReply, ReplyTo, Request, Unavailable, Unheard},
         hub::Delivery,
-        server::Shared,
+        node::Shared,
     };
 
     /// The HTTP request waiting for the outcome of its publish (stored in a history stream).

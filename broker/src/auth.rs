@@ -323,10 +323,18 @@ impl Default for AuthConfig {
     }
 }
 
+/// `[auth]` settings that cannot work together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthConfigError {
+    /// Tokens are required but none could be verified.
+    #[error("auth.required = true but auth has no keys")]
+    RequiredWithoutKeys,
+}
+
 impl AuthConfig {
-    pub(crate) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), AuthConfigError> {
         if self.required && self.keys.is_empty() {
-            return Err("auth.required = true but auth has no keys".into());
+            return Err(AuthConfigError::RequiredWithoutKeys);
         }
         Ok(())
     }
@@ -695,14 +703,18 @@ pub fn mint_hs256(secret: &[u8], spec: &TokenSpec) -> anyhow::Result<String> {
     )?)
 }
 
+/// A `--grant` that is not `PATTERN=sub[,pub]` (the text given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}: expected PATTERN=sub[,pub]")]
+pub struct BadGrant(pub String);
+
 /// Parses `--grant 'orders:1042=sub'` / `'bids:*=sub,pub'`.
-pub fn parse_grant(text: &str) -> Result<(String, Vec<String>), String> {
-    let (pattern, caps) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text}: expected PATTERN=sub[,pub]"))?;
+pub fn parse_grant(text: &str) -> Result<(String, Vec<String>), BadGrant> {
+    let bad = || BadGrant(text.to_owned());
+    let (pattern, caps) = text.split_once('=').ok_or_else(bad)?;
     let caps: Vec<String> = caps.split(',').map(|c| c.trim().to_owned()).collect();
     if pattern.is_empty() || caps.iter().any(|c| c != "sub" && c != "pub") {
-        return Err(format!("{text}: expected PATTERN=sub[,pub]"));
+        return Err(bad());
     }
     Ok((pattern.to_owned(), caps))
 }

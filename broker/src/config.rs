@@ -1,11 +1,11 @@
 //! The broker's one typed configuration: every field with its default and unit, settable by
-//! command-line flag or `ROOMCAST_*` environment variable. Nothing here opens sockets.
+//! command-line flag or `ROOMCAST_*` environment variable, and the validated values it holds
+//! (the NATS subject prefix). Nothing here opens sockets; it imports no other module of the
+//! crate (the transports' settings are built from it where sessions are accepted).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use roomcast_protocol::{PayloadLimits, SessionConfig};
-
-use crate::{cluster::subject::SubjectPrefix, transport::ws::WsSettings};
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
@@ -344,18 +344,67 @@ impl Config {
         }
         Ok(warnings)
     }
-
-    /// WebSocket buffer settings.
-    pub fn ws(&self) -> WsSettings {
-        WsSettings {
-            read_buffer: self.ws_read_buffer,
-            max_message: self.max_frame_size,
-        }
-    }
 }
 
 fn human(d: Duration) -> humantime::FormattedDuration {
     humantime::format_duration(d)
+}
+
+/// The default NATS subject prefix.
+pub const DEFAULT_PREFIX: &str = "roomcast";
+
+/// Why a subject prefix was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "NATS subject prefix must be one or more '.'-separated non-empty tokens of A-Z a-z 0-9 _ - (at most 64 bytes), got {0:?}"
+)]
+pub struct BadPrefix(pub String);
+
+/// A validated NATS subject prefix (`--nats-subject-prefix`; the subject rule is
+/// `cluster::subject`'s): `.`-separated tokens of `A-Z a-z 0-9 _ -`, at most 64 bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SubjectPrefix(String);
+
+impl SubjectPrefix {
+    /// Validates `prefix`.
+    pub fn new(prefix: &str) -> Result<Self, BadPrefix> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 64
+            && prefix.split('.').all(|t| {
+                !t.is_empty()
+                    && t.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if ok {
+            Ok(SubjectPrefix(prefix.to_owned()))
+        } else {
+            Err(BadPrefix(prefix.to_owned()))
+        }
+    }
+
+    /// The prefix.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for SubjectPrefix {
+    fn default() -> Self {
+        SubjectPrefix(DEFAULT_PREFIX.to_owned())
+    }
+}
+
+impl fmt::Debug for SubjectPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::str::FromStr for SubjectPrefix {
+    type Err = BadPrefix;
+    fn from_str(s: &str) -> Result<Self, BadPrefix> {
+        SubjectPrefix::new(s)
+    }
 }
 
 /// Settings that cannot work together: the broker refuses to start.

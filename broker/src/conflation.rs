@@ -25,6 +25,28 @@ pub const MAX_SEGMENT_BYTES: usize = 128;
 /// are validated to 32 levels by default.
 const MAX_SKIP_DEPTH: usize = 64;
 
+/// Why a key path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyPathError {
+    /// No text at all.
+    #[error("empty key path")]
+    Empty,
+    /// More than [`MAX_SEGMENTS`] segments.
+    #[error("key path {path:?} has {segments} segments (at most {MAX_SEGMENTS})")]
+    TooManySegments {
+        /// The path.
+        path: String,
+        /// How many segments it has.
+        segments: usize,
+    },
+    /// Two dots in a row, or a dot at an end.
+    #[error("key path {0:?} has an empty segment")]
+    EmptySegment(String),
+    /// A segment over [`MAX_SEGMENT_BYTES`].
+    #[error("key path {0:?} has a segment over {MAX_SEGMENT_BYTES} bytes")]
+    LongSegment(String),
+}
+
 /// A parsed key path: the map keys to follow from the top of `data`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPath {
@@ -33,25 +55,23 @@ pub struct KeyPath {
 
 impl KeyPath {
     /// Parses `"a"` or `"a.b.c"`: 1 to 8 non-empty segments of at most 128 bytes each.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, KeyPathError> {
         if text.is_empty() {
-            return Err("empty key path".into());
+            return Err(KeyPathError::Empty);
         }
         let segments: Vec<Box<str>> = text.split('.').map(Box::from).collect();
         if segments.len() > MAX_SEGMENTS {
-            return Err(format!(
-                "key path {text:?} has {} segments (at most {MAX_SEGMENTS})",
-                segments.len()
-            ));
+            return Err(KeyPathError::TooManySegments {
+                path: text.to_owned(),
+                segments: segments.len(),
+            });
         }
         for segment in &segments {
             if segment.is_empty() {
-                return Err(format!("key path {text:?} has an empty segment"));
+                return Err(KeyPathError::EmptySegment(text.to_owned()));
             }
             if segment.len() > MAX_SEGMENT_BYTES {
-                return Err(format!(
-                    "key path {text:?} has a segment over {MAX_SEGMENT_BYTES} bytes"
-                ));
+                return Err(KeyPathError::LongSegment(text.to_owned()));
             }
         }
         Ok(KeyPath {

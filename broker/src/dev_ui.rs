@@ -17,10 +17,10 @@ use axum::{
 };
 use tower_http::services::ServeDir;
 
-use crate::server::Shared;
+use crate::node::Shared;
 
 /// The dev UI's routes (none without `--dev-ui`), to merge into the broker's router.
-pub fn router(shared: &Shared) -> Router<Arc<Shared>> {
+pub(crate) fn router(shared: &Shared) -> Router<Arc<Shared>> {
     match &shared.config.dev_ui {
         Some(dir) => Router::new()
             .route("/dev-ui.js", get(dev_ui_js))

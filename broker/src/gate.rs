@@ -359,7 +359,7 @@ mod tests {
 
     #[test]
     fn a_public_address_without_required_tokens_is_warned_about() {
-        use crate::{Config, server::exposure_warning};
+        use crate::{Config, node::exposure_warning};
         let open = Security::open();
         let mut config = Config::default();
         assert_eq!(exposure_warning(&config, &open), None);

@@ -87,7 +87,7 @@ pub struct LimitsConfig {
 }
 
 /// How many sessions at full publish rate the default per-user budget covers.
-pub const USER_BUDGET_SESSIONS: u32 = 4;
+pub(crate) const USER_BUDGET_SESSIONS: u32 = 4;
 
 impl Default for LimitsConfig {
     fn default() -> Self {
@@ -113,12 +113,17 @@ impl Default for LimitsConfig {
     }
 }
 
-fn nonzero(name: &str, value: u32) -> Result<NonZeroU32, String> {
-    NonZeroU32::new(value).ok_or_else(|| format!("limits.{name} must be at least 1"))
+/// A `[limits]` rate, burst or cap of 0 (its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("limits.{0} must be at least 1")]
+pub struct ZeroLimit(pub &'static str);
+
+fn nonzero(name: &'static str, value: u32) -> Result<NonZeroU32, ZeroLimit> {
+    NonZeroU32::new(value).ok_or(ZeroLimit(name))
 }
 
 impl LimitsConfig {
-    pub(crate) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), ZeroLimit> {
         for (name, value) in [
             ("publish_per_second", self.publish_per_second),
             ("publish_burst", self.publish_burst),
@@ -276,7 +281,7 @@ impl PublishBuckets {
 
 /// What a session may spend; one per session, each bucket made on first use.
 #[derive(Debug)]
-pub struct SessionLimits {
+pub(crate) struct SessionLimits {
     config: Arc<LimitsConfig>,
     // Buckets are boxed and made on first use: an idle session carries pointers, not buckets.
     publish: Option<Box<PublishBuckets>>,
@@ -288,12 +293,9 @@ pub struct SessionLimits {
     errors: Option<Box<Direct>>,
 }
 
-/// Which bucket a request draws from.
+/// Which bucket a request draws from (publishes: [`SessionLimits::spend_publish`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Spend {
-    /// One publish of this many payload bytes, from the session's buckets (see
-    /// [`SessionLimits::spend_publish`] for a namespace's own).
-    Publish(usize),
+pub(crate) enum Spend {
     /// One subscribe or unsubscribe.
     Subscribe,
     /// One frame received as a datagram.
@@ -311,7 +313,7 @@ fn retry_after(wait: Duration) -> Refusal {
 
 impl SessionLimits {
     /// Fresh buckets (all full) under `config`.
-    pub fn new(config: Arc<LimitsConfig>) -> Self {
+    pub(crate) fn new(config: Arc<LimitsConfig>) -> Self {
         SessionLimits {
             config,
             publish: None,
@@ -324,7 +326,11 @@ impl SessionLimits {
 
     /// Takes one publish of `bytes` payload bytes from the buckets of `scope`, or refuses
     /// like [`Self::spend`].
-    pub fn spend_publish(&mut self, scope: PublishScope<'_>, bytes: usize) -> Result<(), Refusal> {
+    pub(crate) fn spend_publish(
+        &mut self,
+        scope: PublishScope<'_>,
+        bytes: usize,
+    ) -> Result<(), Refusal> {
         let refused = match scope {
             PublishScope::Session => {
                 let config = &self.config;
@@ -359,7 +365,7 @@ impl SessionLimits {
 
     /// Takes what `spend` costs, or refuses with `rate_limited` (and the time to wait); a
     /// session whose error budget is spent gets `policy_violation` instead.
-    pub fn spend(&mut self, spend: Spend) -> Result<(), Refusal> {
+    pub(crate) fn spend(&mut self, spend: Spend) -> Result<(), Refusal> {
         let refused = self.try_spend(spend);
         let Err(refusal) = refused else {
             return Ok(());
@@ -370,7 +376,7 @@ impl SessionLimits {
 
     /// Takes one publish from `publisher`'s budget in `budgets` (after the session's own
     /// buckets), or refuses like [`Self::spend`].
-    pub fn spend_budget(
+    pub(crate) fn spend_budget(
         &mut self,
         budgets: &PublishBudgets,
         publisher: &Publisher,
@@ -384,7 +390,7 @@ impl SessionLimits {
 
     /// Charges one request error (any `Error` the session is about to get) to the error
     /// budget; refuses with `policy_violation` once the budget of the window is spent.
-    pub fn charge_error(&mut self) -> Result<(), Refusal> {
+    pub(crate) fn charge_error(&mut self) -> Result<(), Refusal> {
         let config = &self.config;
         let errors = self
             .errors
@@ -404,10 +410,6 @@ impl SessionLimits {
         let c = &self.config;
         let clock = MonotonicClock;
         match spend {
-            Spend::Publish(bytes) => self
-                .publish
-                .get_or_insert_with(|| Box::new(PublishBuckets::new(c.publish_rates())))
-                .spend(bytes, None),
             Spend::Subscribe => {
                 let limiter = self.subscribe.get_or_insert_with(|| {
                     Box::new(direct(LimitsConfig::quota(
@@ -773,10 +775,10 @@ mod tests {
             c.error_budget = 3;
             c.error_window_secs = 3600;
         }));
-        assert_eq!(limits.spend(Spend::Publish(10)), Ok(()));
-        assert_eq!(limits.spend(Spend::Publish(10)), Ok(()));
+        assert_eq!(limits.spend_publish(PublishScope::Session, 10), Ok(()));
+        assert_eq!(limits.spend_publish(PublishScope::Session, 10), Ok(()));
         for _ in 0..3 {
-            let refusal = limits.spend(Spend::Publish(10)).unwrap_err();
+            let refusal = limits.spend_publish(PublishScope::Session, 10).unwrap_err();
             assert_eq!(refusal.code, Code::RateLimited);
             assert!(
                 refusal.message.contains("retry after"),
@@ -786,7 +788,10 @@ mod tests {
             assert!(refusal.retry_after.is_some_and(|d| d > Duration::ZERO));
         }
         assert_eq!(
-            limits.spend(Spend::Publish(10)).unwrap_err().code,
+            limits
+                .spend_publish(PublishScope::Session, 10)
+                .unwrap_err()
+                .code,
             Code::PolicyViolation
         );
     }
@@ -799,13 +804,19 @@ mod tests {
             c.subscribe_per_second = 1;
             c.subscribe_burst = 1;
         }));
-        assert_eq!(limits.spend(Spend::Publish(60)), Ok(()));
+        assert_eq!(limits.spend_publish(PublishScope::Session, 60), Ok(()));
         assert_eq!(
-            limits.spend(Spend::Publish(60)).unwrap_err().code,
+            limits
+                .spend_publish(PublishScope::Session, 60)
+                .unwrap_err()
+                .code,
             Code::RateLimited
         );
         assert_eq!(
-            limits.spend(Spend::Publish(101)).unwrap_err().code,
+            limits
+                .spend_publish(PublishScope::Session, 101)
+                .unwrap_err()
+                .code,
             Code::PayloadTooLarge
         );
         assert_eq!(limits.spend(Spend::Subscribe), Ok(()));
@@ -850,9 +861,12 @@ mod tests {
             );
         }
         assert_eq!(limits.spend_publish(PublishScope::Session, 10), Ok(()));
-        assert_eq!(limits.spend(Spend::Publish(10)), Ok(()));
+        assert_eq!(limits.spend_publish(PublishScope::Session, 10), Ok(()));
         assert_eq!(
-            limits.spend(Spend::Publish(10)).unwrap_err().code,
+            limits
+                .spend_publish(PublishScope::Session, 10)
+                .unwrap_err()
+                .code,
             Code::RateLimited
         );
         // The [default] policy's buckets are shared by every namespace it covers.
@@ -893,7 +907,7 @@ mod tests {
         let bob = budgets.publisher(Some("bob"), None).unwrap();
         let publish = |limits: &mut SessionLimits, who: &Publisher| {
             limits
-                .spend(Spend::Publish(1))
+                .spend_publish(PublishScope::Session, 1)
                 .and_then(|()| limits.spend_budget(&budgets, who))
         };
         // Alice's first session: its own burst of 5, all charged to her budget of 8.

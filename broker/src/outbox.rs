@@ -45,54 +45,7 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::{Mutex, MutexGuard};
 
-use crate::wire::Wire;
-
-/// The ordered channel a frame belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lane {
-    /// Session-level frames: Welcome, Ack, Error, Pong, Close.
-    Control,
-    /// `Subscribed` of the room with this hub id: the room's channel opens.
-    RoomOpen(u64),
-    /// An `Event` (or `Conflation`) of the room with this hub id.
-    Room(u64),
-    /// An `Event` of the volatile room with this hub id: may travel as a datagram, and is
-    /// dropped (oldest first) rather than overflowing the queue.
-    Volatile(u64),
-    /// `Unsubscribed` of the room with this hub id: the room's channel ends after it.
-    RoomClose(u64),
-}
-
-impl Lane {
-    /// The hub id of the lane's room (`None`: the control lane).
-    pub fn room(self) -> Option<u64> {
-        match self {
-            Lane::Control => None,
-            Lane::RoomOpen(id) | Lane::Room(id) | Lane::Volatile(id) | Lane::RoomClose(id) => {
-                Some(id)
-            }
-        }
-    }
-}
-
-/// One queued frame and its lane.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    /// The encoded frame (shared with other sessions for events).
-    pub frame: Wire,
-    /// Where it goes.
-    pub lane: Lane,
-}
-
-impl Outgoing {
-    /// A session-level frame.
-    pub fn control(frame: Bytes) -> Self {
-        Outgoing {
-            frame: frame.into(),
-            lane: Lane::Control,
-        }
-    }
-}
+use crate::wire::{Lane, Outgoing, Wire};
 
 /// A conflating room's two `Conflation` frames (`active: true` and `false`), encoded once per
 /// room by the hub and shared by its subscribers' queues.

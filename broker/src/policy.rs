@@ -52,11 +52,11 @@ use crate::{
 /// The namespace of personal rooms: every session whose token's `sub` is `<sub>` is in
 /// `user:<sub>` from its `Welcome` on ([`personal_room`]); nobody else may subscribe to it;
 /// publishing there needs a grant with `pub` (backends use the HTTP API).
-pub const USER_NAMESPACE: &str = "user";
+pub(crate) const USER_NAMESPACE: &str = "user";
 
 /// The personal room of user `sub`: `user:<sub>`, or why `sub` cannot name a room (a space,
 /// a character outside visible ASCII; a `sub` is at most 120 bytes, so never too long).
-pub fn personal_room(sub: &str) -> Result<RoomName, NameError> {
+pub(crate) fn personal_room(sub: &str) -> Result<RoomName, NameError> {
     RoomName::new(&format!("{USER_NAMESPACE}:{sub}"))
 }
 
@@ -270,6 +270,12 @@ pub enum ConfigError {
     /// The values do not fit together.
     #[error("{0}")]
     Invalid(String),
+    /// A `[limits]` value is 0.
+    #[error(transparent)]
+    Limits(#[from] crate::limits::ZeroLimit),
+    /// The `[auth]` settings do not fit together.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
 }
 
 impl FileConfig {
@@ -340,8 +346,8 @@ impl FileConfig {
                 )));
             }
         }
-        self.limits.check().map_err(ConfigError::Invalid)?;
-        self.auth.check().map_err(ConfigError::Invalid)?;
+        self.limits.check()?;
+        self.auth.check()?;
         Ok(())
     }
 

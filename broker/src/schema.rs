@@ -25,7 +25,7 @@ use cddl_cat::{
 use ciborium::Value;
 
 /// The rule of a schema document that payloads must match.
-pub const SCHEMA_RULE: &str = "payload";
+pub(crate) const SCHEMA_RULE: &str = "payload";
 
 /// How deep the path search follows rule references and nesting (schemas are small; this
 /// only stops recursive rules).
@@ -33,7 +33,7 @@ const MAX_DEPTH: usize = 32;
 
 /// One parsed schema.
 #[derive(Clone)]
-pub struct Schema(Arc<BasicContext>);
+pub(crate) struct Schema(Arc<BasicContext>);
 
 impl std::fmt::Debug for Schema {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,38 +41,87 @@ impl std::fmt::Debug for Schema {
     }
 }
 
+/// Why a schema document was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SchemaError {
+    /// Not CDDL that the validator understands.
+    #[error(transparent)]
+    Cddl(#[from] cddl_cat::ValidateError),
+    /// No rule named [`SCHEMA_RULE`].
+    #[error("no rule named `{SCHEMA_RULE}`")]
+    NoPayloadRule,
+}
+
+/// Why a payload does not match its schema: the path of the failing part (rooted at `data`)
+/// and what is wrong there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Mismatch {
+    /// The payload is not CBOR at all.
+    #[error("not CBOR: {0}")]
+    NotCbor(String),
+    /// The item at `path` is there but of another shape.
+    #[error("{path}: expected {expected}, got {got}")]
+    Expected {
+        /// Where, rooted at `data`.
+        path: String,
+        /// The schema's side, in CDDL terms.
+        expected: String,
+        /// The value's side.
+        got: String,
+    },
+    /// A required map key is absent at `path`.
+    #[error("{path}: missing")]
+    Missing {
+        /// Where, rooted at `data`.
+        path: String,
+    },
+    /// A map key the schema does not have, at `path`.
+    #[error("{path}: not in the schema")]
+    Unexpected {
+        /// Where, rooted at `data`.
+        path: String,
+    },
+    /// The validator refused for a reason that is not a data mismatch (an unsupported
+    /// feature of the schema, say): its words.
+    #[error("data: {0}")]
+    Other(String),
+}
+
 impl Schema {
     /// Parses a CDDL document, which must have a rule named [`SCHEMA_RULE`].
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let rules = cddl_cat::flatten::flatten_from_str(text).map_err(|e| e.to_string())?;
+    pub(crate) fn parse(text: &str) -> Result<Self, SchemaError> {
+        let rules = cddl_cat::flatten::flatten_from_str(text)?;
         if !rules.contains_key(SCHEMA_RULE) {
-            return Err(format!("no rule named `{SCHEMA_RULE}`"));
+            return Err(SchemaError::NoPayloadRule);
         }
         Ok(Schema(Arc::new(BasicContext::new(rules))))
     }
 
     /// Checks `data` (CBOR) against the rule `payload`; a mismatch names the failing path,
     /// rooted at `data`.
-    pub fn validate(&self, data: &[u8]) -> Result<(), String> {
-        let value: Value = ciborium::from_reader(data).map_err(|e| format!("not CBOR: {e}"))?;
+    pub(crate) fn validate(&self, data: &[u8]) -> Result<(), Mismatch> {
+        let value: Value =
+            ciborium::from_reader(data).map_err(|e| Mismatch::NotCbor(e.to_string()))?;
         let context = &*self.0;
         let rule = context
             .rules
             .get(SCHEMA_RULE)
-            .ok_or_else(|| format!("no rule {SCHEMA_RULE}"))?;
+            .ok_or_else(|| Mismatch::Other(format!("no rule {SCHEMA_RULE}")))?;
         match cddl_cat::validate_cbor(rule, &value, context) {
             Ok(()) => Ok(()),
             Err(e) => {
                 let mut path = String::from("data");
                 let found = self.locate(&rule.node, &value, &mut path, 0);
                 Err(match found {
-                    Some(Failure::Expected { expected, got }) => {
-                        format!("{path}: expected {expected}, got {got}")
-                    }
-                    Some(Failure::Missing) => format!("{path}: missing"),
-                    Some(Failure::Unexpected) => format!("{path}: not in the schema"),
+                    Some(Failure::Expected { expected, got }) => Mismatch::Expected {
+                        path,
+                        expected,
+                        got,
+                    },
+                    Some(Failure::Missing) => Mismatch::Missing { path },
+                    Some(Failure::Unexpected) => Mismatch::Unexpected { path },
                     // Not a data mismatch (an unsupported feature of the schema, say).
-                    None => format!("data: {e}"),
+                    None => Mismatch::Other(e.to_string()),
                 })
             }
         }
@@ -421,6 +470,7 @@ mod tests {
             .unwrap()
             .validate(&cbor(value))
             .unwrap_err()
+            .to_string()
     }
 
     #[test]

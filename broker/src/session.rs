@@ -26,9 +26,10 @@ use crate::{
     gate::SessionGate,
     hub::{Delivery, SessionKey},
     metrics::{DisconnectLabel, TransportLabel},
-    outbox::{Outbox, Outgoing},
-    server::Shared,
+    node::Shared,
+    outbox::Outbox,
     transport::{FrameReader, FrameWriter, Incoming, TransportError},
+    wire::Outgoing,
 };
 
 /// Time allowed to flush the final frames and the Close frame of an ending session.

@@ -9,21 +9,56 @@
 //!   header of a WebTransport session on stream 0 (RFC 9297: the quarter stream id, 0), so
 //!   the datagram is the shared bytes themselves instead of a copy per subscriber.
 //!
-//! Every other reader sees only the frame.
+//! Every other reader sees only the frame. Also the vocabulary between the outbox and the
+//! transports: the [`Lane`] a frame travels on and the queued [`Outgoing`] frame; and the
+//! RFC 6455 header of a server's binary frame ([`ws_header`]), written here rather than by a
+//! WebSocket library so that nothing but the WebSocket transport depends on one.
 //!
-//! Owns no I/O and knows nothing of rooms, sessions or queues.
+//! Owns no I/O and imports nothing of the hub, the outbox or the transports.
 
 use std::ops::Deref;
 
 use bytes::{Buf, Bytes};
 use roomcast_protocol::{EventName, Payload, RoomName, frame::write_event};
-use tokio_tungstenite::tungstenite::protocol::frame::{
-    FrameHeader,
-    coding::{Data, OpCode},
-};
 
 /// Longest WebSocket header of an unmasked server frame (64-bit length).
-const MAX_WS_HEADER: usize = 10;
+pub const MAX_WS_HEADER: usize = 10;
+
+/// The header of an unmasked, final (FIN), binary WebSocket frame carrying `len` bytes
+/// (RFC 6455 §5.2): the bytes (the first `n` are the header) and `n`, which is 2 below 126
+/// bytes, 4 up to 65,535 and 10 above.
+#[inline]
+pub fn ws_header(len: usize) -> ([u8; MAX_WS_HEADER], usize) {
+    /// FIN set, no extension bits, opcode 2 (binary).
+    const FIN_BINARY: u8 = 0x82;
+    let mut header = [0u8; MAX_WS_HEADER];
+    header[0] = FIN_BINARY;
+    // The second byte is the mask bit (clear: servers do not mask) and the length or its
+    // marker: 126 for a 16-bit length, 127 for a 64-bit one, both in network byte order.
+    let n = if len < 126 {
+        header[1] = len as u8;
+        2
+    } else if let Ok(short) = u16::try_from(len) {
+        header[1] = 126;
+        header[2..4].copy_from_slice(&short.to_be_bytes());
+        4
+    } else {
+        header[1] = 127;
+        header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    };
+    (header, n)
+}
+
+/// Length of [`ws_header`]`(len)`.
+#[inline]
+pub fn ws_header_len(len: usize) -> usize {
+    match len {
+        0..126 => 2,
+        126..=0xffff => 4,
+        _ => 10,
+    }
+}
 
 /// An encoded frame, maybe with a transport's header in front of it in the same allocation.
 /// Dereferences to the frame alone. The default is empty (no frame is).
@@ -74,14 +109,9 @@ impl Wire {
         let header = match framing {
             Framing::None | Framing::Datagram => reserved,
             Framing::WebSocket => {
-                let mut header = Vec::with_capacity(MAX_WS_HEADER);
-                let frame_len = (buf.len() - MAX_WS_HEADER) as u64;
-                if let Err(e) = ws_binary_header().format(frame_len, &mut header) {
-                    // Formatting into a Vec cannot fail.
-                    unreachable!("WebSocket header formatting into memory failed: {e}");
-                }
-                buf[MAX_WS_HEADER - header.len()..MAX_WS_HEADER].copy_from_slice(&header);
-                header.len()
+                let (header, n) = ws_header(buf.len() - MAX_WS_HEADER);
+                buf[MAX_WS_HEADER - n..MAX_WS_HEADER].copy_from_slice(&header[..n]);
+                n
             }
         };
         let mut bytes = Bytes::from(buf);
@@ -132,11 +162,50 @@ impl Wire {
     }
 }
 
-/// The header of an unmasked, final, binary WebSocket frame (length filled in when formatted).
-pub fn ws_binary_header() -> FrameHeader {
-    FrameHeader {
-        opcode: OpCode::Data(Data::Binary),
-        ..FrameHeader::default()
+/// The ordered channel a frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    /// Session-level frames: Welcome, Ack, Error, Pong, Close.
+    Control,
+    /// `Subscribed` of the room with this hub id: the room's channel opens.
+    RoomOpen(u64),
+    /// An `Event` (or `Conflation`) of the room with this hub id.
+    Room(u64),
+    /// An `Event` of the volatile room with this hub id: may travel as a datagram, and is
+    /// dropped (oldest first) rather than overflowing the queue.
+    Volatile(u64),
+    /// `Unsubscribed` of the room with this hub id: the room's channel ends after it.
+    RoomClose(u64),
+}
+
+impl Lane {
+    /// The hub id of the lane's room (`None`: the control lane).
+    pub fn room(self) -> Option<u64> {
+        match self {
+            Lane::Control => None,
+            Lane::RoomOpen(id) | Lane::Room(id) | Lane::Volatile(id) | Lane::RoomClose(id) => {
+                Some(id)
+            }
+        }
+    }
+}
+
+/// One queued frame and its lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    /// The encoded frame (shared with other sessions for events).
+    pub frame: Wire,
+    /// Where it goes.
+    pub lane: Lane,
+}
+
+impl Outgoing {
+    /// A session-level frame.
+    pub fn control(frame: Bytes) -> Self {
+        Outgoing {
+            frame: frame.into(),
+            lane: Lane::Control,
+        }
     }
 }
 
@@ -184,11 +253,9 @@ mod tests {
             assert_eq!(wire.frame_bytes(), plain);
             let message = wire.ws_message().expect("events are pre-framed");
             assert_eq!(message.len(), header_len + plain.len());
-            let mut header = Vec::new();
-            ws_binary_header()
-                .format(plain.len() as u64, &mut header)
-                .unwrap();
-            assert_eq!(&message[..header_len], &header[..]);
+            let (header, n) = ws_header(plain.len());
+            assert_eq!(n, header_len);
+            assert_eq!(&message[..header_len], &header[..n]);
             assert_eq!(&message[header_len..], &plain[..]);
             assert!(matches!(
                 ServerFrame::decode(wire.frame(), PayloadLimits::default()),
@@ -231,5 +298,27 @@ mod tests {
         assert_eq!(wire.session_zero_datagram(), None);
         assert_eq!(wire.frame(), b"\xa1\x00\x10");
         assert_eq!(wire.frame_bytes(), Bytes::from_static(b"\xa1\x00\x10"));
+    }
+
+    #[test]
+    fn websocket_headers_match_rfc_6455() {
+        // FIN + binary (0x82), no mask bit; 7-bit, 16-bit (126) and 64-bit (127) lengths.
+        let cases: [(usize, &[u8]); 7] = [
+            (0, &[0x82, 0x00]),
+            (1, &[0x82, 0x01]),
+            (125, &[0x82, 0x7d]),
+            (126, &[0x82, 0x7e, 0x00, 0x7e]),
+            (65_535, &[0x82, 0x7e, 0xff, 0xff]),
+            (65_536, &[0x82, 0x7f, 0, 0, 0, 0, 0, 0x01, 0x00, 0x00]),
+            (
+                0x0123_4567_89ab,
+                &[0x82, 0x7f, 0, 0, 0x01, 0x23, 0x45, 0x67, 0x89, 0xab],
+            ),
+        ];
+        for (len, expected) in cases {
+            let (header, n) = ws_header(len);
+            assert_eq!(&header[..n], expected, "length {len}");
+            assert_eq!(ws_header_len(len), n, "length {len}");
+        }
     }
 }

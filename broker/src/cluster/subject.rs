@@ -22,63 +22,9 @@
 //! `_hh`, and `_` never stands for itself), so `token` is injective and [`room_of`] inverts
 //! [`subject_for`]; the property tests below check both on arbitrary input, including unicode.
 
-use std::fmt;
-
 use roomcast_protocol::RoomName;
 
-/// The default subject prefix.
-pub const DEFAULT_PREFIX: &str = "roomcast";
-
-/// Why a subject prefix was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "NATS subject prefix must be one or more '.'-separated non-empty tokens of A-Z a-z 0-9 _ - (at most 64 bytes), got {0:?}"
-)]
-pub struct BadPrefix(pub String);
-
-/// A validated subject prefix: `.`-separated tokens of `A-Z a-z 0-9 _ -`, at most 64 bytes.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SubjectPrefix(String);
-
-impl SubjectPrefix {
-    /// Validates `prefix`.
-    pub fn new(prefix: &str) -> Result<Self, BadPrefix> {
-        let ok = !prefix.is_empty()
-            && prefix.len() <= 64
-            && prefix
-                .split('.')
-                .all(|t| !t.is_empty() && t.bytes().all(|b| is_plain(b) || b == b'_'));
-        if ok {
-            Ok(SubjectPrefix(prefix.to_owned()))
-        } else {
-            Err(BadPrefix(prefix.to_owned()))
-        }
-    }
-
-    /// The prefix.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Default for SubjectPrefix {
-    fn default() -> Self {
-        SubjectPrefix(DEFAULT_PREFIX.to_owned())
-    }
-}
-
-impl fmt::Debug for SubjectPrefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
-
-impl std::str::FromStr for SubjectPrefix {
-    type Err = BadPrefix;
-    fn from_str(s: &str) -> Result<Self, BadPrefix> {
-        SubjectPrefix::new(s)
-    }
-}
+pub use crate::config::{BadPrefix, DEFAULT_PREFIX, SubjectPrefix};
 
 /// Bytes that stand for themselves in an encoded token.
 fn is_plain(b: u8) -> bool {
@@ -127,8 +73,9 @@ pub fn decode_token(token: &str) -> Option<Vec<u8>> {
 /// The NATS subject of `room` under `prefix`.
 pub fn subject_for(prefix: &SubjectPrefix, room: &RoomName) -> String {
     let (namespace, rest) = room.as_str().split_once(':').unwrap_or(("", room.as_str()));
-    let mut subject = String::with_capacity(prefix.0.len() + 2 + namespace.len() + rest.len() * 3);
-    subject.push_str(&prefix.0);
+    let mut subject =
+        String::with_capacity(prefix.as_str().len() + 2 + namespace.len() + rest.len() * 3);
+    subject.push_str(prefix.as_str());
     subject.push('.');
     subject.push_str(namespace);
     subject.push('.');

@@ -28,8 +28,9 @@ use super::{
     rules::RoomRules,
 };
 use crate::{
-    outbox::{Lane, Outbox, Outgoing, PushError},
+    outbox::{Outbox, PushError},
     wire::Wire,
+    wire::{Lane, Outgoing},
 };
 
 /// Told when a room gains its first and loses its last local subscriber: the hub's one call

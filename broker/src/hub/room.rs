@@ -25,8 +25,9 @@ use super::{
     rules::RoomRule,
 };
 use crate::{
-    outbox::{ConflationFrames, Lane, Outbox, Outgoing, PushError},
+    outbox::{ConflationFrames, Outbox, PushError},
     wire::{Framing, Wire},
+    wire::{Lane, Outgoing},
 };
 
 /// A session in a room.

@@ -13,8 +13,8 @@ use super::{
     room::{lock_room, subscribed},
 };
 use crate::{
-    outbox::{Lane, Outgoing},
     wire::{Framing, Wire},
+    wire::{Lane, Outgoing},
 };
 
 impl Hub {

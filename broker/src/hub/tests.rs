@@ -10,10 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use roomcast_protocol::{EventName, Payload, PayloadLimits, Position, RoomName, ServerFrame};
 
 use super::*;
-use crate::{
-    conflation::KeyPath,
-    outbox::{Lane, Outbox},
-};
+use crate::{conflation::KeyPath, outbox::Outbox, wire::Lane};
 
 fn room(name: &str) -> RoomName {
     RoomName::new(name).unwrap()

@@ -6,14 +6,14 @@ use std::future::Future;
 use bytes::Bytes;
 use roomcast_protocol::Code;
 
-use crate::outbox::{Lane, Outgoing};
+use crate::wire::{Lane, Outgoing};
 
-pub mod ws;
-pub mod wt;
+pub(crate) mod ws;
+pub(crate) mod wt;
 
 /// Transport-level failures, as the session needs to tell them apart.
 #[derive(Debug, thiserror::Error)]
-pub enum TransportError {
+pub(crate) enum TransportError {
     /// The peer sent a message larger than the frame limit.
     #[error("message exceeds the frame size limit")]
     TooLarge,
@@ -30,7 +30,7 @@ pub enum TransportError {
 
 /// What a reader produced.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Incoming {
+pub(crate) enum Incoming {
     /// One protocol frame.
     Frame(Bytes),
     /// One protocol frame that arrived as a QUIC datagram: it counts against the session's
@@ -44,7 +44,7 @@ pub enum Incoming {
 }
 
 /// Receiving half of a session transport.
-pub trait FrameReader: Send {
+pub(crate) trait FrameReader: Send {
     /// The next frame, control reply or end. Must be cancel-safe: dropping the future loses
     /// nothing.
     fn recv(&mut self) -> impl Future<Output = Result<Incoming, TransportError>> + Send;
@@ -59,7 +59,7 @@ pub trait FrameReader: Send {
 }
 
 /// Sending half of a session transport.
-pub trait FrameWriter: Send {
+pub(crate) trait FrameWriter: Send {
     /// Takes every frame in `batch` (emptying it), each for its lane's channel where the
     /// transport has several, and writes them, ideally in one system call per channel.
     /// A writer may return before all is written and keep the rest as its backlog.

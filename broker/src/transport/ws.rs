@@ -1,12 +1,12 @@
 //! WebSocket adapter: the HTTP upgrade handshake (over hyper, on axum's router), reading with
 //! tungstenite's protocol state machine fed straight from the socket, and writing pre-encoded
 //! frames with one vectored write per batch (events come with their header written once per
-//! publish, see [`crate::wire`]; other frames get theirs formatted by tungstenite). One binary message is one frame; text messages are a protocol violation;
+//! publish, see [`crate::wire`]; other frames get theirs from [`crate::wire::ws_header`]). One binary message is one frame; text messages are a protocol violation;
 //! WebSocket ping and close are answered through [`Incoming::Control`].
 
 use axum::{
     body::Body,
-    http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header},
+    http::{Extensions, HeaderMap, HeaderValue, Response, StatusCode, header},
 };
 use std::io::{self, IoSlice};
 
@@ -35,12 +35,11 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use super::{FrameReader, FrameWriter, Incoming, TransportError};
-use crate::outbox::Outgoing;
-use crate::wire::ws_binary_header;
+use crate::wire::{Outgoing, ws_header, ws_header_len};
 
 /// Buffer and size settings for WebSocket sessions.
 #[derive(Debug, Clone, Copy)]
-pub struct WsSettings {
+pub(crate) struct WsSettings {
     /// Read buffer per connection, bytes.
     pub read_buffer: usize,
     /// Largest accepted message, bytes.
@@ -66,20 +65,20 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 
 /// Why an upgrade request was refused; becomes the HTTP response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refusal {
+pub(crate) struct UpgradeRefusal {
     /// HTTP status to answer with.
     pub status: StatusCode,
     /// Plain-text explanation.
     pub why: &'static str,
 }
 
-impl Refusal {
+impl UpgradeRefusal {
     fn new(status: StatusCode, why: &'static str) -> Self {
-        Refusal { status, why }
+        UpgradeRefusal { status, why }
     }
 
     /// The HTTP response (426 answers name the supported WebSocket version).
-    pub fn into_response(self) -> Response<Body> {
+    pub(crate) fn into_response(self) -> Response<Body> {
         let mut response = Response::new(Body::from(self.why));
         *response.status_mut() = self.status;
         if self.status == StatusCode::UPGRADE_REQUIRED {
@@ -93,13 +92,15 @@ impl Refusal {
 }
 
 /// Checks an upgrade request (RFC 6455 §4.2.1). On success returns the `101 Switching
-/// Protocols` response to send and the pending upgrade.
-pub fn accept(mut request: Request<Body>) -> Result<(Response<Body>, OnUpgrade), Refusal> {
-    let headers = request.headers();
+/// Protocols` response to send and the pending upgrade (taken out of `extensions`).
+pub(crate) fn accept(
+    headers: &HeaderMap,
+    extensions: &mut Extensions,
+) -> Result<(Response<Body>, OnUpgrade), UpgradeRefusal> {
     if !header_has_token(headers, header::CONNECTION, "upgrade")
         || !header_has_token(headers, header::UPGRADE, "websocket")
     {
-        return Err(Refusal::new(
+        return Err(UpgradeRefusal::new(
             StatusCode::UPGRADE_REQUIRED,
             "WebSocket upgrade required (Connection: upgrade, Upgrade: websocket)\n",
         ));
@@ -109,25 +110,25 @@ pub fn accept(mut request: Request<Body>) -> Result<(Response<Body>, OnUpgrade),
         .map(HeaderValue::as_bytes)
         != Some(b"13")
     {
-        return Err(Refusal::new(
+        return Err(UpgradeRefusal::new(
             StatusCode::UPGRADE_REQUIRED,
             "Sec-WebSocket-Version must be 13\n",
         ));
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
-        return Err(Refusal::new(
+        return Err(UpgradeRefusal::new(
             StatusCode::BAD_REQUEST,
             "Sec-WebSocket-Key missing\n",
         ));
     };
     let Ok(accept_key) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) else {
-        return Err(Refusal::new(
+        return Err(UpgradeRefusal::new(
             StatusCode::BAD_REQUEST,
             "bad Sec-WebSocket-Key\n",
         ));
     };
-    let Some(on_upgrade) = request.extensions_mut().remove::<OnUpgrade>() else {
-        return Err(Refusal::new(
+    let Some(on_upgrade) = extensions.remove::<OnUpgrade>() else {
+        return Err(UpgradeRefusal::new(
             StatusCode::BAD_REQUEST,
             "connection cannot be upgraded\n",
         ));
@@ -143,7 +144,7 @@ pub fn accept(mut request: Request<Body>) -> Result<(Response<Body>, OnUpgrade),
 
 /// Completes the upgrade and splits the connection into the session's reader and writer:
 /// plain TCP splits into owned halves without a lock; TLS goes through `tokio::io::split`.
-pub async fn open(
+pub(crate) async fn open(
     on_upgrade: OnUpgrade,
     settings: WsSettings,
 ) -> Result<(WsReader<BoxedRead>, WsWriter<BoxedWrite>), OpenError> {
@@ -177,13 +178,13 @@ pub async fn open(
 }
 
 /// The read half of a session's byte stream (TCP or TLS).
-pub type BoxedRead = Box<dyn AsyncRead + Send + Unpin>;
+pub(crate) type BoxedRead = Box<dyn AsyncRead + Send + Unpin>;
 /// The write half of a session's byte stream (TCP or TLS).
-pub type BoxedWrite = Box<dyn AsyncWrite + Send + Unpin>;
+pub(crate) type BoxedWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Why an upgraded connection could not become a session.
 #[derive(Debug, thiserror::Error)]
-pub enum OpenError {
+pub(crate) enum OpenError {
     /// The upgrade itself failed.
     #[error("upgrade failed: {0}")]
     Upgrade(#[from] hyper::Error),
@@ -194,7 +195,7 @@ pub enum OpenError {
 
 /// Receiving half of a WebSocket session: tungstenite's protocol state machine fed straight
 /// from the socket (no second buffer).
-pub struct WsReader<R> {
+pub(crate) struct WsReader<R> {
     socket: R,
     context: WebSocketContext,
     /// Frames tungstenite owes the peer (pong, close reply), already encoded.
@@ -208,7 +209,7 @@ pub struct WsReader<R> {
 /// Cancel-safe: the batch being written stays here with how far it got, so a write the
 /// session abandons (its outbox overflowed while the socket was blocked) never leaves half a
 /// frame behind: the next write, or [`FrameWriter::finish_frame`], starts where it stopped.
-pub struct WsWriter<W> {
+pub(crate) struct WsWriter<W> {
     socket: W,
     /// Frames of the batch being written.
     inflight: Vec<Outgoing>,
@@ -401,25 +402,22 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
     fn separate_header_len(frame: &Outgoing) -> usize {
         match frame.frame.ws_message() {
             Some(_) => 0,
-            None => ws_binary_header().len(frame.frame.len() as u64),
+            None => ws_header_len(frame.frame.len()),
         }
     }
 
     /// Takes `batch` as the frames to write, formatting the headers of those without one.
-    fn load(&mut self, batch: &mut Vec<Outgoing>) -> Result<(), TransportError> {
+    fn load(&mut self, batch: &mut Vec<Outgoing>) {
         debug_assert!(self.inflight.is_empty());
         std::mem::swap(batch, &mut self.inflight);
-        let header = ws_binary_header();
         self.headers.clear();
         for Outgoing { frame, .. } in &self.inflight {
             if frame.ws_message().is_none() {
-                header
-                    .format(frame.len() as u64, &mut self.headers)
-                    .map_err(map_error)?;
+                let (header, n) = ws_header(frame.len());
+                self.headers.extend_from_slice(&header[..n]);
             }
         }
         (self.next, self.offset, self.header_at) = (0, 0, 0);
-        Ok(())
     }
 
     /// One vectored write from where the last one stopped (at most [`FRAMES_PER_WRITE`]
@@ -445,7 +443,7 @@ impl<W: AsyncWrite + Unpin> WsWriter<W> {
             match out.frame.ws_message() {
                 Some(message) => push_part(&mut slices, message, &mut skip, &mut total),
                 None => {
-                    let len = ws_binary_header().len(out.frame.len() as u64);
+                    let len = ws_header_len(out.frame.len());
                     push_part(&mut slices, &headers[at..at + len], &mut skip, &mut total);
                     at += len;
                     push_part(&mut slices, out.frame.frame(), &mut skip, &mut total);
@@ -527,7 +525,7 @@ impl<W: AsyncWrite + Send + Unpin> FrameWriter for WsWriter<W> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.load(batch)?;
+        self.load(batch);
         self.write_loaded().await
     }
 

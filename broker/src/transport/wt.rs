@@ -29,7 +29,7 @@ use tokio::io::AsyncReadExt;
 use wtransport::{Connection, RecvStream, SendStream, VarInt, error::ConnectionError};
 
 use super::{FrameReader, FrameWriter, Incoming, TransportError};
-use crate::outbox::{Lane, Outgoing};
+use crate::wire::{Lane, Outgoing};
 
 /// How long the broker waits, after its `Close` frame, for the client to close the session
 /// before closing it itself.
@@ -54,7 +54,7 @@ const MAX_ROOM_STREAMS: usize = 1024;
 
 /// Per-session WebTransport settings.
 #[derive(Debug, Clone)]
-pub struct WtSettings {
+pub(crate) struct WtSettings {
     /// Largest frame accepted on the control stream, bytes.
     pub max_frame: usize,
     /// Time allowed for the client to open its control stream.
@@ -74,7 +74,7 @@ pub struct WtSettings {
 
 /// Waits for the client's control stream and splits the session into reader and writer.
 /// Returns the connection back if no control stream arrives in `hello_timeout`.
-pub async fn open(
+pub(crate) async fn open(
     connection: Connection,
     settings: WtSettings,
 ) -> Result<(WtReader, WtWriter), Connection> {
@@ -119,7 +119,7 @@ pub async fn open(
 /// same code for a client that did not. Alone, it closes sessions with no control stream;
 /// after a `Close` frame, it runs once the client had [`CLOSE_GRACE`] to close on its own
 /// (a capsule right behind the frame could make the client drop the frame unread).
-pub async fn close_connection(connection: &Connection, code: Code) {
+pub(crate) async fn close_connection(connection: &Connection, code: Code) {
     connection.close_session(u32::from(code.value()), code.as_str());
     let _ = tokio::time::timeout(CAPSULE_GRACE, connection.closed()).await;
     connection.close(
@@ -130,7 +130,7 @@ pub async fn close_connection(connection: &Connection, code: Code) {
 
 /// Receiving half: frames from the control stream. Any other stream the client opens is a
 /// protocol error.
-pub struct WtReader {
+pub(crate) struct WtReader {
     connection: Connection,
     control: RecvStream,
     splitter: FrameSplitter,
@@ -315,7 +315,7 @@ enum RoomChannel {
 }
 
 /// Sending half: the control stream and one stream per subscribed room.
-pub struct WtWriter {
+pub(crate) struct WtWriter {
     connection: Connection,
     /// The session is on stream 0: volatile events' shared datagrams fit it as they are
     /// (see [`crate::wire`]).

@@ -2,7 +2,10 @@
 //! certificates loaded from PEM files, with the facts clients need to pin them.
 //!
 //! The development certificate is ECDSA P-256, valid 13 days from now: browsers accept at most
-//! 14 days for `serverCertificateHashes`, and a day of margin covers clock skew.
+//! 14 days for `serverCertificateHashes`, and a day of margin covers clock skew. [`renew`]
+//! keeps them current (development certificate renewal, certificate file reload).
+//!
+//! Owns certificates, not sockets: the listeners put a new certificate in service.
 
 use std::{path::Path, sync::Arc};
 
@@ -12,6 +15,8 @@ use wtransport::{
     Identity,
     tls::{Certificate, CertificateChain, PrivateKey},
 };
+
+pub(crate) mod renew;
 
 /// Validity of the development certificate.
 pub const DEV_CERT_DAYS: u32 = 13;
