@@ -33,7 +33,7 @@ use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_nats::jetstream::{
     self,
-    stream::{Config, DirectGetErrorKind, Republish, StorageType},
+    stream::{Config, DirectGetError, DirectGetErrorKind, InfoError, Republish, StorageType},
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -46,6 +46,23 @@ use crate::hub::RoomRule;
 /// The token after the prefix of republished (sequenced) subjects: upper case, so it is never
 /// a namespace.
 const SEQ_TOKEN: &str = "SEQ";
+
+/// Why a stream read failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StreamReadError {
+    /// A direct get failed (other than "no such message").
+    #[error("direct get: {0}")]
+    DirectGet(#[from] DirectGetError),
+    /// The stream's info could not be read.
+    #[error("stream info: {0}")]
+    Info(#[from] InfoError),
+    /// JetStream did not answer in time.
+    #[error("timed out")]
+    TimedOut,
+    /// The namespace has no stream.
+    #[error("no stream")]
+    NoStream,
+}
 
 /// One namespace's stream.
 pub(super) struct NamespaceStream {
@@ -152,49 +169,40 @@ impl Streams {
 impl NamespaceStream {
     /// Where `room` stands: the sequence of its last stored event, or (no event) the stream's
     /// last sequence.
-    pub(super) async fn position(&self, subject: &str) -> Result<u64, String> {
+    pub(super) async fn position(&self, subject: &str) -> Result<u64, StreamReadError> {
         match self.stream.direct_get_last_for_subject(subject).await {
             Ok(message) => Ok(message.sequence),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => self
-                .stream
-                .get_info()
-                .await
-                .map(|info| info.state.last_sequence)
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                Ok(self.stream.get_info().await?.state.last_sequence)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
     /// Whether the stream still holds every event of `subject` after sequence `since` (see the
     /// module documentation).
-    pub(super) async fn continuous_after(&self, subject: &str, since: u64) -> Result<bool, String> {
+    pub(super) async fn continuous_after(
+        &self,
+        subject: &str,
+        since: u64,
+    ) -> Result<bool, StreamReadError> {
         if since > 0 {
             match self.stream.direct_get(since).await {
                 Ok(message) if message.subject.as_str() == subject => return Ok(true),
                 Ok(_) => {}
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => {}
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             }
         }
-        let mut info = self
-            .stream
-            .info_with_subjects(subject)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut info = self.stream.info_with_subjects(subject).await?;
         let mut held = 0;
         while let Some(entry) = info.next().await {
-            let (name, count) = entry.map_err(|e| e.to_string())?;
+            let (name, count) = entry?;
             if name == subject {
                 held = count as u64;
             }
         }
-        let first = self
-            .stream
-            .get_info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .first_sequence;
+        let first = self.stream.get_info().await?.state.first_sequence;
         Ok(first <= since.saturating_add(1) && held < self.max_per_subject)
     }
 
@@ -206,7 +214,7 @@ impl NamespaceStream {
         after: u64,
         upto: u64,
         max_bytes: usize,
-    ) -> Result<Option<Vec<Stored>>, String> {
+    ) -> Result<Option<Vec<Stored>>, StreamReadError> {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut next = after.saturating_add(1);
@@ -218,7 +226,7 @@ impl NamespaceStream {
             {
                 Ok(message) => message,
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(e.into()),
             };
             if message.sequence > upto {
                 break;

@@ -9,10 +9,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -24,7 +21,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::reader::{Inbound, read_room, read_sequenced_room};
+use super::reader::{Inbound, RoomHandle, read_room, read_sequenced_room};
 use crate::{
     cluster::{stream as history, subject},
     hub::Interest,
@@ -33,15 +30,6 @@ use crate::{
 /// Longest wait for the server to confirm new room subscriptions before their `Subscribed`
 /// replies go out anyway.
 const LIVE_CONFIRM_WAIT: Duration = Duration::from_secs(2);
-
-/// A room reader's doorbell (sequenced rooms): rung when the room's subscription is confirmed,
-/// when the room comes back while lingering, and when a subscriber waits to recover.
-#[derive(Default)]
-pub(super) struct RoomHandle {
-    pub(super) poke: Notify,
-    /// The subscription is in force on the node's server.
-    pub(super) confirmed: AtomicBool,
-}
 
 /// What the node wants for one room.
 struct Want {

@@ -5,27 +5,39 @@
 //! Owns what readers share ([`Inbound`]) and the readers themselves. It never subscribes or
 //! unsubscribes (the reconciler in [`super::interest`] does) and never publishes.
 
-use std::sync::{Arc, atomic::Ordering};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
 
 use async_nats::{Message, Subscriber};
 use futures_util::StreamExt;
 use roomcast_protocol::{EventName, Payload, PayloadLimits, Position, RoomName};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{
     STREAM_WAIT,
-    interest::RoomHandle,
     message::{check, check_parts, stream_numbers},
 };
 use crate::{
     cluster::{
-        stream::{self as history, Streams},
+        stream::{self as history, StreamReadError, Streams},
         subject,
     },
     hub::{Hub, RoomRule, RoomRules},
     metrics::NatsMetrics,
 };
+
+/// A room reader's doorbell (sequenced rooms): rung when the room's subscription is confirmed,
+/// when the room comes back while lingering, and when a subscriber waits to recover.
+#[derive(Default)]
+pub(super) struct RoomHandle {
+    pub(super) poke: Notify,
+    /// The subscription is in force on the node's server.
+    pub(super) confirmed: AtomicBool,
+}
 
 /// What incoming messages need to be checked and delivered.
 pub(super) struct Inbound {
@@ -148,13 +160,13 @@ impl SequencedReader {
                 let read = match &self.stream {
                     Some(s) => tokio::time::timeout(STREAM_WAIT, s.position(&self.subject))
                         .await
-                        .map_err(|_| "timed out".to_owned())
+                        .map_err(|_| StreamReadError::TimedOut)
                         .and_then(|r| r)
                         .map(|seq| Position {
                             epoch: s.epoch,
                             seq,
                         }),
-                    None => Err("no stream".to_owned()),
+                    None => Err(StreamReadError::NoStream),
                 };
                 let at = read.unwrap_or_else(|e| {
                     inbound.metrics.jetstream_errors.inc();
