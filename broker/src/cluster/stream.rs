@@ -62,6 +62,14 @@ pub(crate) enum StreamReadError {
     /// The namespace has no stream.
     #[error("no stream")]
     NoStream,
+    /// The namespace's stream could not be made.
+    #[error("JetStream stream for namespace {namespace}: {source}")]
+    Create {
+        /// The namespace.
+        namespace: String,
+        /// Why.
+        source: async_nats::jetstream::context::CreateStreamError,
+    },
 }
 
 /// One namespace's stream.
@@ -114,7 +122,7 @@ impl Streams {
         &self,
         room: &RoomName,
         rule: &RoomRule,
-    ) -> Result<Arc<NamespaceStream>, String> {
+    ) -> Result<Arc<NamespaceStream>, StreamReadError> {
         let namespace = room.namespace();
         let mut streams = self.by_namespace.lock().await;
         if let Some(stream) = streams.get(namespace) {
@@ -143,11 +151,11 @@ impl Streams {
             .js
             .get_or_create_stream(config)
             .await
-            .map_err(|e| format!("JetStream stream for namespace {namespace}: {e}"))?;
-        let info = stream
-            .info()
-            .await
-            .map_err(|e| format!("JetStream stream info: {e}"))?;
+            .map_err(|source| StreamReadError::Create {
+                namespace: namespace.to_owned(),
+                source,
+            })?;
+        let info = stream.info().await?;
         let created_ms = info.created.unix_timestamp_nanos() / 1_000_000;
         let epoch = (u64::try_from(created_ms).unwrap_or(1) & ((1 << 53) - 1)).max(1);
         let max_per_subject = u64::try_from(info.config.max_messages_per_subject).unwrap_or(0);

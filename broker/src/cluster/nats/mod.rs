@@ -457,9 +457,23 @@ async fn watch_jetstream(
     }
 }
 
+/// Why a JetStream check gave no answer either way (the state stays as it was).
+#[derive(Debug, thiserror::Error)]
+enum Undecided {
+    /// JetStream answered with another error.
+    #[error("JetStream answered: {0}")]
+    Answered(jetstream::Error),
+    /// The request failed.
+    #[error("request failed: {0}")]
+    Request(#[from] jetstream::context::RequestError),
+    /// No answer in time.
+    #[error("timed out")]
+    TimedOut,
+}
+
 /// Asks for the account's JetStream info: `Ok(None)` JetStream is there, `Ok(Some(why))` the
 /// server (or the account) has none, `Err` no answer either way.
-async fn ask_jetstream(js: &jetstream::Context) -> Result<Option<String>, String> {
+async fn ask_jetstream(js: &jetstream::Context) -> Result<Option<String>, Undecided> {
     use jetstream::{ErrorCode, context::RequestErrorKind, response::Response};
     // Not parsed further: async-nats' `Account` wants fields older servers do not send.
     let request = js.request::<_, _, Response<serde::de::IgnoredAny>>("INFO", b"");
@@ -473,12 +487,12 @@ async fn ask_jetstream(js: &jetstream::Context) -> Result<Option<String>, String
         {
             Ok(Some(error.to_string()))
         }
-        Ok(Ok(Response::Err { error })) => Err(error.to_string()),
+        Ok(Ok(Response::Err { error })) => Err(Undecided::Answered(error)),
         Ok(Err(e)) if e.kind() == RequestErrorKind::NoResponders => {
             Ok(Some("nothing answers the JetStream API".to_owned()))
         }
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".to_owned()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(Undecided::TimedOut),
     }
 }
 

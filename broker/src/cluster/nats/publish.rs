@@ -22,7 +22,11 @@ use super::{
     HEADER_EVENT, HEADER_KEY, HEADER_ORIGIN, HEADER_ROOM, JetStreamCheck, NO_JETSTREAM, STREAM_WAIT,
 };
 use crate::{
-    cluster::{ReplyTo, Unavailable, stream::Streams, subject},
+    cluster::{
+        ReplyTo, Unavailable,
+        stream::{StreamReadError, Streams},
+        subject,
+    },
     hub::{Delivery, RoomRules},
     metrics::NatsMetrics,
 };
@@ -97,7 +101,7 @@ pub(super) async fn publisher(
         // Looked up once per namespace (then cached); bounded, as it holds up the queue.
         let stream = tokio::select! {
             stream = tokio::time::timeout(STREAM_WAIT, streams.get(&out.room, rule)) => {
-                stream.unwrap_or_else(|_| Err("JetStream did not answer in time".to_owned()))
+                stream.unwrap_or_else(|_| Err(StreamReadError::TimedOut))
             }
             () = shutdown.cancelled() => break,
         };
