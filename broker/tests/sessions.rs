@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
+use futures_util::SinkExt;
 use roomcast_client::{ConnectOptions, Error, SubscriptionError, connect};
 use roomcast_protocol::{ClientFrame, Code, Payload, ServerFrame};
-use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

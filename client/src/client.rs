@@ -23,13 +23,14 @@ use tokio::{
 use tracing::Instrument;
 
 use crate::{
-    connection::{self, OpenError},
-    driver::{Command, Driver, Phase, Setup, Status},
+    command::Command,
+    connection::{self, ByScheme, OpenError},
+    driver::{Driver, Setup},
     error::{CloseInfo, Error},
     key::IdempotencyKey,
     options::ConnectOptions,
     reconnect::ReconnectPolicy,
-    state::{ClientEvent, ClientEvents, ConnectionState, EVENT_QUEUE},
+    state::{ClientEvent, ClientEvents, ConnectionState, EVENT_QUEUE, Phase, Status},
     subscription::{Buffer, Subscription},
     token::TokenProvider,
     transport::Endpoint,
@@ -201,7 +202,7 @@ impl ClientBuilder {
 
 /// Spawns the driver for a welcomed session and returns its handle.
 fn start(
-    opened: connection::Opened,
+    opened: connection::Opened<connection::Link>,
     urls: Vec<String>,
     url_index: usize,
     options: ConnectOptions,
@@ -226,6 +227,7 @@ fn start(
         }),
     };
     let driver = Driver::new(Setup {
+        connector: ByScheme,
         opened,
         urls,
         url_index,

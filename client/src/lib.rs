@@ -97,9 +97,11 @@
 //! ones (reported as [`SubscriptionError::Lagged`]) rather than ever stalling the reader.
 
 mod client;
+mod command;
 mod connection;
 mod driver;
 mod error;
+mod handles;
 mod key;
 mod options;
 mod reconnect;

@@ -11,7 +11,7 @@ use std::future::Future;
 use bytes::Bytes;
 use roomcast_protocol::Code;
 
-use crate::error::{CloseInfo, Error};
+use crate::error::Error;
 
 pub(crate) mod ws;
 pub(crate) mod wt;
@@ -28,26 +28,7 @@ pub(crate) enum Incoming {
     Closed { code: Option<Code>, reason: String },
 }
 
-impl Incoming {
-    /// How the session ended when the transport closed without a `Close` frame: the mapped
-    /// code decides whether to reconnect; no code means a lost connection (reconnect).
-    pub(crate) fn close_info(code: Option<Code>, reason: String) -> CloseInfo {
-        CloseInfo {
-            code,
-            reason,
-            reconnect: code.is_none_or(Code::should_retry),
-        }
-    }
-}
-
-/// Why the client closes a transport that still works.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LocalClose {
-    /// The client is done (or gave up on a silent broker): a normal close.
-    Normal,
-    /// The broker sent something undecodable.
-    ProtocolError,
-}
+pub(crate) use roomcast_protocol::client::LocalClose;
 
 /// A bidirectional, message-oriented connection carrying one frame per message.
 pub(crate) trait Transport: Send + 'static {
@@ -159,15 +140,6 @@ mod tests {
             }
         );
         assert!(invalid("https:///wt").contains("no host"));
-    }
-
-    #[test]
-    fn close_info_reconnects_unless_the_code_says_otherwise() {
-        let info = Incoming::close_info(Some(Code::ShuttingDown), "shutting_down".into());
-        assert!(info.reconnect);
-        assert!(!Incoming::close_info(Some(Code::Normal), "x".into()).reconnect);
-        assert!(!Incoming::close_info(Some(Code::ProtocolError), "x".into()).reconnect);
-        assert!(Incoming::close_info(None, "x".into()).reconnect);
     }
 
     #[test]
