@@ -180,7 +180,7 @@ impl ClientBuilder {
         for (index, url) in urls.iter().enumerate() {
             let token = match (&options.token, &options.token_provider) {
                 (Some(token), _) => Some(token.clone()),
-                (None, Some(provider)) => Some(provider.fetch().await.map_err(Error::Token)?),
+                (None, Some(provider)) => Some(provider.fetch().await?),
                 (None, None) => None,
             };
             match connection::open(url, token, &options).await {
@@ -337,7 +337,7 @@ impl Client {
         event: &str,
         data: &T,
     ) -> Result<Option<u64>, Error> {
-        let payload = Payload::encode(data).map_err(Error::Encode)?;
+        let payload = Payload::encode(data)?;
         self.publish_payload(room, event, payload, true).await
     }
 
@@ -353,7 +353,7 @@ impl Client {
         data: &T,
         key: impl Into<IdempotencyKey>,
     ) -> Result<Option<u64>, Error> {
-        let payload = Payload::encode(data).map_err(Error::Encode)?;
+        let payload = Payload::encode(data)?;
         self.publish_payload_with_key(room, event, payload, key.into())
             .await
     }
@@ -450,7 +450,7 @@ impl Client {
         event: &str,
         data: &T,
     ) -> Result<(), Error> {
-        let data = Payload::encode(data).map_err(Error::Encode)?;
+        let data = Payload::encode(data)?;
         self.publish_unacknowledged(room, event, &data, true).await
     }
 

@@ -20,7 +20,9 @@ use tokio::time::Instant;
 use crate::{
     error::{CloseInfo, Error},
     options::ConnectOptions,
-    transport::{Endpoint, Incoming, LocalClose, Transport, ws::WsTransport, wt::WtTransport},
+    transport::{
+        Endpoint, Incoming, LocalClose, Transport, TransportError, ws::WsTransport, wt::WtTransport,
+    },
 };
 
 /// The transport of one connection (boxed: both are large and a link is made once per
@@ -31,14 +33,14 @@ pub(crate) enum Link {
 }
 
 impl Transport for Link {
-    async fn send(&mut self, frame: Bytes) -> Result<(), String> {
+    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
         match self {
             Link::WebSocket(t) => t.send(frame).await,
             Link::WebTransport(t) => t.send(frame).await,
         }
     }
 
-    async fn recv(&mut self) -> Result<Incoming, String> {
+    async fn recv(&mut self) -> Result<Incoming, TransportError> {
         match self {
             Link::WebSocket(t) => t.recv().await,
             Link::WebTransport(t) => t.recv().await,
@@ -52,7 +54,7 @@ impl Transport for Link {
         }
     }
 
-    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, String> {
+    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, TransportError> {
         match self {
             Link::WebSocket(t) => t.send_unreliable(frame),
             Link::WebTransport(t) => t.send_unreliable(frame),
@@ -106,7 +108,7 @@ pub(crate) async fn reopen<C: Connector>(
     options: ConnectOptions,
 ) -> Result<Opened<C::Link>, OpenError> {
     let token = match &options.token_provider {
-        Some(provider) => Some(provider.fetch().await.map_err(Error::Token)?),
+        Some(provider) => Some(provider.fetch().await.map_err(Error::from)?),
         None => options.token.clone(),
     };
     connector.open(&url, token, &options).await
@@ -202,9 +204,9 @@ async fn handshake<L: Transport>(
     options: &ConnectOptions,
 ) -> Result<Opened<L>, OpenError> {
     let (mut handshake, hello) = Handshake::start(token.clone(), options.payload_limits);
-    link.send(hello).await.map_err(Error::Transport)?;
+    link.send(hello).await.map_err(Error::from)?;
     let welcome = loop {
-        let bytes = match link.recv().await.map_err(Error::Transport)? {
+        let bytes = match link.recv().await.map_err(Error::from)? {
             Incoming::Frame(bytes) => bytes,
             Incoming::Closed { code, reason } => {
                 return Err(Error::Closed(CloseInfo::transport(code, reason)).into());

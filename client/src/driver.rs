@@ -34,7 +34,7 @@ use crate::{
     reconnect::{Backoff, ReconnectPolicy},
     state::{ClientEvent, Phase, Status},
     token::{self, Fetch},
-    transport::{Incoming, Transport},
+    transport::{Incoming, Transport, TransportError},
 };
 
 /// How long the closing handshake may take once a session is over.
@@ -212,7 +212,7 @@ impl<C: Connector + Clone> Driver<C> {
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "token provider failed; refreshing later");
-                            self.emit(ClientEvent::TokenRefreshFailed(Error::Token(e)));
+                            self.emit(ClientEvent::TokenRefreshFailed(e.into()));
                             self.session.token_unavailable(now());
                         }
                     }
@@ -257,7 +257,7 @@ impl<C: Connector + Clone> Driver<C> {
         let sent = match limit {
             Some(limit) => tokio::time::timeout(limit, link.send(frame))
                 .await
-                .unwrap_or_else(|_| Err(format!("send stalled for {} ms", limit.as_millis()))),
+                .unwrap_or(Err(TransportError::Stalled(limit))),
             None => link.send(frame).await,
         };
         sent.err().and_then(lost)

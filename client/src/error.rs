@@ -4,9 +4,9 @@
 //! handshake errors to [`Error`]; [`CloseInfo`] is the protocol crate's. It maps nothing from
 //! the network itself: the driver and the transports build these values.
 
-use roomcast_protocol::Code;
+use roomcast_protocol::{Code, CodecError};
 
-use crate::subscription::Resumption;
+use crate::{subscription::Resumption, token::ProviderError};
 
 pub use roomcast_protocol::CloseInfo;
 use roomcast_protocol::client::{RequestError, handshake::HandshakeError};
@@ -69,6 +69,18 @@ impl Error {
             Error::Closed(info) | Error::Disconnected(info) => info.code,
             _ => None,
         }
+    }
+}
+
+impl From<CodecError> for Error {
+    fn from(e: CodecError) -> Self {
+        Error::Encode(e.to_string())
+    }
+}
+
+impl From<ProviderError> for Error {
+    fn from(e: ProviderError) -> Self {
+        Error::Token(e.0)
     }
 }
 

@@ -42,7 +42,7 @@ pub struct EventMessage {
 impl EventMessage {
     /// Decodes the CBOR payload into `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        self.data.decode().map_err(Error::Encode)
+        self.data.decode().map_err(Error::from)
     }
 }
 

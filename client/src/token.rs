@@ -1,6 +1,6 @@
 //! Tokens: the app's token provider, reading a JWT's expiry and when to refresh it.
 //!
-//! Owns [`TokenProvider`], [`Fetch`] (a provider call in flight) and [`jwt_expiry`] (the `exp` claim of a JWT payload, read without
+//! Owns [`TokenProvider`] (and [`ProviderError`], its failure), [`Fetch`] (a provider call in flight) and [`jwt_expiry`] (the `exp` claim of a JWT payload, read without
 //! verifying anything: the broker is the judge of tokens). When to refresh is the protocol
 //! crate's client session's decision. It must not talk to the broker: the connection task
 //! sends `Refresh` and connects with the tokens this module provides.
@@ -10,7 +10,12 @@ use std::{fmt, future::Future, pin::Pin, sync::Arc, task::Poll};
 use base64::Engine;
 
 /// The future a [`TokenProvider`] returns.
-pub(crate) type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+pub(crate) type TokenFuture = Pin<Box<dyn Future<Output = Result<String, ProviderError>> + Send>>;
+
+/// The token provider's failure: its error's text (the provider's error type is the app's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ProviderError(pub(crate) String);
 
 /// An async callback that returns a fresh authentication token, for every reconnect and for
 /// `Refresh` before the current token expires (see [`crate::ConnectOptions::token_provider`]).
@@ -38,7 +43,7 @@ impl TokenProvider {
     {
         TokenProvider(Arc::new(move || {
             let fetch = provider();
-            Box::pin(async move { fetch.await.map_err(|e| e.to_string()) })
+            Box::pin(async move { fetch.await.map_err(|e| ProviderError(e.to_string())) })
         }))
     }
 
@@ -74,7 +79,7 @@ impl Fetch {
     }
 
     /// The provider's answer; never resolves when no call is in flight. Cancel-safe.
-    pub(crate) async fn answer(&mut self) -> Result<String, String> {
+    pub(crate) async fn answer(&mut self) -> Result<String, ProviderError> {
         let answer = std::future::poll_fn(|cx| match &mut self.0 {
             Some(fetch) => fetch.as_mut().poll(cx),
             None => Poll::Pending,

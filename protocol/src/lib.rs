@@ -26,7 +26,7 @@ pub use client::{ClientSession, CloseInfo, Recovery, Resumption};
 pub use code::Code;
 pub use frame::{ClientFrame, DecodeError, Position, ServerFrame};
 pub use name::{EventName, NameError, RoomName};
-pub use payload::{Payload, PayloadError, PayloadLimits};
+pub use payload::{CodecError, Payload, PayloadError, PayloadLimits};
 pub use session::{Action, ServerSession, SessionConfig};
 
 /// The newest protocol version this crate speaks. Version 1 is the only one so far.

@@ -190,7 +190,13 @@ impl Peer {
         }
     }
 
-    pub(crate) async fn subscribed(&mut self, id: u64, room: &str, at: Position, recovered: Option<bool>) {
+    pub(crate) async fn subscribed(
+        &mut self,
+        id: u64,
+        room: &str,
+        at: Position,
+        recovered: Option<bool>,
+    ) {
         self.send(ServerFrame::Subscribed {
             id,
             room: RoomName::new(room).unwrap(),
