@@ -29,7 +29,7 @@ use crate::{
     error::{CloseInfo, Error},
     key::IdempotencyKey,
     options::ConnectOptions,
-    reconnect::ReconnectPolicy,
+    reconnect::{ReconnectPolicy, random_jitter},
     state::{ClientEvent, ClientEvents, ConnectionState, EVENT_QUEUE, Phase, Status},
     subscription::{Buffer, Subscription},
     token::TokenProvider,
@@ -236,6 +236,7 @@ fn start(
         status: status_tx,
         events: events_tx,
         next_id,
+        jitter: random_jitter(),
     });
     tokio::spawn(driver.run().instrument(span));
     client

@@ -31,7 +31,7 @@ use crate::{
     error::{CloseInfo, Error},
     handles::Handles,
     options::ConnectOptions,
-    reconnect::{Backoff, ReconnectPolicy},
+    reconnect::{Backoff, Jitter, ReconnectPolicy},
     state::{ClientEvent, Phase, Status},
     token::{self, Fetch},
     transport::{Incoming, Transport, TransportError},
@@ -51,6 +51,8 @@ pub(crate) struct Setup<C: Connector> {
     pub(crate) status: watch::Sender<Status>,
     pub(crate) events: broadcast::Sender<ClientEvent>,
     pub(crate) next_id: Arc<AtomicU64>,
+    /// The reconnect backoff's randomness.
+    pub(crate) jitter: Jitter,
 }
 
 /// The connection task's state.
@@ -87,7 +89,7 @@ impl<C: Connector + Clone> Driver<C> {
         };
         let mut driver = Driver {
             connector: setup.connector,
-            backoff: Backoff::new(setup.urls, setup.url_index),
+            backoff: Backoff::new(setup.urls, setup.url_index, setup.jitter),
             options: setup.options,
             commands: setup.commands,
             status: setup.status,
@@ -308,7 +310,7 @@ impl<C: Connector + Clone> Driver<C> {
                 });
             }
             let (attempt, url) = self.backoff.next_attempt();
-            let delay = policy.delay(attempt, retry_after.take());
+            let delay = self.backoff.delay(policy, attempt, retry_after.take());
             tracing::info!(
                 attempt = attempt + 1,
                 url,

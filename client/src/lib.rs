@@ -100,6 +100,8 @@ mod client;
 mod command;
 mod connection;
 mod driver;
+#[cfg(test)]
+mod driver_tests;
 mod error;
 mod handles;
 mod key;
