@@ -36,8 +36,7 @@ async fn main() -> anyhow::Result<()> {
     let data = Payload::encode(&Status {
         state: "shipped",
         at,
-    })
-    .map_err(anyhow::Error::msg)?;
+    })?;
 
     // Same prefix as the brokers' --nats-subject-prefix.
     let subject = subject_for(&SubjectPrefix::default(), &room);

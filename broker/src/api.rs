@@ -310,9 +310,17 @@ mod publish {
         };
         // One encode of `data`, then the same checks as a client's payload (depth cap).
         let limits = shared.config.session().payload;
-        let data = match data.and_then(|p| Payload::new(p, limits).map_err(|e| e.to_string())) {
-            Ok(data) => data,
-            Err(e) => return refuse(StatusCode::BAD_REQUEST, Code::InvalidPayload, &e),
+        let refused = |e: &dyn std::fmt::Display| {
+            refuse(
+                StatusCode::BAD_REQUEST,
+                Code::InvalidPayload,
+                &e.to_string(),
+            )
+        };
+        let data = match data.map(|p| Payload::new(p, limits)) {
+            Ok(Ok(data)) => data,
+            Ok(Err(e)) => return refused(&e),
+            Err(e) => return refused(&e),
         };
         let (reply, outcome) = tokio::sync::oneshot::channel();
         let reply = ReplyTo::new(

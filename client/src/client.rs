@@ -23,13 +23,14 @@ use tokio::{
 use tracing::Instrument;
 
 use crate::{
-    connection::{self, OpenError},
-    driver::{Command, Driver, Phase, Setup, Status},
+    command::Command,
+    connection::{self, ByScheme, OpenError},
+    driver::{Driver, Setup},
     error::{CloseInfo, Error},
     key::IdempotencyKey,
     options::ConnectOptions,
-    reconnect::ReconnectPolicy,
-    state::{ClientEvent, ClientEvents, ConnectionState, EVENT_QUEUE},
+    reconnect::{ReconnectPolicy, random_jitter},
+    state::{ClientEvent, ClientEvents, ConnectionState, EVENT_QUEUE, Phase, Status},
     subscription::{Buffer, Subscription},
     token::TokenProvider,
     transport::Endpoint,
@@ -179,7 +180,7 @@ impl ClientBuilder {
         for (index, url) in urls.iter().enumerate() {
             let token = match (&options.token, &options.token_provider) {
                 (Some(token), _) => Some(token.clone()),
-                (None, Some(provider)) => Some(provider.fetch().await.map_err(Error::Token)?),
+                (None, Some(provider)) => Some(provider.fetch().await?),
                 (None, None) => None,
             };
             match connection::open(url, token, &options).await {
@@ -201,7 +202,7 @@ impl ClientBuilder {
 
 /// Spawns the driver for a welcomed session and returns its handle.
 fn start(
-    opened: connection::Opened,
+    opened: connection::Opened<connection::Link>,
     urls: Vec<String>,
     url_index: usize,
     options: ConnectOptions,
@@ -226,6 +227,7 @@ fn start(
         }),
     };
     let driver = Driver::new(Setup {
+        connector: ByScheme,
         opened,
         urls,
         url_index,
@@ -234,6 +236,7 @@ fn start(
         status: status_tx,
         events: events_tx,
         next_id,
+        jitter: random_jitter(),
     });
     tokio::spawn(driver.run().instrument(span));
     client
@@ -335,7 +338,7 @@ impl Client {
         event: &str,
         data: &T,
     ) -> Result<Option<u64>, Error> {
-        let payload = Payload::encode(data).map_err(Error::Encode)?;
+        let payload = Payload::encode(data)?;
         self.publish_payload(room, event, payload, true).await
     }
 
@@ -351,7 +354,7 @@ impl Client {
         data: &T,
         key: impl Into<IdempotencyKey>,
     ) -> Result<Option<u64>, Error> {
-        let payload = Payload::encode(data).map_err(Error::Encode)?;
+        let payload = Payload::encode(data)?;
         self.publish_payload_with_key(room, event, payload, key.into())
             .await
     }
@@ -448,7 +451,7 @@ impl Client {
         event: &str,
         data: &T,
     ) -> Result<(), Error> {
-        let data = Payload::encode(data).map_err(Error::Encode)?;
+        let data = Payload::encode(data)?;
         self.publish_unacknowledged(room, event, &data, true).await
     }
 

@@ -1,20 +1,28 @@
 //! Opening one connection: the transport the URL's scheme selects, then `Hello`/`Welcome`.
 //!
-//! Owns [`Link`] (either transport behind one type, so the connection task can move between
-//! URLs of different schemes) and [`open`] (connect and handshake under the connect timeout).
-//! It is used for the first connection and for every reconnect; it must not keep anything
-//! between attempts: the connection task owns the session after the handshake.
+//! Owns [`Connector`] (how the driver opens a session, so it is generic over the transport),
+//! [`Link`] (either transport behind one type, so the connection task can move between URLs of
+//! different schemes), [`ByScheme`] (the connector that picks the transport by URL) and
+//! [`open`] (connect and handshake under the connect timeout; the handshake's rules are the
+//! protocol crate's [`Handshake`]). It is used for the first connection and for every
+//! reconnect; it must not keep anything between attempts: the connection task owns the
+//! session after the handshake.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use bytes::Bytes;
-use roomcast_protocol::{ClientFrame, PROTOCOL_VERSION, ServerFrame, frame::Welcome};
+use roomcast_protocol::{
+    client::handshake::{Handshake, HandshakeError},
+    frame::Welcome,
+};
 use tokio::time::Instant;
 
 use crate::{
     error::{CloseInfo, Error},
     options::ConnectOptions,
-    transport::{Endpoint, Incoming, LocalClose, Transport, ws::WsTransport, wt::WtTransport},
+    transport::{
+        Endpoint, Incoming, LocalClose, Transport, TransportError, ws::WsTransport, wt::WtTransport,
+    },
 };
 
 /// The transport of one connection (boxed: both are large and a link is made once per
@@ -25,14 +33,14 @@ pub(crate) enum Link {
 }
 
 impl Transport for Link {
-    async fn send(&mut self, frame: Bytes) -> Result<(), String> {
+    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
         match self {
             Link::WebSocket(t) => t.send(frame).await,
             Link::WebTransport(t) => t.send(frame).await,
         }
     }
 
-    async fn recv(&mut self) -> Result<Incoming, String> {
+    async fn recv(&mut self) -> Result<Incoming, TransportError> {
         match self {
             Link::WebSocket(t) => t.recv().await,
             Link::WebTransport(t) => t.recv().await,
@@ -46,7 +54,7 @@ impl Transport for Link {
         }
     }
 
-    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, String> {
+    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, TransportError> {
         match self {
             Link::WebSocket(t) => t.send_unreliable(frame),
             Link::WebTransport(t) => t.send_unreliable(frame),
@@ -61,23 +69,63 @@ impl Transport for Link {
     }
 }
 
+/// How the driver opens sessions: connect to a URL and perform the handshake.
+pub(crate) trait Connector: Send + 'static {
+    /// The transport of the sessions it opens.
+    type Link: Transport;
+
+    /// Connects to `url` and performs the handshake with `token`.
+    fn open(
+        &self,
+        url: &str,
+        token: Option<String>,
+        options: &ConnectOptions,
+    ) -> impl Future<Output = Result<Opened<Self::Link>, OpenError>> + Send;
+}
+
+/// The connector of real sessions: the transport the URL's scheme selects.
+#[derive(Clone, Copy)]
+pub(crate) struct ByScheme;
+
+impl Connector for ByScheme {
+    type Link = Link;
+
+    async fn open(
+        &self,
+        url: &str,
+        token: Option<String>,
+        options: &ConnectOptions,
+    ) -> Result<Opened<Link>, OpenError> {
+        open(url, token, options).await
+    }
+}
+
+/// A reconnect attempt: the token (the provider's, else the configured one), then
+/// [`Connector::open`].
+pub(crate) async fn reopen<C: Connector>(
+    connector: C,
+    url: String,
+    options: ConnectOptions,
+) -> Result<Opened<C::Link>, OpenError> {
+    let token = match &options.token_provider {
+        Some(provider) => Some(provider.fetch().await.map_err(Error::from)?),
+        None => options.token.clone(),
+    };
+    connector.open(&url, token, &options).await
+}
+
 /// A session the broker welcomed.
-pub(crate) struct Opened {
-    pub(crate) link: Link,
+pub(crate) struct Opened<L> {
+    pub(crate) link: L,
     pub(crate) welcome: Welcome,
     /// When `Welcome` arrived: with `welcome.server_time_ms`, the broker's clock.
     pub(crate) welcomed_at: Instant,
     /// The token sent in `Hello`.
     pub(crate) token: Option<String>,
     /// Frames that arrived before `Welcome` on other channels (a WebTransport room stream
-    /// may overtake the control stream: the personal room's `Subscribed` and first events),
-    /// handed to the session first, in arrival order.
+    /// may overtake the control stream), handed to the session first, in arrival order.
     pub(crate) early: Vec<Bytes>,
 }
-
-/// Most frames held from other channels while waiting for `Welcome`; a broker sending more
-/// is broken.
-const MAX_EARLY_FRAMES: usize = 64;
 
 /// Why a connection attempt failed, with the broker's `retry_after` when it refused with a
 /// `Close` that carried one.
@@ -99,6 +147,23 @@ impl OpenError {
     }
 }
 
+impl OpenError {
+    /// How the client ends (or goes on) after this failure: the broker's refusal, a lost
+    /// connection when another attempt makes sense, else a final close.
+    pub(crate) fn into_close_info(self) -> CloseInfo {
+        let retryable = self.retryable();
+        match self.error {
+            Error::Closed(info) => info,
+            other if retryable => CloseInfo::lost(other.to_string()),
+            other => CloseInfo {
+                code: None,
+                reason: other.to_string(),
+                reconnect: false,
+            },
+        }
+    }
+}
+
 impl From<Error> for OpenError {
     fn from(error: Error) -> Self {
         OpenError {
@@ -114,7 +179,7 @@ pub(crate) async fn open(
     url: &str,
     token: Option<String>,
     options: &ConnectOptions,
-) -> Result<Opened, OpenError> {
+) -> Result<Opened<Link>, OpenError> {
     let endpoint = Endpoint::parse(url)?;
     let attempt = async move {
         let link = match endpoint {
@@ -133,74 +198,38 @@ pub(crate) async fn open(
 }
 
 /// Sends `Hello` and waits for `Welcome`.
-async fn handshake(
-    mut link: Link,
+async fn handshake<L: Transport>(
+    mut link: L,
     token: Option<String>,
     options: &ConnectOptions,
-) -> Result<Opened, OpenError> {
-    let hello = ClientFrame::Hello {
-        version: PROTOCOL_VERSION,
-        token: token.clone(),
-    };
-    link.send(hello.encode()).await.map_err(Error::Transport)?;
-    let mut early = Vec::new();
+) -> Result<Opened<L>, OpenError> {
+    let (mut handshake, hello) = Handshake::start(token.clone(), options.payload_limits);
+    link.send(hello).await.map_err(Error::from)?;
     let welcome = loop {
-        let bytes = match link.recv().await.map_err(Error::Transport)? {
+        let bytes = match link.recv().await.map_err(Error::from)? {
             Incoming::Frame(bytes) => bytes,
             Incoming::Closed { code, reason } => {
-                return Err(Error::Closed(Incoming::close_info(code, reason)).into());
+                return Err(Error::Closed(CloseInfo::transport(code, reason)).into());
             }
         };
-        match ServerFrame::decode(&bytes, options.payload_limits) {
-            Ok(ServerFrame::Welcome(welcome)) => break welcome,
-            Ok(ServerFrame::Close {
-                code,
-                reason,
-                reconnect,
-                retry_after_ms,
-            }) => {
+        match handshake.handle_frame(bytes) {
+            Ok(Some(welcome)) => break welcome,
+            Ok(None) => {}
+            Err(HandshakeError::Closed { info, retry_after }) => {
                 return Err(OpenError {
-                    error: Error::Closed(CloseInfo {
-                        code: Some(code),
-                        reason,
-                        reconnect,
-                    }),
-                    retry_after: retry_after_ms.map(Duration::from_millis),
+                    error: Error::Closed(info),
+                    retry_after,
                 });
             }
-            Ok(ServerFrame::Error { code, message, .. }) => {
-                return Err(Error::Server { code, message }.into());
-            }
-            // Room frames may overtake `Welcome` on WebTransport (PROTOCOL.md §2b): kept for
-            // the session.
-            Ok(
-                ServerFrame::Subscribed { .. }
-                | ServerFrame::Event(_)
-                | ServerFrame::Conflation { .. }
-                | ServerFrame::Unsubscribed { .. },
-            ) if early.len() < MAX_EARLY_FRAMES => early.push(bytes),
-            Ok(other) => {
-                return Err(Error::Protocol(format!("expected Welcome, got {other:?}")).into());
-            }
-            Err(roomcast_protocol::DecodeError::UnknownType { kind, .. }) => {
-                tracing::debug!(kind, "ignoring unknown frame type before Welcome");
-            }
-            Err(e) => return Err(Error::Protocol(format!("before Welcome: {e}")).into()),
+            Err(e) => return Err(Error::from(e).into()),
         }
     };
-    if welcome.version == 0 || welcome.version > PROTOCOL_VERSION {
-        return Err(Error::Protocol(format!(
-            "broker chose protocol version {}, this client speaks 1..={PROTOCOL_VERSION}",
-            welcome.version
-        ))
-        .into());
-    }
     link.set_frame_limit(welcome.max_frame_size);
     Ok(Opened {
         link,
         welcome,
         welcomed_at: Instant::now(),
         token,
-        early,
+        early: handshake.into_early(),
     })
 }

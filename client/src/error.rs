@@ -1,72 +1,15 @@
 //! Errors the client returns and the description of how a session ended.
 //!
-//! Owns [`Error`], [`SubscriptionError`] and [`CloseInfo`]. It maps nothing from the network
-//! itself: the driver and the transports build these values.
+//! Owns [`Error`] and [`SubscriptionError`], and maps the protocol crate's request and
+//! handshake errors to [`Error`]; [`CloseInfo`] is the protocol crate's. It maps nothing from
+//! the network itself: the driver and the transports build these values.
 
-use std::fmt;
+use roomcast_protocol::{Code, CodecError};
 
-use roomcast_protocol::Code;
+use crate::{subscription::Resumption, token::ProviderError};
 
-use crate::subscription::Resumption;
-
-/// How a session ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CloseInfo {
-    /// The broker's close code: from its `Close` frame, else from the transport's close code
-    /// (WebSocket close code, WebTransport session error code) when that is a known code. `None` when the transport just dropped or the client gave up on a
-    /// broken connection.
-    pub code: Option<Code>,
-    /// Human-readable detail.
-    pub reason: String,
-    /// Whether reconnecting (with backoff) makes sense: the broker's hint when it sent one,
-    /// true for a dropped transport, false for a client-initiated close or a protocol error.
-    pub reconnect: bool,
-}
-
-impl CloseInfo {
-    /// A session the client closed itself.
-    pub(crate) fn by_client() -> Self {
-        CloseInfo {
-            code: Some(Code::Normal),
-            reason: "closed by the client".into(),
-            reconnect: false,
-        }
-    }
-
-    /// A transport that dropped without a known close code.
-    pub(crate) fn lost(reason: impl Into<String>) -> Self {
-        CloseInfo {
-            code: None,
-            reason: reason.into(),
-            reconnect: true,
-        }
-    }
-
-    /// A session the client ended because the broker broke the protocol.
-    pub(crate) fn protocol(reason: impl fmt::Display) -> Self {
-        CloseInfo {
-            code: None,
-            reason: format!("protocol error: {reason}"),
-            reconnect: false,
-        }
-    }
-}
-
-impl fmt::Display for CloseInfo {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.code {
-            Some(code) => write!(f, "{code}")?,
-            None => f.write_str("no close code")?,
-        }
-        if !self.reason.is_empty() {
-            write!(f, ": {}", self.reason)?;
-        }
-        if self.reconnect {
-            f.write_str(" (reconnect)")?;
-        }
-        Ok(())
-    }
-}
+pub use roomcast_protocol::CloseInfo;
+use roomcast_protocol::client::{RequestError, handshake::HandshakeError};
 
 /// Why a client operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,6 +72,18 @@ impl Error {
     }
 }
 
+impl From<CodecError> for Error {
+    fn from(e: CodecError) -> Self {
+        Error::Encode(e.to_string())
+    }
+}
+
+impl From<ProviderError> for Error {
+    fn from(e: ProviderError) -> Self {
+        Error::Token(e.0)
+    }
+}
+
 /// Why a subscription yielded no event.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -152,4 +107,26 @@ pub enum SubscriptionError {
     /// The session ended; the stream yields `None` after this.
     #[error("session closed: {0}")]
     Closed(CloseInfo),
+}
+
+impl From<RequestError> for Error {
+    fn from(error: RequestError) -> Self {
+        match error {
+            RequestError::Server { code, message } => Error::Server { code, message },
+            RequestError::Closed(info) => Error::Closed(info),
+            RequestError::Disconnected(info) => Error::Disconnected(info),
+            RequestError::Protocol(message) => Error::Protocol(message),
+            RequestError::AlreadySubscribed(room) => Error::AlreadySubscribed(room),
+        }
+    }
+}
+
+impl From<HandshakeError> for Error {
+    fn from(error: HandshakeError) -> Self {
+        match error {
+            HandshakeError::Closed { info, .. } => Error::Closed(info),
+            HandshakeError::Server { code, message } => Error::Server { code, message },
+            HandshakeError::Protocol(message) => Error::Protocol(message),
+        }
+    }
 }

@@ -97,9 +97,13 @@
 //! ones (reported as [`SubscriptionError::Lagged`]) rather than ever stalling the reader.
 
 mod client;
+mod command;
 mod connection;
 mod driver;
+#[cfg(test)]
+mod driver_tests;
 mod error;
+mod handles;
 mod key;
 mod options;
 mod reconnect;

@@ -1,16 +1,69 @@
 //! What the app can watch of the connection: its state and a stream of events.
 //!
-//! Owns [`ConnectionState`] (the current state, behind a watch channel), [`ClientEvent`] (every
+//! Owns [`Status`] (what the handles read: the [`Phase`] and the current `Welcome`),
+//! [`ConnectionState`] (the current state, behind a watch channel), [`ClientEvent`] (every
 //! change and notable happening, behind a broadcast channel) and [`ClientEvents`] (the app's
 //! receiver). The connection task is the only writer; this module must not decide anything
 //! about connecting.
 
 use std::time::Duration;
 
-use roomcast_protocol::RoomName;
+use roomcast_protocol::{RoomName, frame::Welcome};
 use tokio::sync::broadcast;
 
 use crate::error::{CloseInfo, Error};
+
+/// Where the client is, as seen by the handles.
+#[derive(Debug, Clone)]
+pub(crate) enum Phase {
+    /// A session is open to `url`, serving requests.
+    Open { url: String },
+    /// Between sessions.
+    Reconnecting {
+        attempt: u32,
+        delay: Duration,
+        url: String,
+    },
+    /// Over: requests fail with this; the transport is still being closed.
+    Closing(CloseInfo),
+    /// The transport is closed too.
+    Closed(CloseInfo),
+}
+
+/// What the handles read: the phase and the `Welcome` of the current (or last) session.
+#[derive(Debug, Clone)]
+pub(crate) struct Status {
+    pub(crate) phase: Phase,
+    pub(crate) welcome: Welcome,
+}
+
+impl Status {
+    pub(crate) fn info(&self) -> Option<&CloseInfo> {
+        match &self.phase {
+            Phase::Open { .. } | Phase::Reconnecting { .. } => None,
+            Phase::Closing(info) | Phase::Closed(info) => Some(info),
+        }
+    }
+
+    pub(crate) fn state(&self) -> ConnectionState {
+        match &self.phase {
+            Phase::Open { url } => ConnectionState::Connected {
+                url: url.clone(),
+                session_id: self.welcome.session_id.clone(),
+            },
+            Phase::Reconnecting {
+                attempt,
+                delay,
+                url,
+            } => ConnectionState::Reconnecting {
+                attempt: *attempt,
+                delay: *delay,
+                url: url.clone(),
+            },
+            Phase::Closing(info) | Phase::Closed(info) => ConnectionState::Closed(info.clone()),
+        }
+    }
+}
 
 /// Events buffered per [`ClientEvents`] receiver before the oldest are dropped (reported as
 /// [`ClientEvent::Lagged`]).

@@ -1,7 +1,7 @@
 //! Subscriptions and their bounded event buffers.
 //!
-//! Owns [`Subscription`], [`EventMessage`], the stream markers ([`SubscriptionItem`],
-//! [`Resumption`], [`Recovery`]) and the per-subscription buffer ([`Buffer`]) that the driver
+//! Owns [`Subscription`], [`EventMessage`], the stream markers ([`SubscriptionItem`];
+//! [`Resumption`] and [`Recovery`] come from the protocol crate's client session) and the per-subscription buffer ([`Buffer`]) that the driver
 //! fills and the subscriber drains. Filling never waits: when the buffer is full the event is
 //! dropped and counted, and the subscriber meets a `Lagged` marker exactly where the gap is
 //! (or, if no event follows the gap, once it has drained the buffer). A subscription outlives
@@ -42,70 +42,24 @@ pub struct EventMessage {
 impl EventMessage {
     /// Decodes the CBOR payload into `T`.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        self.data.decode().map_err(Error::Encode)
+        self.data.decode().map_err(Error::from)
     }
 }
 
-/// How a room's event stream went on after it was re-established.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Recovery {
-    /// The broker replayed every event after the position the client held: nothing is
-    /// missing, nothing is repeated.
-    Recovered,
-    /// The broker could not replay from the held position (too old, history restarted, or
-    /// the other node does not have it), or a cluster broker restarted the room's numbering
-    /// (a new epoch): events in between are lost to this subscription; resync the room.
-    Reset,
-    /// The room keeps no history (epoch 0: volatile rooms, or history disabled), so it was
-    /// subscribed again from the broker's current position; events in between are lost.
-    Fresh,
-}
+pub use roomcast_protocol::client::{Recovery, Resumption};
 
-impl Recovery {
-    /// `recovered`, `reset` or `fresh`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Recovery::Recovered => "recovered",
-            Recovery::Reset => "reset",
-            Recovery::Fresh => "fresh",
-        }
-    }
-}
-
-impl std::fmt::Display for Recovery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Where and how a subscription's stream was re-established (after a reconnect) or reset (an
-/// epoch change).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Resumption {
-    /// What happened to the events in between.
-    pub recovery: Recovery,
-    /// The position the client held before: the last event received in the room, or the
-    /// subscription's start if none was.
-    pub previous: Position,
-    /// The position the stream goes on from: every event after the marker has a larger `seq`
-    /// in this `epoch`.
-    pub position: Position,
-}
-
-impl Resumption {
-    /// Two markers with nothing in between read as one: the first's `previous`, the last
-    /// position, and the worse recovery.
-    fn merge(self, later: Resumption) -> Resumption {
-        let recovery = match (self.recovery, later.recovery) {
-            (Recovery::Recovered, later) => later,
-            (earlier, Recovery::Recovered) => earlier,
-            (_, later) => later,
-        };
-        Resumption {
-            recovery,
-            previous: self.previous,
-            position: later.position,
-        }
+/// Two markers with nothing in between read as one: the first's `previous`, the last
+/// position, and the worse recovery.
+fn merge(earlier: Resumption, later: Resumption) -> Resumption {
+    let recovery = match (earlier.recovery, later.recovery) {
+        (Recovery::Recovered, later) => later,
+        (earlier, Recovery::Recovered) => earlier,
+        (_, later) => later,
+    };
+    Resumption {
+        recovery,
+        previous: earlier.previous,
+        position: later.position,
     }
 }
 
@@ -223,7 +177,7 @@ impl Buffer {
                 state.items.push_back(Item::Lagged(missed));
             }
             match state.items.back_mut() {
-                Some(Item::Resumed(last)) => *last = last.merge(resumption),
+                Some(Item::Resumed(last)) => *last = merge(*last, resumption),
                 _ => state.items.push_back(Item::Resumed(resumption)),
             }
             state.waker.take()

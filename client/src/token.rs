@@ -1,25 +1,21 @@
 //! Tokens: the app's token provider, reading a JWT's expiry and when to refresh it.
 //!
-//! Owns [`TokenProvider`], [`jwt_expiry`] (the `exp` claim of a JWT payload, read without
-//! verifying anything: the broker is the judge of tokens) and [`refresh_delay`] (how long
-//! before a token's `exp` the client sends `Refresh`). It must not talk to the broker: the
-//! connection task sends `Refresh` and connects with the tokens this module provides.
+//! Owns [`TokenProvider`] (and [`ProviderError`], its failure), [`Fetch`] (a provider call in flight) and [`jwt_expiry`] (the `exp` claim of a JWT payload, read without
+//! verifying anything: the broker is the judge of tokens). When to refresh is the protocol
+//! crate's client session's decision. It must not talk to the broker: the connection task
+//! sends `Refresh` and connects with the tokens this module provides.
 
-use std::{fmt, future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{fmt, future::Future, pin::Pin, sync::Arc, task::Poll};
 
 use base64::Engine;
 
 /// The future a [`TokenProvider`] returns.
-pub(crate) type TokenFuture = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+pub(crate) type TokenFuture = Pin<Box<dyn Future<Output = Result<String, ProviderError>> + Send>>;
 
-/// Refresh no sooner than this after connecting or refreshing, so a provider that keeps
-/// returning short-lived tokens cannot make the client flood the broker with `Refresh`.
-pub(crate) const MIN_REFRESH_DELAY: Duration = Duration::from_secs(1);
-/// Refresh at least this often (keeps timer deadlines far from overflow for tokens that
-/// expire in centuries).
-pub(crate) const MAX_REFRESH_DELAY: Duration = Duration::from_secs(24 * 3600);
-/// When a provider call fails, try again after this long (or sooner, before `exp`).
-pub(crate) const PROVIDER_RETRY: Duration = Duration::from_secs(5);
+/// The token provider's failure: its error's text (the provider's error type is the app's).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct ProviderError(pub(crate) String);
 
 /// An async callback that returns a fresh authentication token, for every reconnect and for
 /// `Refresh` before the current token expires (see [`crate::ConnectOptions::token_provider`]).
@@ -47,7 +43,7 @@ impl TokenProvider {
     {
         TokenProvider(Arc::new(move || {
             let fetch = provider();
-            Box::pin(async move { fetch.await.map_err(|e| e.to_string()) })
+            Box::pin(async move { fetch.await.map_err(|e| ProviderError(e.to_string())) })
         }))
     }
 
@@ -60,6 +56,37 @@ impl TokenProvider {
 impl fmt::Debug for TokenProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("TokenProvider(..)")
+    }
+}
+
+/// The token provider call in flight for a `Refresh`, if any.
+#[derive(Default)]
+pub(crate) struct Fetch(Option<TokenFuture>);
+
+impl Fetch {
+    /// Asks `provider` (if any) for a token, dropping a call still in flight.
+    pub(crate) fn start(&mut self, provider: Option<&TokenProvider>) {
+        self.0 = provider.map(TokenProvider::fetch);
+    }
+
+    /// Drops the call in flight.
+    pub(crate) fn cancel(&mut self) {
+        self.0 = None;
+    }
+
+    pub(crate) fn is_running(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The provider's answer; never resolves when no call is in flight. Cancel-safe.
+    pub(crate) async fn answer(&mut self) -> Result<String, ProviderError> {
+        let answer = std::future::poll_fn(|cx| match &mut self.0 {
+            Some(fetch) => fetch.as_mut().poll(cx),
+            None => Poll::Pending,
+        })
+        .await;
+        self.0 = None;
+        answer
     }
 }
 
@@ -79,17 +106,6 @@ pub(crate) fn jwt_expiry(token: &str) -> Option<u64> {
     let exp = claims.get("exp")?;
     exp.as_u64()
         .or_else(|| exp.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
-}
-
-/// How long from `now_ms` (milliseconds since the Unix epoch, by the broker's clock) to send
-/// `Refresh` for a token expiring at `exp` (seconds): at 80 % of the remaining lifetime or
-/// 30 s before `exp`, whichever is earlier, but not sooner than [`MIN_REFRESH_DELAY`] nor
-/// later than [`MAX_REFRESH_DELAY`].
-pub(crate) fn refresh_delay(exp: u64, now_ms: u64) -> Duration {
-    let remaining = exp.saturating_mul(1000).saturating_sub(now_ms);
-    let at_80 = remaining / 5 * 4;
-    let before_30 = remaining.saturating_sub(30_000);
-    Duration::from_millis(at_80.min(before_30)).clamp(MIN_REFRESH_DELAY, MAX_REFRESH_DELAY)
 }
 
 #[cfg(test)]
@@ -125,23 +141,5 @@ mod tests {
         assert_eq!(jwt_expiry("a.b"), None);
         assert_eq!(jwt_expiry("a.!!!.c"), None);
         assert_eq!(jwt_expiry("a.b.c.d"), None);
-    }
-
-    #[test]
-    fn refresh_at_80_percent_or_30_s_before_whichever_is_earlier() {
-        let now = 1_700_000_000_000;
-        let at = |lifetime_s: u64| refresh_delay(1_700_000_000 + lifetime_s, now);
-        // An hour: 80 % (48 min) comes before 30 s before exp.
-        assert_eq!(at(3600), Duration::from_secs(2880));
-        // Two minutes: 30 s before (90 s) comes before 80 % (96 s).
-        assert_eq!(at(120), Duration::from_secs(90));
-        // 150 s is where both agree.
-        assert_eq!(at(150), Duration::from_secs(120));
-        // Short-lived and expired tokens: not sooner than the floor.
-        assert_eq!(at(10), MIN_REFRESH_DELAY);
-        assert_eq!(refresh_delay(1_600_000_000, now), MIN_REFRESH_DELAY);
-        // Far-future tokens are refreshed daily.
-        assert_eq!(refresh_delay(u64::MAX, 0), MAX_REFRESH_DELAY);
-        assert_eq!(at(10 * 24 * 3600), MAX_REFRESH_DELAY);
     }
 }

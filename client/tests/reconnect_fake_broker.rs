@@ -1,227 +1,24 @@
-//! Reconnect, recovery, idempotent publishes and token refresh against scripted fake brokers:
-//! tokio-tungstenite servers on 127.0.0.1 port 0 that play several sessions in a row from the
-//! broker's side, frame by frame (the style of `fake_broker.rs`).
+//! Reconnecting over real TCP against the shared scripted fake broker (tests/common), several
+//! sessions in a row: backoff and `retry_after`, URL rotation, giving up, what the handles and
+//! `ClientEvent`s show, keyed and auto-keyed publishes, the token provider on each reconnect,
+//! the CLI. Recovery, epoch resets, refused resubscriptions and refresh refusals are tested on
+//! the protocol crate's pair (protocol/tests/pair.rs).
 
-use std::{future::Future, time::Duration};
+mod common;
+
+use std::time::Duration;
 
 use base64::Engine;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use common::{BROKER_TIME_MS, Fake, at, refusing_url, within};
 use roomcast_client::{
     Client, ClientEvent, ClientEvents, CloseInfo, Code, ConnectionState, Error, EventMessage,
-    EventName, IdempotencyKey, Payload, Position, ReconnectPolicy, Recovery, Resumption, RoomName,
-    SubscriptionError, SubscriptionItem, TokenProvider,
+    IdempotencyKey, Payload, ReconnectPolicy, Recovery, Resumption, SubscriptionError,
+    SubscriptionItem, TokenProvider,
 };
-use roomcast_protocol::{
-    ClientFrame, PROTOCOL_VERSION, ServerFrame,
-    frame::{Event, Welcome},
-};
-use tokio::{
-    net::TcpListener,
-    process::Command as AsyncCommand,
-    sync::oneshot,
-    time::{Instant, timeout},
-};
-use tokio_tungstenite::{
-    WebSocketStream, accept_async,
-    tungstenite::{
-        Message,
-        protocol::{CloseFrame, frame::coding::CloseCode},
-    },
-};
+use roomcast_protocol::{ClientFrame, ServerFrame};
+use tokio::{process::Command as AsyncCommand, sync::oneshot, time::Instant};
 
-/// Bound on every wait in these tests, so a bug fails the test instead of hanging it.
-const WAIT: Duration = Duration::from_secs(5);
-/// The fake broker's clock in `Welcome` (ms since the Unix epoch).
-const BROKER_TIME_MS: u64 = 1_700_000_000_000;
 const CLI: &str = env!("CARGO_BIN_EXE_roomcast-cli");
-
-async fn within<F: Future>(what: &str, future: F) -> F::Output {
-    timeout(WAIT, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-/// A fake broker: a listener that plays one scripted session per accepted connection.
-struct Fake {
-    listener: TcpListener,
-    url: String,
-}
-
-impl Fake {
-    async fn bind() -> Fake {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/ws", listener.local_addr().unwrap());
-        Fake { listener, url }
-    }
-
-    /// The next session.
-    async fn accept(&self) -> Peer {
-        let (tcp, _) = within("a connection", self.listener.accept())
-            .await
-            .unwrap();
-        Peer {
-            ws: accept_async(tcp).await.unwrap(),
-        }
-    }
-}
-
-/// A URL nobody listens on (a port just freed): connecting is refused.
-async fn refusing_url() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/ws", listener.local_addr().unwrap());
-    drop(listener);
-    url
-}
-
-/// The broker's end of one session.
-struct Peer {
-    ws: WebSocketStream<tokio::net::TcpStream>,
-}
-
-impl Peer {
-    /// The next client frame; WebSocket control messages are skipped.
-    async fn recv(&mut self) -> ClientFrame {
-        loop {
-            let message = within("a client frame", self.ws.next())
-                .await
-                .expect("client hung up")
-                .expect("websocket error");
-            match message {
-                Message::Binary(bytes) => {
-                    return ClientFrame::decode(&bytes).expect("client sent a bad frame");
-                }
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("unexpected message from client: {other:?}"),
-            }
-        }
-    }
-
-    async fn send(&mut self, frame: ServerFrame) {
-        self.ws
-            .send(Message::Binary(frame.encode()))
-            .await
-            .expect("send to client");
-    }
-
-    /// Reads `Hello` (returning its token) and answers `Welcome` with `session_id`.
-    async fn handshake(&mut self, session_id: &str) -> Option<String> {
-        let token = match self.recv().await {
-            ClientFrame::Hello { version, token } => {
-                assert_eq!(version, PROTOCOL_VERSION);
-                token
-            }
-            other => panic!("expected Hello, got {other:?}"),
-        };
-        self.send(ServerFrame::Welcome(Welcome {
-            version: PROTOCOL_VERSION,
-            session_id: session_id.into(),
-            server_time_ms: BROKER_TIME_MS,
-            max_frame_size: 65536,
-            ping_interval_ms: 25_000,
-            idle_timeout_ms: 60_000,
-        }))
-        .await;
-        token
-    }
-
-    /// Expects `Subscribe` for `room`; returns its id and `since`.
-    async fn expect_subscribe(&mut self, room: &str) -> (u64, Option<Position>) {
-        match self.recv().await {
-            ClientFrame::Subscribe {
-                id,
-                room: asked,
-                since,
-            } => {
-                assert_eq!(asked, room);
-                (id, since)
-            }
-            other => panic!("expected Subscribe, got {other:?}"),
-        }
-    }
-
-    async fn subscribed(&mut self, id: u64, room: &str, at: Position, recovered: Option<bool>) {
-        self.send(ServerFrame::Subscribed {
-            id,
-            room: RoomName::new(room).unwrap(),
-            seq: at.seq,
-            epoch: at.epoch,
-            recovered,
-        })
-        .await;
-    }
-
-    /// Expects a first `Subscribe` (no `since`) for `room` and confirms it at `at`.
-    async fn accept_subscribe(&mut self, room: &str, at: Position) {
-        let (id, since) = self.expect_subscribe(room).await;
-        assert_eq!(since, None, "a first subscribe carries no since");
-        self.subscribed(id, room, at, None).await;
-    }
-
-    async fn event(&mut self, room: &str, seq: u64, epoch: Option<u64>) {
-        self.send(ServerFrame::Event(Event {
-            epoch,
-            room: RoomName::new(room).unwrap(),
-            event: EventName::new("tick").unwrap(),
-            data: Payload::encode(&seq).unwrap(),
-            seq,
-        }))
-        .await;
-    }
-
-    /// Expects `Ping { id }` and answers `Pong`.
-    async fn answer_ping(&mut self) {
-        match self.recv().await {
-            ClientFrame::Ping { id: Some(id) } => {
-                self.send(ServerFrame::Pong { id: Some(id) }).await
-            }
-            other => panic!("expected Ping with id, got {other:?}"),
-        }
-    }
-
-    /// Expects an acknowledged `Publish`; returns its id, key and decoded payload.
-    async fn expect_publish(&mut self) -> (u64, Option<String>, u64) {
-        match self.recv().await {
-            ClientFrame::Publish {
-                id,
-                key,
-                data,
-                ack: true,
-                ..
-            } => {
-                let payload = Payload::new(data, Default::default()).unwrap();
-                (id, key, payload.decode().unwrap())
-            }
-            other => panic!("expected an acknowledged Publish, got {other:?}"),
-        }
-    }
-
-    /// Sends `Close` and closes the WebSocket the way the broker does, then lets the client
-    /// answer the close.
-    async fn close(mut self, code: Code, reconnect: bool, retry_after_ms: Option<u64>) {
-        self.send(ServerFrame::Close {
-            code,
-            reason: code.as_str().into(),
-            reconnect,
-            retry_after_ms,
-        })
-        .await;
-        let frame = CloseFrame {
-            code: CloseCode::from(code.ws_close_code()),
-            reason: code.as_str().into(),
-        };
-        let _ = self.ws.close(Some(frame)).await;
-        while let Ok(Some(Ok(_))) = timeout(WAIT, self.ws.next()).await {}
-    }
-
-    /// Waits until the client ends the session (its close, or the connection dropping).
-    async fn until_client_leaves(mut self) {
-        while let Ok(Some(Ok(message))) = timeout(WAIT, self.ws.next()).await {
-            if matches!(message, Message::Close(_)) {
-                break;
-            }
-        }
-    }
-}
 
 /// A reconnect policy fast enough for tests (a delay of at most 20 ms).
 fn fast() -> ReconnectPolicy {
@@ -245,10 +42,6 @@ async fn client(urls: &[&str]) -> Client {
     )
     .await
     .expect("connect")
-}
-
-fn at(epoch: u64, seq: u64) -> Position {
-    Position { epoch, seq }
 }
 
 /// The next client event.
@@ -366,7 +159,13 @@ async fn close_retry_after_is_honoured_before_reconnecting() {
         let mut peer = fake.accept().await;
         peer.handshake("s-1").await;
         let closed_at = Instant::now();
-        peer.close(Code::ShuttingDown, true, Some(400)).await;
+        peer.close_with(
+            Code::ShuttingDown,
+            Code::ShuttingDown.as_str(),
+            true,
+            Some(400),
+        )
+        .await;
         let mut peer = fake.accept().await;
         let waited = closed_at.elapsed();
         peer.handshake("s-2").await;
@@ -413,7 +212,8 @@ async fn a_close_whose_reconnect_is_false_ends_the_client_for_good() {
             let mut peer = fake.accept().await;
             peer.handshake("s-1").await;
             peer.accept_subscribe("a:1", at(0, 0)).await;
-            peer.close(code, reconnect, Some(10)).await;
+            peer.close_with(code, code.as_str(), reconnect, Some(10))
+                .await;
         });
         let client = client(&[&url]).await;
         let mut events = client.events();
@@ -692,154 +492,6 @@ async fn auto_idempotency_keys_make_plain_publishes_survive_a_reconnect() {
     broker.await.unwrap();
 }
 
-#[tokio::test]
-async fn events_at_or_before_the_held_position_are_dropped_as_duplicates() {
-    let fake = Fake::bind().await;
-    let url = fake.url.clone();
-    let broker = tokio::spawn(async move {
-        let mut peer = fake.accept().await;
-        peer.handshake("s-1").await;
-        // An event before Subscribed (as a WebTransport room stream may deliver it) that
-        // predates the subscription, and one after it.
-        let (id, _) = peer.expect_subscribe("a:1").await;
-        peer.event("a:1", 10, None).await;
-        peer.event("a:1", 11, None).await;
-        peer.subscribed(id, "a:1", at(3, 10), None).await;
-        for seq in [11, 12, 11, 9, 13, 12, 13, 14] {
-            peer.event("a:1", seq, None).await;
-        }
-        // The same epoch given explicitly is no reset: still a duplicate.
-        peer.event("a:1", 14, Some(3)).await;
-        peer.answer_ping().await;
-        peer.until_client_leaves().await;
-    });
-    let client = client(&[&url]).await;
-    let mut sub = client.subscribe("a:1").await.unwrap();
-    within("ping", client.ping()).await.unwrap();
-    let mut seqs = Vec::new();
-    while let Some(item) = sub.next_event().now_or_never() {
-        seqs.push(item.unwrap().unwrap().seq);
-    }
-    assert_eq!(seqs, vec![11, 12, 13, 14]);
-    client.close().await;
-    broker.await.unwrap();
-}
-
-#[tokio::test]
-async fn an_event_with_a_new_epoch_resets_the_position_and_is_surfaced() {
-    let fake = Fake::bind().await;
-    let url = fake.url.clone();
-    let broker = tokio::spawn(async move {
-        let mut peer = fake.accept().await;
-        peer.handshake("s-1").await;
-        peer.accept_subscribe("orders:1", at(3, 10)).await;
-        peer.event("orders:1", 11, None).await;
-        // The room's numbering restarted (cluster: stream recreated).
-        peer.event("orders:1", 1, Some(4)).await;
-        peer.event("orders:1", 2, None).await;
-        drop(peer);
-        let mut peer = fake.accept().await;
-        peer.handshake("s-2").await;
-        let (id, since) = peer.expect_subscribe("orders:1").await;
-        assert_eq!(since, Some(at(4, 2)), "the new epoch is held");
-        // Too old now: not recovered.
-        peer.subscribed(id, "orders:1", at(5, 40), Some(false))
-            .await;
-        peer.event("orders:1", 41, None).await;
-        peer.until_client_leaves().await;
-    });
-    let client = client(&[&url]).await;
-    let mut sub = client.subscribe("orders:1").await.unwrap();
-    assert_eq!(next_seq(&mut sub).await, 11);
-    assert_eq!(
-        within("reset", sub.next_item()).await,
-        Some(SubscriptionItem::Resumed(Resumption {
-            recovery: Recovery::Reset,
-            previous: at(3, 11),
-            position: at(4, 0),
-        }))
-    );
-    assert_eq!(next_seq(&mut sub).await, 1);
-    assert_eq!(next_seq(&mut sub).await, 2);
-    assert_eq!(
-        within("not recovered", sub.next_item()).await,
-        Some(SubscriptionItem::Resumed(Resumption {
-            recovery: Recovery::Reset,
-            previous: at(4, 2),
-            position: at(5, 40),
-        }))
-    );
-    assert_eq!(next_seq(&mut sub).await, 41);
-    client.close().await;
-    broker.await.unwrap();
-}
-
-#[tokio::test]
-async fn refused_resubscriptions_are_retried_when_the_code_allows_and_end_otherwise() {
-    let fake = Fake::bind().await;
-    let url = fake.url.clone();
-    let broker = tokio::spawn(async move {
-        let mut peer = fake.accept().await;
-        peer.handshake("s-1").await;
-        peer.accept_subscribe("a:1", at(2, 5)).await;
-        peer.accept_subscribe("a:2", at(2, 5)).await;
-        drop(peer);
-        let mut peer = fake.accept().await;
-        peer.handshake("s-2").await;
-        let mut refusals = Vec::new();
-        for _ in 0..2 {
-            let (id, since) = match peer.recv().await {
-                ClientFrame::Subscribe { id, room, since } => {
-                    refusals.push(room);
-                    (id, since)
-                }
-                other => panic!("expected Subscribe, got {other:?}"),
-            };
-            assert_eq!(since, Some(at(2, 5)));
-            let (code, retry_after_ms) = if refusals.last().unwrap() == "a:1" {
-                (Code::RateLimited, Some(300))
-            } else {
-                (Code::Forbidden, None)
-            };
-            peer.send(ServerFrame::Error {
-                id: Some(id),
-                code,
-                message: code.as_str().into(),
-                retry_after_ms,
-            })
-            .await;
-        }
-        refusals.sort();
-        assert_eq!(refusals, ["a:1", "a:2"]);
-        // The rate-limited one comes again, with the same position.
-        let (id, since) = peer.expect_subscribe("a:1").await;
-        assert_eq!(since, Some(at(2, 5)));
-        peer.subscribed(id, "a:1", at(2, 5), Some(true)).await;
-        peer.event("a:1", 6, None).await;
-        peer.until_client_leaves().await;
-    });
-    let client = client(&[&url]).await;
-    let mut first = client.subscribe("a:1").await.unwrap();
-    let mut second = client.subscribe("a:2").await.unwrap();
-    match within("end of a:2", second.next_item()).await {
-        Some(SubscriptionItem::Closed(info)) => {
-            assert_eq!(info.code, Some(Code::Forbidden));
-            assert!(!info.reconnect);
-        }
-        other => panic!("expected a:2 to end, got {other:?}"),
-    }
-    assert!(matches!(
-        within("resumed", first.next_item()).await,
-        Some(SubscriptionItem::Resumed(Resumption {
-            recovery: Recovery::Recovered,
-            ..
-        }))
-    ));
-    assert_eq!(next_seq(&mut first).await, 6);
-    client.close().await;
-    broker.await.unwrap();
-}
-
 /// A JWT (unsigned: the fake does not check) for user `sub` expiring at `exp`.
 fn jwt(sub: &str, exp: u64) -> String {
     let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -910,7 +562,8 @@ async fn tokens_are_refreshed_before_exp_and_every_reconnect_asks_the_provider()
             ClientFrame::Refresh { token: fresh, .. } => assert_eq!(fresh, token(6)),
             other => panic!("expected Refresh, got {other:?}"),
         }
-        peer.close(Code::Unauthorized, false, None).await;
+        peer.close_with(Code::Unauthorized, Code::Unauthorized.as_str(), false, None)
+            .await;
     });
 
     let client = within(
@@ -977,7 +630,8 @@ async fn cli_sub_reconnects_to_the_next_url_and_prints_every_event_once() {
         peer.accept_subscribe("orders:9", at(5, 0)).await;
         peer.event("orders:9", 1, None).await;
         peer.event("orders:9", 2, None).await;
-        peer.close(Code::ShuttingDown, true, None).await;
+        peer.close_with(Code::ShuttingDown, Code::ShuttingDown.as_str(), true, None)
+            .await;
 
         let mut peer = second.accept().await;
         peer.handshake("s-2").await;

@@ -3,7 +3,8 @@
 //! This crate owns the bytes on the wire and the rules about them: the CBOR frame codec
 //! ([`frame`]), the one table of error and close codes ([`code`]), the validated room and event
 //! names ([`name`]), validated opaque event payloads ([`payload`]), the broker-side session
-//! state machine ([`session`]) and the length-prefixed framing used on WebTransport streams
+//! state machine ([`session`]), the client-side one ([`client`]: requests, room positions,
+//! recovery, keyed resends, token refresh and keepalive across reconnects) and the length-prefixed framing used on WebTransport streams
 //! ([`stream`]).
 //!
 //! It does **no networking and reads no clock**: bytes come in as slices, time comes in as an
@@ -13,6 +14,7 @@
 //! The normative description of the format is `docs/PROTOCOL.md`; its hex test vectors are
 //! decoded by this crate's tests.
 
+pub mod client;
 pub mod code;
 pub mod frame;
 pub mod name;
@@ -20,10 +22,11 @@ pub mod payload;
 pub mod session;
 pub mod stream;
 
+pub use client::{ClientSession, CloseInfo, Recovery, Resumption};
 pub use code::Code;
 pub use frame::{ClientFrame, DecodeError, Position, ServerFrame};
 pub use name::{EventName, NameError, RoomName};
-pub use payload::{Payload, PayloadError, PayloadLimits};
+pub use payload::{CodecError, Payload, PayloadError, PayloadLimits};
 pub use session::{Action, ServerSession, SessionConfig};
 
 /// The newest protocol version this crate speaks. Version 1 is the only one so far.

@@ -37,6 +37,18 @@ pub enum PayloadError {
     TooDeep(usize),
 }
 
+/// Why a value could not be converted to or from a payload's CBOR ([`Payload::encode`],
+/// [`Payload::decode`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The value could not be serialized as CBOR.
+    #[error("cannot encode the value as CBOR: {0}")]
+    Encode(#[source] ciborium::ser::Error<std::io::Error>),
+    /// The payload does not deserialize as the requested type.
+    #[error("cannot decode the payload as the requested type: {0}")]
+    Decode(#[source] ciborium::de::Error<std::io::Error>),
+}
+
 /// One validated CBOR item as raw bytes. Cloning shares the bytes.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Payload(Bytes);
@@ -50,15 +62,15 @@ impl Payload {
 
     /// Encodes `value` as CBOR (for clients and tests; the broker never does this on the
     /// fan-out path).
-    pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Result<Self, String> {
+    pub fn encode<T: serde::Serialize + ?Sized>(value: &T) -> Result<Self, CodecError> {
         let mut out = Vec::with_capacity(64);
-        ciborium::into_writer(value, &mut out).map_err(|e| e.to_string())?;
+        ciborium::into_writer(value, &mut out).map_err(CodecError::Encode)?;
         Ok(Payload(Bytes::from(out)))
     }
 
     /// Decodes the payload into `T`.
-    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
-        ciborium::from_reader(&self.0[..]).map_err(|e| e.to_string())
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T, CodecError> {
+        ciborium::from_reader(&self.0[..]).map_err(CodecError::Decode)
     }
 
     /// The raw CBOR bytes.

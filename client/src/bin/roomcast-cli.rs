@@ -129,32 +129,41 @@ struct TlsArgs {
     insecure: bool,
 }
 
+/// Why a `--cert-hash` value is not a SHA-256 digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum CertHashError {
+    #[error("colon-separated form needs two hex digits between colons")]
+    BadGroup,
+    #[error("expected 64 hex digits (32 bytes), got {0}")]
+    Length(usize),
+    #[error("{0:?} is not a hex digit")]
+    NotHex(char),
+}
+
 /// Parses a SHA-256 digest written as 64 hex digits, optionally separated by colons
 /// (`ab:cd:...`, as `openssl x509 -fingerprint` prints it).
-fn parse_cert_hash(text: &str) -> Result<[u8; 32], String> {
+fn parse_cert_hash(text: &str) -> Result<[u8; 32], CertHashError> {
     let text = text.trim();
     let digits: String = if text.contains(':') {
         let groups: Vec<&str> = text.split(':').collect();
         if groups.iter().any(|group| group.len() != 2) {
-            return Err("colon-separated form needs two hex digits between colons".into());
+            return Err(CertHashError::BadGroup);
         }
         groups.concat()
     } else {
         text.to_owned()
     };
     if digits.len() != 64 {
-        return Err(format!(
-            "expected 64 hex digits (32 bytes), got {}",
-            digits.len()
-        ));
+        return Err(CertHashError::Length(digits.len()));
     }
-    if let Some(bad) = digits.chars().find(|c| !c.is_ascii_hexdigit()) {
-        return Err(format!("{bad:?} is not a hex digit"));
+    let mut nibbles = [0u8; 64];
+    for (nibble, c) in nibbles.iter_mut().zip(digits.chars()) {
+        let value = c.to_digit(16).ok_or(CertHashError::NotHex(c))?;
+        *nibble = value as u8;
     }
     let mut hash = [0u8; 32];
-    for (byte, pair) in hash.iter_mut().zip(digits.as_bytes().chunks(2)) {
-        let pair = std::str::from_utf8(pair).map_err(|e| e.to_string())?;
-        *byte = u8::from_str_radix(pair, 16).map_err(|e| e.to_string())?;
+    for (byte, pair) in hash.iter_mut().zip(nibbles.chunks(2)) {
+        *byte = (pair[0] << 4) | pair[1];
     }
     Ok(hash)
 }
@@ -667,12 +676,14 @@ mod tests {
         assert!(
             parse_cert_hash(&HASH_HEX[..62])
                 .unwrap_err()
+                .to_string()
                 .contains("64 hex digits")
         );
         assert!(parse_cert_hash(&format!("{HASH_HEX}00")).is_err());
         assert!(
             parse_cert_hash(&HASH_HEX.replace('f', "g"))
                 .unwrap_err()
+                .to_string()
                 .contains("not a hex digit")
         );
         assert!(parse_cert_hash("0:011").is_err());

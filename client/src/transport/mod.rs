@@ -1,17 +1,17 @@
 //! The frame transport abstraction and the choice of transport by URL scheme.
 //!
 //! Owns [`Transport`] (send one frame, receive one frame, close), [`Incoming`] (what the peer
-//! sent, with transport close codes already mapped to the code table) and [`Endpoint`] (which
-//! transport a URL asks for). A transport moves whole frames as opaque bytes and knows nothing
+//! sent, with transport close codes already mapped to the code table), [`TransportError`] (how
+//! an open transport failed) and [`Endpoint`] (which transport a URL asks for). A transport moves whole frames as opaque bytes and knows nothing
 //! of the protocol: it must not decode frames, keep requests or time anything. The driver is
 //! generic over it, so [`ws`] and [`wt`] slot in side by side and tests can fake it.
 
-use std::future::Future;
+use std::{fmt, future::Future, io, time::Duration};
 
 use bytes::Bytes;
-use roomcast_protocol::Code;
+use roomcast_protocol::{Code, stream::TooLarge};
 
-use crate::error::{CloseInfo, Error};
+use crate::error::Error;
 
 pub(crate) mod ws;
 pub(crate) mod wt;
@@ -28,35 +28,66 @@ pub(crate) enum Incoming {
     Closed { code: Option<Code>, reason: String },
 }
 
-impl Incoming {
-    /// How the session ended when the transport closed without a `Close` frame: the mapped
-    /// code decides whether to reconnect; no code means a lost connection (reconnect).
-    pub(crate) fn close_info(code: Option<Code>, reason: String) -> CloseInfo {
-        CloseInfo {
-            code,
-            reason,
-            reconnect: code.is_none_or(Code::should_retry),
-        }
+pub(crate) use roomcast_protocol::client::LocalClose;
+
+/// Why a transport failed while its session was open.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TransportError {
+    /// The WebSocket connection failed.
+    #[error(transparent)]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The broker sent a text WebSocket message.
+    #[error("the broker sent a text message; frames are binary")]
+    TextMessage,
+    /// Writing to the WebTransport control stream failed.
+    #[error("control stream: {0}")]
+    ControlWrite(#[from] wtransport::error::StreamWriteError),
+    /// Reading a WebTransport stream failed.
+    #[error("{stream} stream: {source}")]
+    Read { stream: Stream, source: io::Error },
+    /// A WebTransport stream announced a frame over its limit.
+    #[error("{stream} stream: {source}")]
+    TooLarge { stream: Stream, source: TooLarge },
+    /// A WebTransport stream ended inside a frame.
+    #[error("a {stream} stream ended inside a frame ({pending} bytes of it received)")]
+    Truncated { stream: Stream, pending: usize },
+    /// A send waited longer than the dead-connection limit (the broker stopped reading).
+    #[error("send stalled for {} ms", .0.as_millis())]
+    Stalled(Duration),
+}
+
+impl From<TransportError> for Error {
+    fn from(e: TransportError) -> Self {
+        Error::Transport(e.to_string())
     }
 }
 
-/// Why the client closes a transport that still works.
+/// Which kind of WebTransport stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LocalClose {
-    /// The client is done (or gave up on a silent broker): a normal close.
-    Normal,
-    /// The broker sent something undecodable.
-    ProtocolError,
+pub(crate) enum Stream {
+    /// The bidirectional control stream.
+    Control,
+    /// A unidirectional room stream.
+    Room,
+}
+
+impl fmt::Display for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Stream::Control => "control",
+            Stream::Room => "room",
+        })
+    }
 }
 
 /// A bidirectional, message-oriented connection carrying one frame per message.
 pub(crate) trait Transport: Send + 'static {
     /// Sends one frame and flushes it.
-    fn send(&mut self, frame: Bytes) -> impl Future<Output = Result<(), String>> + Send;
+    fn send(&mut self, frame: Bytes) -> impl Future<Output = Result<(), TransportError>> + Send;
 
     /// Waits for the next frame or the end of the connection. Must be cancel-safe: the driver
     /// drops this future whenever something else is ready first.
-    fn recv(&mut self) -> impl Future<Output = Result<Incoming, String>> + Send;
+    fn recv(&mut self) -> impl Future<Output = Result<Incoming, TransportError>> + Send;
 
     /// Starts (or answers) the closing handshake and waits until the peer is done. The caller
     /// bounds the wait with a timeout. Errors are ignored: the connection is ending.
@@ -65,7 +96,7 @@ pub(crate) trait Transport: Send + 'static {
     /// Sends one frame unreliably (a WebTransport datagram: it may be lost) when the transport
     /// can and the frame fits; otherwise hands the frame back for [`Transport::send`]. The
     /// default has no unreliable path.
-    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, String> {
+    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, TransportError> {
         Ok(Some(frame))
     }
 
@@ -159,15 +190,6 @@ mod tests {
             }
         );
         assert!(invalid("https:///wt").contains("no host"));
-    }
-
-    #[test]
-    fn close_info_reconnects_unless_the_code_says_otherwise() {
-        let info = Incoming::close_info(Some(Code::ShuttingDown), "shutting_down".into());
-        assert!(info.reconnect);
-        assert!(!Incoming::close_info(Some(Code::Normal), "x".into()).reconnect);
-        assert!(!Incoming::close_info(Some(Code::ProtocolError), "x".into()).reconnect);
-        assert!(Incoming::close_info(None, "x".into()).reconnect);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio_tungstenite::{
 
 use roomcast_protocol::Code;
 
-use super::{Incoming, LocalClose, Transport};
+use super::{Incoming, LocalClose, Transport, TransportError};
 use crate::error::Error;
 
 /// Largest message accepted from the broker. The broker's own frame cap is far lower; this
@@ -99,14 +99,11 @@ pub(crate) fn tls_config() -> Result<Arc<rustls::ClientConfig>, Error> {
 }
 
 impl Transport for WsTransport {
-    async fn send(&mut self, frame: Bytes) -> Result<(), String> {
-        self.stream
-            .send(Message::Binary(frame))
-            .await
-            .map_err(|e| e.to_string())
+    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
+        Ok(self.stream.send(Message::Binary(frame)).await?)
     }
 
-    async fn recv(&mut self) -> Result<Incoming, String> {
+    async fn recv(&mut self) -> Result<Incoming, TransportError> {
         loop {
             // `StreamExt::next` keeps all state in the stream, so dropping this future between
             // messages loses nothing.
@@ -122,7 +119,7 @@ impl Transport for WsTransport {
                 )) => {
                     return Ok(closed(None, "connection closed".into()));
                 }
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(e)) => return Err(e.into()),
                 Some(Ok(Message::Binary(frame))) => return Ok(Incoming::Frame(frame)),
                 Some(Ok(Message::Close(frame))) => {
                     return Ok(match frame {
@@ -131,7 +128,7 @@ impl Transport for WsTransport {
                     });
                 }
                 Some(Ok(Message::Text(_))) => {
-                    return Err("the broker sent a text message; frames are binary".into());
+                    return Err(TransportError::TextMessage);
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
             }

@@ -50,7 +50,7 @@ use wtransport::{
     },
 };
 
-use super::{Incoming, LocalClose, Transport};
+use super::{Incoming, LocalClose, Stream, Transport, TransportError};
 use crate::{error::Error, options::ConnectOptions};
 
 /// Room-stream frame limit before `Welcome`, and its floor afterwards.
@@ -96,7 +96,7 @@ pub(crate) struct WtTransport {
     control: SendStream,
     /// Scratch for the length prefix of the frame being sent.
     prefix: Vec<u8>,
-    frames: mpsc::Receiver<Result<Incoming, String>>,
+    frames: mpsc::Receiver<Result<Incoming, TransportError>>,
     /// The room-stream frame limit, read by each new room-stream reader.
     room_frame_limit: Arc<AtomicUsize>,
     /// The control-stream reader and the room-stream acceptor (which owns the room readers):
@@ -160,21 +160,15 @@ fn room_frame_limit(broker_max_frame: u64) -> usize {
 }
 
 impl Transport for WtTransport {
-    async fn send(&mut self, frame: Bytes) -> Result<(), String> {
+    async fn send(&mut self, frame: Bytes) -> Result<(), TransportError> {
         self.prefix.clear();
         write_prefix(frame.len(), &mut self.prefix);
         // Two writes into QUIC's send buffer; they leave in the same packet.
-        self.control
-            .write_all(&self.prefix)
-            .await
-            .map_err(|e| format!("control stream: {e}"))?;
-        self.control
-            .write_all(&frame)
-            .await
-            .map_err(|e| format!("control stream: {e}"))
+        self.control.write_all(&self.prefix).await?;
+        Ok(self.control.write_all(&frame).await?)
     }
 
-    async fn recv(&mut self) -> Result<Incoming, String> {
+    async fn recv(&mut self) -> Result<Incoming, TransportError> {
         // `mpsc::Receiver::recv` is cancel-safe: a frame is either returned or left queued.
         match self.frames.recv().await {
             Some(incoming) => incoming,
@@ -204,7 +198,7 @@ impl Transport for WtTransport {
         let _ = tokio::time::timeout(CLOSE_SENT_WAIT, self.endpoint.wait_idle()).await;
     }
 
-    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, String> {
+    fn send_unreliable(&mut self, frame: Bytes) -> Result<Option<Bytes>, TransportError> {
         let fits = self
             .connection
             .max_datagram_size()
@@ -342,7 +336,7 @@ enum StreamEnd {
 async fn pump(
     stream: &mut RecvStream,
     splitter: &mut FrameSplitter,
-    frames: &mpsc::Sender<Result<Incoming, String>>,
+    frames: &mpsc::Sender<Result<Incoming, TransportError>>,
 ) -> StreamEnd {
     loop {
         loop {
@@ -371,21 +365,28 @@ async fn pump(
 async fn read_control(
     mut stream: RecvStream,
     connection: Connection,
-    frames: mpsc::Sender<Result<Incoming, String>>,
+    frames: mpsc::Sender<Result<Incoming, TransportError>>,
 ) {
     let mut splitter = FrameSplitter::new(CONTROL_MAX_FRAME);
     let end = pump(&mut stream, &mut splitter, &frames).await;
     let outcome = match end {
         StreamEnd::Unwanted => return,
-        StreamEnd::TooLarge(e) => Err(format!("control stream: {e}")),
-        StreamEnd::Truncated(pending) => Err(format!(
-            "the control stream ended inside a frame ({pending} bytes of it received)"
-        )),
+        StreamEnd::TooLarge(source) => Err(TransportError::TooLarge {
+            stream: Stream::Control,
+            source,
+        }),
+        StreamEnd::Truncated(pending) => Err(TransportError::Truncated {
+            stream: Stream::Control,
+            pending,
+        }),
         StreamEnd::Finished | StreamEnd::Failed(_) => {
             match tokio::time::timeout(CLOSE_CODE_WAIT, session_end(&connection)).await {
                 Ok(error) => Ok(session_closed(error)),
                 Err(_) => match end {
-                    StreamEnd::Failed(e) => Err(format!("control stream: {e}")),
+                    StreamEnd::Failed(source) => Err(TransportError::Read {
+                        stream: Stream::Control,
+                        source,
+                    }),
                     _ => Ok(Incoming::Closed {
                         code: None,
                         reason: "the broker ended the control stream".into(),
@@ -444,7 +445,10 @@ fn session_closed(error: ConnectionError) -> Incoming {
 /// Receives the broker's datagrams: events of volatile rooms, one whole frame each. When the
 /// frame queue is full the datagram is dropped (volatile events may be lost; `seq` shows the
 /// gap) rather than holding the reader.
-async fn read_datagrams(connection: Connection, frames: mpsc::Sender<Result<Incoming, String>>) {
+async fn read_datagrams(
+    connection: Connection,
+    frames: mpsc::Sender<Result<Incoming, TransportError>>,
+) {
     while let Ok(datagram) = connection.receive_datagram().await {
         match frames.try_send(Ok(Incoming::Frame(datagram.payload()))) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
@@ -458,7 +462,7 @@ async fn read_datagrams(connection: Connection, frames: mpsc::Sender<Result<Inco
 /// how) and lets the running readers deliver what they hold.
 async fn accept_room_streams(
     connection: Connection,
-    frames: mpsc::Sender<Result<Incoming, String>>,
+    frames: mpsc::Sender<Result<Incoming, TransportError>>,
     limit: Arc<AtomicUsize>,
 ) {
     let mut readers = JoinSet::new();
@@ -488,16 +492,20 @@ async fn accept_room_streams(
 /// framing); a reset stream is logged: its room may miss events from then on.
 async fn read_room_stream(
     mut stream: RecvStream,
-    frames: mpsc::Sender<Result<Incoming, String>>,
+    frames: mpsc::Sender<Result<Incoming, TransportError>>,
     max_frame: usize,
 ) {
     let mut splitter = FrameSplitter::new(max_frame);
     let failure = match pump(&mut stream, &mut splitter, &frames).await {
         StreamEnd::Finished | StreamEnd::Unwanted => return,
-        StreamEnd::TooLarge(e) => format!("room stream: {e}"),
-        StreamEnd::Truncated(pending) => {
-            format!("a room stream ended inside a frame ({pending} bytes of it received)")
-        }
+        StreamEnd::TooLarge(source) => TransportError::TooLarge {
+            stream: Stream::Room,
+            source,
+        },
+        StreamEnd::Truncated(pending) => TransportError::Truncated {
+            stream: Stream::Room,
+            pending,
+        },
         // The session is gone; the control reader reports how.
         StreamEnd::Failed(e) if e.kind() == io::ErrorKind::NotConnected => return,
         StreamEnd::Failed(e) => {
