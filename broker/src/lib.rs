@@ -3,7 +3,7 @@
 //! Modules, each owning one thing: [`admission`] (judging session requests before anything
 //! is allocated), [`auth`] (token verification), [`policy`] (the `--config` file and namespace
 //! rules), [`schema`] (CDDL payload schemas and the path of a mismatch), [`limits`] (rate
-//! limits and connection caps), [`gate`] (each session's judge of
+//! limits and connection caps), [`memory`] (handing free allocator pages back), [`gate`] (each session's judge of
 //! requests), [`transport`] (session I/O over WebSocket and
 //! WebTransport), [`certs`] (TLS identities for QUIC), [`session`]
 //! (drives the protocol state machine, owns the outbound queue), [`outbox`] (the bounded
@@ -26,6 +26,7 @@ pub mod dev_ui;
 pub mod gate;
 pub mod hub;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod outbox;
 pub mod policy;

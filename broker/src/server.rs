@@ -302,6 +302,9 @@ async fn serve_shared(
             }
         }
     });
+    tokio::spawn(crate::memory::release_periodically(
+        shared.shutdown.child_token(),
+    ));
     let webtransport: Vec<_> = endpoints
         .iter()
         .map(|endpoint| tokio::spawn(wt_accept_loop(endpoint.clone(), shared.clone())))
