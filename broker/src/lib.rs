@@ -5,7 +5,7 @@
 //! [`accept`] (the one accept path: admission, the transport's opening, the session on its
 //! own task), `listen` (the TCP and QUIC listeners), [`auth`] (token verification),
 //! [`policy`] (the `--config` file and namespace rules), [`schema`] (CDDL payload schemas and
-//! the path of a mismatch), [`limits`] (rate limits and connection caps), [`gate`] (each
+//! the path of a mismatch), [`limits`] (rate limits and connection caps), `memory` (handing free allocator pages back), [`gate`] (each
 //! session's judge of requests), [`transport`] (session I/O over WebSocket and
 //! WebTransport), [`certs`] (TLS identities, their renewal and reload), [`session`] (drives
 //! the protocol state machine, owns the outbound queue), [`outbox`] (the bounded per-session
@@ -30,6 +30,7 @@ pub mod gate;
 pub mod hub;
 pub(crate) mod limits;
 pub(crate) mod listen;
+pub(crate) mod memory;
 pub(crate) mod metrics;
 pub mod node;
 pub mod outbox;

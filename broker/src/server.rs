@@ -119,6 +119,9 @@ async fn serve_shared(
             }
         }
     });
+    tokio::spawn(crate::memory::release_periodically(
+        shared.shutdown.child_token(),
+    ));
     tokio::join!(tcp::accept_loop(listener, &shared), quic.accept(&shared));
     // No new connections; every session has been told to close. Wait for them (and for HTTP
     // requests in flight) up to the drain timeout.
