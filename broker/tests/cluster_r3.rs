@@ -151,26 +151,6 @@ async fn publish_until_acked(conn: &mut RawConn, next_id: &mut u64, name: &str) 
     }
 }
 
-/// Sends `Subscribe` and reads its `Subscribed`: the position and `recovered`.
-async fn subscribe(conn: &mut RawConn, since: Option<Position>) -> (Position, Option<bool>) {
-    conn.send(ClientFrame::Subscribe {
-        id: 1,
-        room: ROOM.into(),
-        since,
-    })
-    .await;
-    match conn.frame().await {
-        ServerFrame::Subscribed {
-            id: 1,
-            seq,
-            epoch,
-            recovered,
-            ..
-        } => (Position { epoch, seq }, recovered),
-        other => panic!("expected Subscribed, got {other:?}"),
-    }
-}
-
 /// The events (name, seq) a subscriber reads until `fin` (included), or until it has read
 /// `limit` of them. It pings between reads, so the silence of a leader election (longer than
 /// a single read may wait) is no failure; the bound is `TRAFFIC_WAIT`.
@@ -277,7 +257,7 @@ async fn losing_the_stream_leader_loses_and_duplicates_no_acknowledged_event() {
     let mut readers = Vec::new();
     for broker in [&a, &b] {
         let mut conn = RawConn::open(broker).await;
-        let (at, _) = subscribe(&mut conn, None).await;
+        let (at, _) = conn.subscribe_since(ROOM, None).await;
         assert_ne!(at.epoch, 0, "the room has a stream");
         epoch = at.epoch;
         readers.push(tokio::spawn(async move {
@@ -285,7 +265,7 @@ async fn losing_the_stream_leader_loses_and_duplicates_no_acknowledged_event() {
         }));
     }
     let mut leaver = RawConn::open(failing).await;
-    subscribe(&mut leaver, None).await;
+    leaver.subscribe_since(ROOM, None).await;
 
     let acked = Arc::new(AtomicU64::new(0));
     let killed = Arc::new(AtomicBool::new(false));
@@ -359,7 +339,9 @@ async fn losing_the_stream_leader_loses_and_duplicates_no_acknowledged_event() {
     until_ready(failing).await;
     assert!(metric(failing, "roomcast_nats_disconnects_total").await >= 1.0);
     let mut back = RawConn::open(failing).await;
-    let (_, recovered) = subscribe(&mut back, Some(Position { epoch, seq: last })).await;
+    let (_, recovered) = back
+        .subscribe_since(ROOM, Some(Position { epoch, seq: last }))
+        .await;
     assert_eq!(recovered, Some(true), "the R3 stream still holds the rest");
     let rest = read_events(&mut back, usize::MAX).await;
     assert_eq!(left_with[..], feeds[0][..left_with.len()]);

@@ -47,30 +47,6 @@ fn publish(id: u64, room: &str, name: &str, key: Option<&str>) -> ClientFrame {
     }
 }
 
-/// Sends `Subscribe` and reads its `Subscribed`.
-async fn subscribe(
-    conn: &mut RawConn,
-    room: &str,
-    since: Option<Position>,
-) -> (Position, Option<bool>) {
-    conn.send(ClientFrame::Subscribe {
-        id: 1,
-        room: room.into(),
-        since,
-    })
-    .await;
-    match conn.frame().await {
-        ServerFrame::Subscribed {
-            id: 1,
-            seq,
-            epoch,
-            recovered,
-            ..
-        } => (Position { epoch, seq }, recovered),
-        other => panic!("expected Subscribed, got {other:?}"),
-    }
-}
-
 /// Publishes and waits for the Ack; returns the event's seq (the stream's sequence).
 async fn publish_acked(conn: &mut RawConn, id: u64, room: &str, name: &str) -> u64 {
     conn.send(publish(id, room, name, None)).await;
@@ -127,7 +103,7 @@ async fn a_client_recovers_on_another_node_from_the_stream() {
     let (a, b) = nodes(&nats, |c| c).await;
     let room = "orders:r1";
     let mut sub = RawConn::open(&b).await;
-    let (start, recovered) = subscribe(&mut sub, room, None).await;
+    let (start, recovered) = sub.subscribe_since(room, None).await;
     assert_ne!(start.epoch, 0, "a reliable room has its stream's epoch");
     assert_eq!(recovered, None);
     let mut publisher = RawConn::open(&a).await;
@@ -157,7 +133,7 @@ async fn a_client_recovers_on_another_node_from_the_stream() {
     };
     let mut back = RawConn::open(&a).await;
     assert_eq!(
-        subscribe(&mut back, room, Some(held)).await,
+        back.subscribe_since(room, Some(held)).await,
         (held, Some(true))
     );
     assert_eq!(events(&mut back, 3).await, missed);
@@ -173,14 +149,14 @@ async fn recovery_works_before_the_first_event_of_a_room() {
     let (a, b) = nodes(&nats, |c| c).await;
     let room = "orders:empty";
     let mut sub = RawConn::open(&b).await;
-    let (start, _) = subscribe(&mut sub, room, None).await;
+    let (start, _) = sub.subscribe_since(room, None).await;
     drop(sub);
     let mut publisher = RawConn::open(&a).await;
     let s1 = publish_acked(&mut publisher, 1, room, "first").await;
     let s2 = publish_acked(&mut publisher, 2, room, "second").await;
     let mut back = RawConn::open(&a).await;
     assert_eq!(
-        subscribe(&mut back, room, Some(start)).await,
+        back.subscribe_since(room, Some(start)).await,
         (start, Some(true))
     );
     assert_eq!(
@@ -199,8 +175,8 @@ async fn events_published_on_two_nodes_arrive_in_one_order_everywhere() {
     let room = "orders:total";
     let mut sub_a = RawConn::open(&a).await;
     let mut sub_b = RawConn::open(&b).await;
-    subscribe(&mut sub_a, room, None).await;
-    subscribe(&mut sub_b, room, None).await;
+    sub_a.subscribe_since(room, None).await;
+    sub_b.subscribe_since(room, None).await;
     let spawn_publisher = |server: &Server, tag: &'static str| {
         let url = server.ws_url();
         tokio::spawn(async move {
@@ -246,7 +222,7 @@ async fn a_client_of_a_stopped_node_moves_to_another_and_misses_nothing() {
     let (a, b) = nodes(&nats, |c| c).await;
     let room = "orders:moving";
     let mut sub = RawConn::open(&b).await;
-    let (start, _) = subscribe(&mut sub, room, None).await;
+    let (start, _) = sub.subscribe_since(room, None).await;
     let publisher = spawn_acked_publisher(a.ws_url(), room, TOTAL, Duration::from_millis(3));
     let mut seen = events(&mut sub, 30).await;
     // Node B stops: its sessions are closed with `shutting_down`, reconnect.
@@ -269,7 +245,7 @@ async fn a_client_of_a_stopped_node_moves_to_another_and_misses_nothing() {
     };
     let mut moved = RawConn::open(&a).await;
     assert_eq!(
-        subscribe(&mut moved, room, Some(held)).await,
+        moved.subscribe_since(room, Some(held)).await,
         (held, Some(true))
     );
     let acked = publisher.await.unwrap();
@@ -286,7 +262,7 @@ async fn a_repeated_idempotency_key_is_delivered_once_across_nodes() {
     let (a, b) = nodes(&nats, |c| c).await;
     let room = "orders:keys";
     let mut sub = RawConn::open(&b).await;
-    subscribe(&mut sub, room, None).await;
+    sub.subscribe_since(room, None).await;
     let mut on_a = RawConn::open(&a).await;
     let mut on_b = RawConn::open(&b).await;
     on_a.send(publish(1, room, "paid", Some("pay-1"))).await;
@@ -329,7 +305,7 @@ async fn positions_the_stream_no_longer_covers_are_refused() {
         seqs.push(publish_acked(&mut publisher, n, room, &format!("e{n}")).await);
     }
     let mut probe = RawConn::open(&b).await;
-    let (now, _) = subscribe(&mut probe, room, None).await;
+    let (now, _) = probe.subscribe_since(room, None).await;
     assert_eq!(now.seq, seqs[4]);
     for (since, why) in [
         (
@@ -356,7 +332,7 @@ async fn positions_the_stream_no_longer_covers_are_refused() {
     ] {
         let mut c = RawConn::open(&b).await;
         assert_eq!(
-            subscribe(&mut c, room, Some(since)).await,
+            c.subscribe_since(room, Some(since)).await,
             (now, Some(false)),
             "{why}"
         );
@@ -368,7 +344,7 @@ async fn positions_the_stream_no_longer_covers_are_refused() {
         seq: seqs[3],
     };
     assert_eq!(
-        subscribe(&mut c, room, Some(since)).await,
+        c.subscribe_since(room, Some(since)).await,
         (since, Some(true))
     );
     assert_eq!(events(&mut c, 1).await, [(seqs[4], "e5".to_owned())]);
@@ -438,7 +414,7 @@ async fn a_client_recovers_in_another_region() {
         }
     }
     let mut sub = RawConn::open(&b).await;
-    let (start_at, _) = subscribe(&mut sub, room, None).await;
+    let (start_at, _) = sub.subscribe_since(room, None).await;
     assert_ne!(start_at.epoch, 0);
     let mut seen = Vec::new();
     for n in 1..=3 {
@@ -458,7 +434,7 @@ async fn a_client_recovers_in_another_region() {
     };
     let mut moved = RawConn::open(&a).await;
     assert_eq!(
-        subscribe(&mut moved, room, Some(held)).await,
+        moved.subscribe_since(room, Some(held)).await,
         (held, Some(true))
     );
     assert_eq!(events(&mut moved, 3).await, missed);
@@ -482,7 +458,7 @@ async fn a_draining_node_s_clients_all_move_without_losing_events() {
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
         let mut conn = RawConn::open(&a).await;
-        let (start, _) = subscribe(&mut conn, room, None).await;
+        let (start, _) = conn.subscribe_since(room, None).await;
         let b_url = b_url.clone();
         clients.push(tokio::spawn(async move {
             let mut seen: Vec<(u64, String)> = Vec::new();
@@ -503,7 +479,7 @@ async fn a_draining_node_s_clients_all_move_without_losing_events() {
                             seq: seen.last().map_or(start.seq, |(s, _)| *s),
                         };
                         assert_eq!(
-                            subscribe(&mut conn, room, Some(held)).await,
+                            conn.subscribe_since(room, Some(held)).await,
                             (held, Some(true))
                         );
                         moved = true;
@@ -547,7 +523,7 @@ async fn a_nats_restart_loses_no_acknowledged_event_for_a_recovering_client() {
     let (a, b) = nodes(&nats, |c| c).await;
     let room = "orders:restart";
     let mut sub = RawConn::open(&b).await;
-    let (start, _) = subscribe(&mut sub, room, None).await;
+    let (start, _) = sub.subscribe_since(room, None).await;
     let mut publisher = RawConn::open(&a).await;
     let mut acked = Vec::new();
     for n in 1..=5 {
@@ -602,7 +578,7 @@ async fn a_nats_restart_loses_no_acknowledged_event_for_a_recovering_client() {
     };
     let mut back = RawConn::open(&a).await;
     assert_eq!(
-        subscribe(&mut back, room, Some(held)).await,
+        back.subscribe_since(room, Some(held)).await,
         (held, Some(true))
     );
     seen.extend(events(&mut back, acked.len() - 5).await);

@@ -213,6 +213,31 @@ impl RawConn {
         }
     }
 
+    /// Subscribes with `id` 1 (from `since` when given) and reads its `Subscribed`: the
+    /// position and `recovered`.
+    pub async fn subscribe_since(
+        &mut self,
+        room: &str,
+        since: Option<roomcast_protocol::Position>,
+    ) -> (roomcast_protocol::Position, Option<bool>) {
+        self.send(ClientFrame::Subscribe {
+            id: 1,
+            room: room.into(),
+            since,
+        })
+        .await;
+        match self.frame().await {
+            ServerFrame::Subscribed {
+                id: 1,
+                seq,
+                epoch,
+                recovered,
+                ..
+            } => (roomcast_protocol::Position { epoch, seq }, recovered),
+            other => panic!("expected Subscribed, got {other:?}"),
+        }
+    }
+
     /// Asserts that the broker sends `Close { code }` then closes the WebSocket with the
     /// code's WebSocket close code.
     pub async fn expect_close(&mut self, code: Code) {
