@@ -475,8 +475,9 @@ mod tests {
         assert_eq!(reconciler.look(after + LINGER), subscribe(&[&a]));
     }
 
-    #[test]
-    fn a_room_back_within_its_linger_is_live_at_once_and_keeps_its_subscription() {
+    /// A reconciler whose room `a:1` was subscribed, lost its last subscriber (lingering) and
+    /// got one back, each change looked at once.
+    fn subscribed_left_and_back() -> (Reconciler, RoomName) {
         let mut reconciler = Reconciler::default();
         let a = room("a:1");
         reconciler.table.interest_on(&a);
@@ -484,6 +485,12 @@ mod tests {
         reconciler.table.interest_off(&a);
         reconciler.look(Instant::now());
         reconciler.table.interest_on(&a);
+        (reconciler, a)
+    }
+
+    #[test]
+    fn a_room_back_within_its_linger_is_live_at_once_and_keeps_its_subscription() {
+        let (mut reconciler, a) = subscribed_left_and_back();
         let now = Instant::now();
         assert_eq!(
             reconciler.look(now),
@@ -499,13 +506,7 @@ mod tests {
 
     #[test]
     fn a_room_left_again_later_waits_for_its_newer_deadline() {
-        let mut reconciler = Reconciler::default();
-        let a = room("a:1");
-        reconciler.table.interest_on(&a);
-        reconciler.look(Instant::now());
-        reconciler.table.interest_off(&a);
-        reconciler.look(Instant::now());
-        reconciler.table.interest_on(&a);
+        let (mut reconciler, a) = subscribed_left_and_back();
         reconciler.look(Instant::now());
         reconciler.table.interest_off(&a);
         // Left the second time 5 s after the first.
